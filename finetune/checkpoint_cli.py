@@ -1,0 +1,85 @@
+"""`rwkv-lora init` (a random RWKV-4 in BlinkDL's layout) and `rwkv-lora info` (what a file holds)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "init", help="write a randomly initialised RWKV-4 checkpoint (BlinkDL layout)",
+        description="Write a freshly initialised RWKV-4 checkpoint in BlinkDL's .pth layout, initialised the way "
+                    "RWKV-LM does (decays spread over channels, token-shift mixes ramped by layer, identity blocks). "
+                    "Useful for demos, tests and pretraining from scratch.")
+    p.add_argument("--n-layer", type=int, required=True, help="number of blocks")
+    p.add_argument("--n-embd", type=int, required=True, help="width of the residual stream")
+    p.add_argument("--vocab", type=int, required=True, help="vocabulary size (65536 World, 50277 Pile/Raven)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="storage dtype (released models are bf16; default fp32)")
+    p.add_argument("--out", required=True, help="output .pth (or .safetensors) path")
+    p.set_defaults(func=run_init)
+
+    p = sub.add_parser(
+        "info", help="describe a checkpoint or an adapter",
+        description="Print what a file holds: for an RWKV checkpoint its version, layers, width, vocabulary, "
+                    "parameter count, dtype and fingerprint; for an adapter its kind, rank, alpha, parts and base.")
+    p.add_argument("path", help="a .pth / .safetensors checkpoint, an adapter directory or a packed adapter")
+    p.set_defaults(func=run_info)
+
+
+def run_init(args: argparse.Namespace) -> int:
+    from finetune.checkpoint import save_checkpoint
+    from finetune.model import RWKV, RWKVConfig, init_rwkv_lm_, parse_dtype
+
+    for name in ("n_layer", "n_embd", "vocab"):
+        if getattr(args, name) < 1:
+            raise FinetuneError(f"--{name.replace('_', '-')} must be a positive integer")
+    config = RWKVConfig(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab)
+    model = init_rwkv_lm_(RWKV(config), seed=args.seed)
+    dtype = parse_dtype(args.dtype)
+    sd = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    save_checkpoint(sd, args.out)
+    print(f"wrote {args.out}: RWKV-4 {config.n_layer} x {config.n_embd}, vocab {config.vocab_size}, "
+          f"{model.num_params() / 1e6:.2f}M parameters, {args.dtype}")
+    return 0
+
+
+def describe_checkpoint(path: str | Path) -> str:
+    from finetune.checkpoint import config_from_state_dict, describe_dtypes, fingerprint, read_state_dict
+
+    sd = read_state_dict(path)
+    cfg = config_from_state_dict(sd, path)
+    n = sum(v.numel() for v in sd.values())
+    lines = [
+        f"file:        {path}",
+        "version:     RWKV-4",
+        f"layers:      {cfg.n_layer}",
+        f"width:       {cfg.n_embd} (ffn {cfg.dim_ffn})",
+        f"vocab:       {cfg.vocab_size}",
+        f"parameters:  {n:,} ({n / 1e6:.1f}M)",
+        f"dtype:       {describe_dtypes(sd)}",
+        f"fingerprint: {fingerprint(sd)}",
+    ]
+    return "\n".join(lines)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if not path.exists():
+        raise FinetuneError(f"{path}: no such file or directory")
+    try:
+        from finetune import adapters  # the adapter formats (directory or packed file) describe themselves
+    except ImportError:
+        adapters = None
+    if adapters is not None and adapters.is_adapter(path):
+        print(adapters.describe_adapter(path))
+        return 0
+    if path.is_dir():
+        raise FinetuneError(f"{path}: a directory that is not an rwkv-lora adapter")
+    print(describe_checkpoint(path))
+    return 0
+
