@@ -227,3 +227,16 @@ def test_cli_success_and_one_line_errors(tmp_path):
     assert "nope.jsonl" in missing.stderr
     helptext = run_cli("--help").stdout
     assert "int32" in helptext and "--shard-tokens" in helptext and "Bob:" in helptext
+
+
+def test_bundled_corpora(tmp_path):
+    demo = os.path.join(ROOT, "data", "demo-tokenizer", "tokenizer.json")
+    tok = load_tokenizer(demo)
+    assert tok.vocab_size == 1024 and tok.encode("<|endoftext|>") == [0]
+    m = prepare([os.path.join(ROOT, "data", "recipes", "recipes.txt")], demo, str(tmp_path / "r"),
+                doc_separator="\n***\n", progress=False)
+    assert m["documents"] > 50 and m["dtype"] == "uint16" and not m["skipped"]
+    m = prepare([os.path.join(ROOT, "data", "instruct", "instruct.jsonl")], demo, str(tmp_path / "i"),
+                template="world", progress=False)
+    assert m["documents"] >= 300 and not m["skipped"] and m["has_mask"]
+    assert os.path.getsize(os.path.join(ROOT, "data", "fables", "fables.txt")) > 60_000
