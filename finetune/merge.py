@@ -151,28 +151,29 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
             todo[f"{module}.weight"].append(("lora", a, w))
 
     # Two reused buffers (an fp32 workspace, an output-dtype buffer): allocating fresh memory for every tensor costs
-    # more in page faults than the arithmetic. Each produced tensor is written out before the next is produced.
+    # more in page faults than the arithmetic. Two slots: tensor i+1 is computed (slot (i+1) % 2) while tensor i is
+    # being written by a writer thread (see `_pipelined`).
     big = max((math.prod(b.shapes[k]) for k in b.names), default=0)
     buffers: dict[torch.dtype, torch.Tensor] = {}
 
-    def buffer(shape: tuple, dt: torch.dtype) -> torch.Tensor:
-        if dt not in buffers:
-            buffers[dt] = torch.empty(big, dtype=dt)
-        return buffers[dt][: math.prod(shape)].view(shape)
+    def buffer(shape: tuple, dt: torch.dtype, slot: int) -> torch.Tensor:
+        if (dt, slot) not in buffers:
+            buffers[dt, slot] = torch.empty(big, dtype=dt)
+        return buffers[dt, slot][: math.prod(shape)].view(shape)
 
-    def produce(name: str) -> torch.Tensor:
+    def produce(name: str, slot: int = 0) -> torch.Tensor:
         t = b.get(name)
         target = out_dtype or t.dtype
         if name not in todo:
-            return t if t.dtype == target else buffer(t.shape, target).copy_(t)
-        x = buffer(t.shape, torch.float32).copy_(t)  # fp32 workspace (never write into the mmap'd base)
+            return t if t.dtype == target else buffer(t.shape, target, slot).copy_(t)
+        x = buffer(t.shape, torch.float32, slot).copy_(t)  # fp32 workspace (never write into the mmap'd base)
         for kind, a, w in todo[name]:
             if kind == "full":
                 x.add_(a.full[name] - x, alpha=w)
             else:
                 A, B = a.lora[name[: -len(".weight")]]
                 x.addmm_(B, A, alpha=w * a.scaling)
-        return x if target == torch.float32 else buffer(t.shape, target).copy_(x)
+        return x if target == torch.float32 else buffer(t.shape, target, slot).copy_(x)
 
     plan = [(k, b.shapes[k], out_dtype or b.dtypes[k]) for k in b.names]
     if fmt == "pth":
@@ -212,19 +213,34 @@ def write_pth_streaming(path: str | Path, plan: list[tuple[str, tuple, torch.dty
     del skeleton
     where = _pth_storage_offsets(path)
     with open(path, "r+b") as f:
-        for k, shape, dtype in plan:
+        def write(k: str, t: torch.Tensor) -> None:
             offset, nbytes = where[k]
-            t = produce(k)
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
             data = _bytes_view(t)
             if len(data) != nbytes:
                 raise RuntimeError(f"{k}: {len(data)} bytes for a {nbytes}-byte record")
-            f.seek(offset)
-            f.write(data)
-            del t, data
-        f.flush()
+            os.pwrite(f.fileno(), data, offset)
+
+        _pipelined(plan, produce, write)
         os.fsync(f.fileno())
+
+
+def _pipelined(plan, produce: Callable[..., torch.Tensor], write: Callable[[str, torch.Tensor], None]) -> None:
+    """produce(key, slot) for each planned tensor, handing each to `write` on a writer thread: the next tensor is
+    computed while the previous one is written (two buffer slots; slot i % 2 is reused only after write i - 2 ended,
+    which is guaranteed since write i - 1 is awaited before write i starts)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for i, (k, shape, dtype) in enumerate(plan):
+            t = produce(k, i % 2)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(write, k, t)
+        if pending is not None:
+            pending.result()
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
@@ -288,12 +304,7 @@ def write_safetensors_streaming(path: str | Path, plan: list[tuple[str, tuple, t
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for k, shape, dtype in plan:
-            t = produce(k)
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
-            f.write(_bytes_view(t))
-            del t
+        _pipelined(plan, produce, lambda k, t: f.write(_bytes_view(t)))  # one writer thread: in order
         f.flush()
         os.fsync(f.fileno())
 
