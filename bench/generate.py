@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=65536)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default="/tmp/bench-generate")
     args = ap.parse_args()
     d = Path(args.dir)
@@ -70,25 +71,29 @@ def main() -> None:
     from rwkv.model import RWKV as BlinkRWKV
 
     blink = BlinkRWKV(str(base), strategy="cpu fp32", verbose=False)
-    results = {}
-    results["rwkv package 0.8.32 (cpu fp32)"] = tok_per_s(lambda t, s: blink.forward([t], s)[1], args.tokens)
-    del blink
-    ours = load_model(base, dtype="fp32")
-    runner = RNNRunner(ours)
-    results["rwkv-lora RNNRunner, no adapter"] = tok_per_s(lambda t, s: runner.step([t], s)[1], args.tokens)
-    plugged = load_model(base, adapters=[adapter], dtype="fp32")
-    runner2 = RNNRunner(plugged)
-    results[f"rwkv-lora RNNRunner, r={args.r} att+ffn adapter unmerged"] = tok_per_s(
-        lambda t, s: runner2.step([t], s)[1], args.tokens)
+    runner = RNNRunner(load_model(base, dtype="fp32"))
+    runner2 = RNNRunner(load_model(base, adapters=[adapter], dtype="fp32"))
+    engines = {
+        "rwkv package 0.8.32 (cpu fp32)": lambda t, s: blink.forward([t], s)[1],
+        "rwkv-lora RNNRunner, no adapter": lambda t, s: runner.step([t], s)[1],
+        f"rwkv-lora RNNRunner, r={args.r} att+ffn adapter unmerged": lambda t, s: runner2.step([t], s)[1],
+    }
+    # interleaved rounds, best of each: the machine is shared, so any one run can be slowed by other jobs
+    runs: dict[str, list[float]] = {k: [] for k in engines}
+    for _ in range(args.rounds):
+        for k, f in engines.items():
+            runs[k].append(tok_per_s(f, args.tokens))
+    results = {k: max(v) for k, v in runs.items()}
     ref = results["rwkv package 0.8.32 (cpu fp32)"]
     rows = ["# Generation benchmark", "",
             f"Random fp32 RWKV-4 {args.n_layer} x {args.n_embd}, vocab {args.vocab}; batch 1, one token per call, "
-            f"{args.tokens} tokens after 4 warm-up tokens; torch {torch.__version__}, "
+            f"{args.tokens} tokens after 4 warm-up tokens, best of {args.rounds} interleaved rounds; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads on a 2-core machine shared with other jobs.", "",
             "| engine | tok/s | vs rwkv package |", "|---|---|---|"]
     for k, v in results.items():
         rows.append(f"| {k} | {v:.1f} | {v / ref:.2f}x |")
-    rows += ["", "Targets: >= 1.0x without the adapter, >= 0.8x with it.", ""]
+    rows += ["", "All rounds (tok/s): " + "; ".join(f"{k}: {[round(x, 1) for x in v]}" for k, v in runs.items()),
+             "", "Targets: >= 1.0x without the adapter, >= 0.8x with it.", ""]
     (ROOT / "bench" / "RESULTS-generate.md").write_text("\n".join(rows))
     print("\n".join(rows))
 
