@@ -16,6 +16,8 @@ from finetune.errors import FinetuneError
 COMMANDS = [
     "finetune.checkpoint_cli",  # init, info
     "finetune.prepare",  # prepare
+    "finetune.merge",  # merge, pack, import-lora, export-lora
+    "finetune.generate",  # generate, chat
 ]
 
 
