@@ -88,8 +88,8 @@ void forward_tile(const float* __restrict w, const float* __restrict u, const sc
       for (int64_t i = 0; i < n; ++i) {
         const float kk = to_f(kt[i]), vv = to_f(vt[i]);
         const float wo = uu[i] + kk;
-        const float q = std::max(p[i], wo);
-        const float e1 = exp_nonpos(p[i] - q), e2 = exp_nonpos(wo - q);
+        const float e = exp_nonpos(-std::abs(p[i] - wo));  // one of e^(p-q), e^(wo-q) is 1, q being the max
+        const float e1 = p[i] >= wo ? 1.f : e, e2 = p[i] >= wo ? e : 1.f;
         yt[i] = (e1 * a[i] + e2 * vv) / (e1 * b[i] + e2);
       }
     }
@@ -98,7 +98,8 @@ void forward_tile(const float* __restrict w, const float* __restrict u, const sc
       const float kk = to_f(kt[i]), vv = to_f(vt[i]);
       const float ww = p[i] + ww_[i];
       const float q = std::max(ww, kk);
-      const float e1 = exp_nonpos(ww - q), e2 = exp_nonpos(kk - q);
+      const float e = exp_nonpos(-std::abs(ww - kk));
+      const float e1 = ww >= kk ? 1.f : e, e2 = ww >= kk ? e : 1.f;
       a[i] = e1 * a[i] + e2 * vv;
       b[i] = e1 * b[i] + e2;
       p[i] = q;
@@ -144,8 +145,8 @@ void backward_tile(const float* __restrict w, const float* __restrict u, const s
       const float kk = to_f(kt[i]), vv = to_f(vt[i]);
       // the state update a, b, p -> a', b', p_t
       const float ww = p + ww_[i];
-      const float pt = std::max(ww, kk);
-      const float e1u = exp_nonpos(ww - pt), e2u = exp_nonpos(kk - pt);
+      const float eu = exp_nonpos(-std::abs(ww - kk));
+      const float e1u = ww >= kk ? 1.f : eu, e2u = ww >= kk ? eu : 1.f;
       float gwi = e1u * (a * ga[i] + b * gb[i]);
       float gvi = e2u * ga[i];
       float gki = e2u * (vv * ga[i] + gb[i]);
@@ -156,8 +157,8 @@ void backward_tile(const float* __restrict w, const float* __restrict u, const s
       float gai = e1u * ga[i], gbi = e1u * gb[i];
       // the output y_t
       const float wo = uu[i] + kk;
-      const float q = std::max(p, wo);
-      const float e1 = exp_nonpos(p - q), e2 = exp_nonpos(wo - q);
+      const float e = exp_nonpos(-std::abs(p - wo));
+      const float e1 = p >= wo ? 1.f : e, e2 = p >= wo ? e : 1.f;
       const float inv = 1.f / (e1 * b + e2);
       const float yt = (e1 * a + e2 * vv) * inv;
       const float g = gyt[i] * inv;
