@@ -15,6 +15,7 @@ from finetune.errors import FinetuneError
 # modules that register subcommands, in the order --help lists them
 COMMANDS = [
     "finetune.checkpoint_cli",  # init, info
+    "finetune.prepare",  # prepare
 ]
 
 
@@ -26,7 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        importlib.import_module(name).add_parser(sub)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a broken import inside the module is a real error
+                raise
+            continue  # a registered module not present in this checkout (branches land separately)
+        module.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,742 @@
+"""`rwkv-lora prepare`: tokenize text, instruction or chat data into binidx files for training.
+
+Python API (used by recipes and tests):
+
+    manifest = prepare(["data/fables/*.txt"], "world", "out/fables", template="world", workers=2)
+
+Output for PREFIX (see `finetune.binidx` for the format):
+  PREFIX.bin / PREFIX.idx            tokens, one item per document, each document ending with token 0
+  PREFIX.mask.bin / PREFIX.mask.idx  (instruction/chat data only) uint8 loss mask aligned with the tokens:
+                                     1 = learn this token (answers and the closing 0), 0 = prompt
+  PREFIX.json                        manifest: counts, skipped records, tokenizer, vocab_size, template,
+                                     sources with sha256, shards, has_mask
+With `shard_tokens=N`: PREFIX-00000.bin/.idx, PREFIX-00001..., a new shard once a shard holds >= N tokens
+(documents are never split), all listed in PREFIX.json.
+
+Token dtype: uint16 when vocab_size < 65500, else int32, as json2binidx picks (World data, 65536, is int32).
+Everything is written under temporary names and renamed together at the end (indexes after data files, the manifest
+last), so an interrupted run never leaves a complete-looking `.bin`/`.idx` pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import collections
+import glob
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from finetune.binidx import BinidxWriter, token_dtype
+from finetune.errors import FinetuneError
+from finetune.tokenizer import Tokenizer, load_tokenizer
+
+MANIFEST_FORMAT = "rwkv-lora-binidx"
+
+# ----------------------------------------------------------------------------------------------------- templates
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How an instruction/chat record becomes text. Each format holds `{text}` (or `{question}` / `{answer}`).
+
+    The prompt part of an assistant turn is its format up to `{text}` without trailing whitespace ("Alice:"); the
+    learned part is that whitespace, the answer and the rest of the format (" answer\\n\\n"), so the prompt a model
+    sees in training is exactly the prompt it is given at inference ("Bob: question\\n\\nAlice:").
+    """
+
+    name: str
+    user: str
+    assistant: str
+    system: str = "{text}\n\n"
+
+    def __post_init__(self):
+        for key in ("user", "assistant", "system"):
+            fmt = getattr(self, key).replace("{question}", "{text}").replace("{answer}", "{text}")
+            if fmt.count("{text}") != 1:
+                raise FinetuneError(f"template {self.name!r}: the {key} format must contain {{text}} exactly once")
+            object.__setattr__(self, key, fmt)
+
+
+TEMPLATES = {
+    "raven": ChatTemplate("raven", "Bob: {text}\n\n", "Alice: {text}\n\n", "{text}\n\n"),
+    "world": ChatTemplate("world", "User: {text}\n\n", "Assistant: {text}\n\n", "System: {text}\n\n"),
+}
+
+
+def resolve_template(spec, tokenizer: Tokenizer | None = None) -> ChatTemplate | None:
+    """`spec`: "raven", "world", "none", "auto" (world for the World tokenizer, else raven), a ChatTemplate, or a
+    dict {"user": ..., "assistant": ..., optional "system", "name"}."""
+    if spec is None or isinstance(spec, ChatTemplate):
+        return spec
+    if isinstance(spec, dict):
+        try:
+            return ChatTemplate(spec.get("name", "custom"), spec["user"], spec["assistant"],
+                                spec.get("system", "{text}\n\n"))
+        except KeyError as e:
+            raise FinetuneError(f"custom template: missing the {e.args[0]!r} format") from None
+    if spec == "none":
+        return None
+    if spec == "auto":
+        return TEMPLATES["world" if tokenizer is not None and tokenizer.name == "world" else "raven"]
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    raise FinetuneError(f"unknown template {spec!r} (choose raven, world, none or auto)")
+
+
+_BLANK_LINES = re.compile(r"\n\s*\n")
+USER_ROLES = {"user", "human", "bob"}
+ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model", "alice"}
+
+
+def _clean(text: str) -> str:
+    # blank lines separate turns in both chat formats, so none may appear inside a message
+    return _BLANK_LINES.sub("\n", text.replace("\r\n", "\n").strip())
+
+
+def _assistant_parts(template: ChatTemplate, answer: str) -> tuple[str, str]:
+    before, after = template.assistant.split("{text}")
+    prompt = before.rstrip()
+    return prompt, before[len(prompt):] + answer + after
+
+
+def record_segments(record: Any, template: ChatTemplate | None) -> list[tuple[str, bool]] | str:
+    """A record -> [(text, learn), ...], or the reason it is skipped.
+
+    {"text": ...} -> the text, learned. {"instruction", "input"?, "output"} -> one exchange (instruction and input
+    joined by a newline). {"messages": [{"role", "content"}, ...]} -> the conversation (roles system, user/human,
+    assistant/gpt/bot). Only the assistant turns are learned."""
+    if isinstance(record, str):
+        return [(record, True)] if record.strip() else "empty"
+    if not isinstance(record, dict):
+        return "not_an_object"
+    turns: list[tuple[str, str]]
+    if "messages" in record or "conversations" in record:
+        msgs = record.get("messages", record.get("conversations"))
+        if not isinstance(msgs, list) or not msgs:
+            return "bad_messages"
+        turns = []
+        for m in msgs:
+            if not isinstance(m, dict):
+                return "bad_messages"
+            role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+            if not isinstance(role, str) or not isinstance(content, str):
+                return "bad_messages"
+            role = role.lower()
+            kind = "user" if role in USER_ROLES else "assistant" if role in ASSISTANT_ROLES else role
+            if kind not in ("user", "assistant", "system"):
+                return "bad_messages"
+            turns.append((kind, _clean(content)))
+        if not any(k == "assistant" and c for k, c in turns):
+            return "no_answer"
+    elif "instruction" in record or "output" in record:
+        inst, inp, out = record.get("instruction"), record.get("input") or "", record.get("output")
+        if not isinstance(inst, str) or not isinstance(out, str) or not isinstance(inp, str):
+            return "missing_fields"
+        question = _clean(inst) + ("\n" + _clean(inp) if inp.strip() else "")
+        if not question.strip() or not out.strip():
+            return "empty"
+        turns = [("user", question), ("assistant", _clean(out))]
+    elif "text" in record:
+        text = record["text"]
+        if not isinstance(text, str):
+            return "missing_fields"
+        return [(text, True)] if text.strip() else "empty"
+    else:
+        return "missing_fields"
+    if template is None:
+        return "needs_template"
+    segments: list[tuple[str, bool]] = []
+    prompt = ""
+    for kind, content in turns:
+        if kind == "assistant":
+            before, answer = _assistant_parts(template, content)
+            segments.append((prompt + before, False))
+            segments.append((answer, True))
+            prompt = ""
+        else:
+            prompt += getattr(template, kind).replace("{text}", content)
+    # a trailing user turn with no answer carries nothing to learn: drop it
+    return [s for s in segments if s[0]]
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Stats:
+    skipped: collections.Counter = field(default_factory=collections.Counter)
+    examples: dict = field(default_factory=dict)  # reason -> first few "file:line"
+    invalid_utf8: int = 0
+    invalid_utf8_where: list = field(default_factory=list)
+    strict: bool = False
+
+    def skip(self, reason: str, where: str) -> None:
+        if self.strict and reason != "empty":
+            raise FinetuneError(f"{where}: {REASONS.get(reason, reason)} (--strict)")
+        self.skipped[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < 5:
+            ex.append(where)
+
+    def bad_utf8(self, where: str) -> None:
+        if self.strict:
+            raise FinetuneError(f"{where}: invalid UTF-8 (--strict)")
+        self.invalid_utf8 += 1
+        if len(self.invalid_utf8_where) < 5:
+            self.invalid_utf8_where.append(where)
+
+
+REASONS = {
+    "malformed_json": "malformed JSON line",
+    "not_an_object": "record is not a JSON object",
+    "missing_fields": "record has no usable 'text', 'instruction'/'output' or 'messages' fields",
+    "bad_messages": "'messages' is not a list of {role, content} with roles system/user/assistant",
+    "no_answer": "conversation has no assistant message",
+    "needs_template": "instruction/chat record but --template none",
+    "empty": "empty document",
+}
+
+_utf8_errors = [0]
+
+
+def _count_and_replace(err: UnicodeDecodeError):
+    _utf8_errors[0] += 1
+    return "\ufffd", err.end
+
+
+codecs.register_error("rwkv-lora-count", _count_and_replace)
+
+
+def _decode(raw: bytes) -> tuple[str, bool]:
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
+
+
+def _scrub(obj):
+    """Replace lone surrogates (JSON "\\udc80" escapes) that no tokenizer can encode."""
+    if isinstance(obj, str):
+        return obj.encode("utf-8", errors="replace").decode("utf-8")
+    if isinstance(obj, list):
+        return [_scrub(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _scrub(v) for k, v in obj.items()}
+    return obj
+
+
+TEXT_EXT = (".txt", ".text", ".md")
+JSONL_EXT = (".jsonl", ".ndjson")
+DATASETS_EXT = {".json": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    paths: list[str] = []
+    for item in inputs:
+        if any(c in item for c in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise FinetuneError(f"{item}: no file matches this pattern")
+            paths.extend(matches)
+        elif os.path.exists(item):
+            paths.append(item)
+        else:
+            raise FinetuneError(f"{item}: input not found")
+    for p in paths:
+        if not os.path.isdir(p) and not p.lower().endswith(TEXT_EXT + JSONL_EXT + (".parquet",) + tuple(DATASETS_EXT)):
+            raise FinetuneError(f"{p}: unknown input type (expected .txt, .jsonl, .json, .csv, .parquet, .arrow "
+                                "or a datasets save_to_disk directory)")
+    return paths
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    files = [path] if not os.path.isdir(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for p in files:
+        if os.path.isdir(path):
+            h.update(os.path.relpath(p, path).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _read_text(path: str, separator: str | None, stats: Stats) -> Iterator[tuple[Any, str]]:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="rwkv-lora-count")
+    before = _utf8_errors[0]
+    with open(path, "rb") as f:
+        if separator is None:
+            text = decoder.decode(f.read(), final=True)
+            if _utf8_errors[0] != before:
+                stats.bad_utf8(path)
+            yield text, path
+            return
+        buf, line, doc_start_line = "", 1, 1
+        while True:
+            block = f.read(1 << 20)
+            text = decoder.decode(block, final=not block)
+            if _utf8_errors[0] != before:
+                stats.bad_utf8(f"{path}:{line}")
+                before = _utf8_errors[0]
+            buf += text
+            parts = buf.split(separator)
+            buf = parts.pop()
+            for part in parts:
+                yield part, f"{path}:{doc_start_line}"
+                doc_start_line += part.count("\n") + separator.count("\n")
+            line = doc_start_line + buf.count("\n")
+            if not block:
+                break
+        yield buf, f"{path}:{doc_start_line}"
+
+
+def _read_jsonl(path: str, stats: Stats) -> Iterator[tuple[Any, str]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            line, bad = _decode(raw)
+            if bad:
+                stats.bad_utf8(where)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                stats.skip("malformed_json", where)
+                continue
+            if "\\ud" in line.lower():  # a JSON escape may have produced a lone surrogate
+                scrubbed = _scrub(record)
+                if scrubbed != record:
+                    stats.bad_utf8(where)
+                    record = scrubbed
+            yield record, where
+
+
+def _rows(columns: dict) -> Iterator[dict]:
+    keys = list(columns)
+    for values in zip(*(columns[k] for k in keys)):
+        yield dict(zip(keys, values))
+
+
+def _read_parquet(path: str) -> Iterator[tuple[Any, str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise FinetuneError(f"{path}: cannot read parquet ({str(e).splitlines()[0]})") from None
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for record in _rows(batch.to_pydict()):
+            yield record, f"{path}:row {row}"
+            row += 1
+
+
+def _read_datasets(path: str) -> Iterator[tuple[Any, str]]:
+    import datasets
+
+    try:
+        if os.path.isdir(path):
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise FinetuneError(f"{path}: a DatasetDict without a 'train' split (has {', '.join(ds)})")
+                ds = ds["train"]
+        else:
+            builder = DATASETS_EXT[os.path.splitext(path)[1].lower()]
+            ds = datasets.load_dataset(builder, data_files=path, split="train")
+    except FinetuneError:
+        raise
+    except Exception as e:
+        raise FinetuneError(f"{path}: datasets cannot open it ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    row = 0
+    for batch in ds.iter(batch_size=1024):
+        for record in _rows(batch):
+            yield record, f"{path}:row {row}"
+            row += 1
+
+
+def iter_records(path: str, separator: str | None, stats: Stats) -> Iterator[tuple[Any, str]]:
+    """(record or plain text, "file:line") for every record of one input, in order."""
+    low = path.lower()
+    if os.path.isdir(path):
+        return _read_datasets(path)
+    if low.endswith(TEXT_EXT):
+        return _read_text(path, separator, stats)
+    if low.endswith(JSONL_EXT):
+        return _read_jsonl(path, stats)
+    if low.endswith(".parquet"):
+        return _read_parquet(path)
+    return _read_datasets(path)
+
+
+# ----------------------------------------------------------------------------------------------------- encoding
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def encode_documents(tokenizer: Tokenizer, docs: list[list[tuple[str, bool]]]):
+    """Encode a batch of documents -> (tokens int64[T], sizes int64[D], mask uint8[T] or None when all learned).
+    Each document's segments are encoded separately (so masks are exact) and followed by the eod token."""
+    texts = [text for doc in docs for text, _ in doc]
+    encoded = tokenizer.encode_batch(texts)
+    pieces: list[list[int]] = []
+    learn: list[bool] = []
+    sizes = np.empty(len(docs), dtype=np.int64)
+    eod = [tokenizer.eod_id]
+    k = 0
+    for d, doc in enumerate(docs):
+        n = 1
+        for _, flag in doc:
+            ids = encoded[k]
+            k += 1
+            pieces.append(ids)
+            learn.append(flag)
+            n += len(ids)
+        pieces.append(eod)
+        learn.append(True)
+        sizes[d] = n
+    total = int(sizes.sum())
+    tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=total)
+    mask = None
+    if not all(learn):
+        mask = np.repeat(np.array(learn, dtype=np.uint8), [len(p) for p in pieces])
+    return tokens, sizes, mask
+
+
+def _encode_in_worker(docs):
+    return encode_documents(_worker_tokenizer, docs)
+
+
+# ----------------------------------------------------------------------------------------------------- writing
+
+
+class ShardedOutput:
+    """Token (and mask) writers under temporary names, split into shards; `commit()` renames everything at once."""
+
+    def __init__(self, prefix: str, dtype, shard_tokens: int | None):
+        self.prefix = prefix
+        self.dtype = dtype
+        self.shard_tokens = shard_tokens
+        self.tag = f".tmp-{os.getpid()}"
+        self.shards: list[dict] = []
+        self.writers: list[tuple[BinidxWriter, BinidxWriter]] = []
+        self.has_mask = False
+        self.cur: tuple[BinidxWriter, BinidxWriter] | None = None
+
+    def _shard_prefix(self, i: int) -> str:
+        return self.prefix if self.shard_tokens is None else f"{self.prefix}-{i:05d}"
+
+    def _open(self) -> None:
+        p = self._shard_prefix(len(self.writers))
+        tok = BinidxWriter(None, self.dtype, bin_path=f"{p}.bin{self.tag}", idx_path=f"{p}.idx{self.tag}")
+        mask = BinidxWriter(None, np.uint8, bin_path=f"{p}.mask.bin{self.tag}", idx_path=f"{p}.mask.idx{self.tag}")
+        self.writers.append((tok, mask))
+        self.shards.append({"prefix": p})
+        self.cur = (tok, mask)
+
+    def add(self, tokens: np.ndarray, sizes: np.ndarray, mask: np.ndarray | None) -> None:
+        if mask is None:
+            mask = np.ones(tokens.size, dtype=np.uint8)
+        else:
+            self.has_mask = True
+        start_doc, start_tok = 0, 0
+        while start_doc < sizes.size:
+            if self.cur is None:
+                self._open()
+            tok_w, mask_w = self.cur
+            end_doc = sizes.size
+            if self.shard_tokens is not None:
+                room = self.shard_tokens - tok_w.num_tokens
+                cum = np.cumsum(sizes[start_doc:])
+                end_doc = start_doc + min(int(np.searchsorted(cum, room)) + 1, cum.size)
+            n = int(sizes[start_doc:end_doc].sum())
+            tok_w.add_documents(tokens[start_tok:start_tok + n], sizes[start_doc:end_doc])
+            mask_w.add_documents(mask[start_tok:start_tok + n], sizes[start_doc:end_doc])
+            start_doc, start_tok = end_doc, start_tok + n
+            if self.shard_tokens is not None and tok_w.num_tokens >= self.shard_tokens:
+                self.cur = None
+
+    def temp_files(self) -> list[str]:
+        return [p for t, m in self.writers for w in (t, m) for p in (w.bin_path, w.idx_path)]
+
+    def abort(self) -> None:
+        for t, m in self.writers:
+            t.abort()
+            m.abort()
+
+    def commit(self, manifest: dict) -> None:
+        """Close the writers, then rename: old outputs removed, data files first, indexes next, manifest last."""
+        renames_bin, renames_idx = [], []
+        for (tok_w, mask_w), shard in zip(self.writers, self.shards):
+            tok_w.close()
+            mask_w.close()
+            shard["documents"] = tok_w.num_documents
+            shard["tokens"] = tok_w.num_tokens
+            pairs = [tok_w] + ([mask_w] if self.has_mask else [])
+            if not self.has_mask:
+                mask_w.abort()
+            for w in pairs:
+                renames_bin.append((w.bin_path, w.bin_path[: -len(self.tag)]))
+                renames_idx.append((w.idx_path, w.idx_path[: -len(self.tag)]))
+            shard["mask_prefix"] = shard["prefix"] + ".mask" if self.has_mask else None
+        manifest_path = f"{self.prefix}.json"
+        tmp_manifest = manifest_path + self.tag
+        base = os.path.dirname(os.path.abspath(manifest_path))
+        for shard in self.shards:
+            shard["prefix"] = os.path.relpath(os.path.abspath(shard["prefix"]), base)
+            if shard["mask_prefix"]:
+                shard["mask_prefix"] = os.path.relpath(os.path.abspath(shard["mask_prefix"]), base)
+        manifest["shards"] = self.shards
+        manifest["has_mask"] = self.has_mask
+        with open(tmp_manifest, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        stale = [manifest_path, f"{self.prefix}.idx", f"{self.prefix}.mask.idx"] + [d for _, d in renames_idx]
+        for p in stale:
+            if os.path.exists(p):
+                os.remove(p)
+        for src, dst in renames_bin + renames_idx:
+            os.replace(src, dst)
+        os.replace(tmp_manifest, manifest_path)
+
+
+# ----------------------------------------------------------------------------------------------------- driver
+
+
+def _batches(docs: Iterator[list[tuple[str, bool]]], batch_chars: int, batch_docs: int = 4096):
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += sum(len(t) for t, _ in doc)
+        if chars >= batch_chars or len(batch) >= batch_docs:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encoded_batches(tokenizer: Tokenizer, batches, workers: int):
+    if workers <= 1:
+        for b in batches:
+            yield len(b), encode_documents(tokenizer, b)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+        pending: collections.deque = collections.deque()
+        for b in batches:  # bounded look-ahead keeps memory constant and the order of documents
+            pending.append((len(b), pool.apply_async(_encode_in_worker, (b,))))
+            if len(pending) >= 2 * workers:
+                n, res = pending.popleft()
+                yield n, res.get()
+        while pending:
+            n, res = pending.popleft()
+            yield n, res.get()
+
+
+def prepare(
+    inputs: Sequence[str],
+    tokenizer,
+    out: str,
+    *,
+    template="auto",
+    doc_separator: str | None = None,
+    workers: int = 1,
+    shard_tokens: int | None = None,
+    strict: bool = False,
+    progress: bool | None = None,
+    batch_chars: int = 1 << 20,
+) -> dict:
+    """Tokenize `inputs` into binidx files at prefix `out`; returns the manifest (also written to `out`.json).
+
+    `tokenizer`: "world", a tokenizer.json path or a Tokenizer. `template`: "raven", "world", "none", "auto" or a
+    dict {"user": "...{text}...", "assistant": "...{text}..."}. Raises FinetuneError on bad input."""
+    tok = load_tokenizer(tokenizer)
+    tmpl = resolve_template(template, tok)
+    out = out[:-4] if out.endswith((".bin", ".idx")) else out
+    if shard_tokens is not None and shard_tokens < 1:
+        raise FinetuneError(f"--shard-tokens must be positive (got {shard_tokens})")
+    if workers < 1:
+        raise FinetuneError(f"--workers must be at least 1 (got {workers})")
+    paths = expand_inputs(inputs)
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        raise FinetuneError(f"{out}: output directory {out_dir} does not exist")
+    stats = Stats(strict=strict)
+    sources = []
+
+    def documents():
+        for path in paths:
+            sources.append({"path": path, "sha256": sha256_of(path)})
+            for record, where in iter_records(path, doc_separator, stats):
+                segs = record_segments(record, tmpl)
+                if isinstance(segs, str):
+                    stats.skip(segs, where)
+                else:
+                    yield segs
+
+    dtype = token_dtype(tok.vocab_size)
+    output = ShardedOutput(out, dtype, shard_tokens)
+    from tqdm import tqdm
+
+    bar = tqdm(unit="doc", disable=(not progress) if progress is not None else None, desc="prepare", file=sys.stderr)
+    t0 = time.perf_counter()
+    n_docs = n_tokens = 0
+    try:
+        for n, (tokens, sizes, mask) in _encoded_batches(tok, _batches(documents(), batch_chars), workers):
+            if tokens.size and int(tokens.max()) >= tok.vocab_size:
+                raise FinetuneError(f"token id {int(tokens.max())} >= vocab_size {tok.vocab_size} of {tok.name}")
+            output.add(tokens, sizes, mask)
+            n_docs += n
+            n_tokens += int(tokens.size)
+            bar.update(n)
+            bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        if n_docs == 0:
+            raise FinetuneError(f"{', '.join(paths)}: no documents to write ({_skip_text(stats) or 'inputs are empty'})")
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "version": 1,
+            "documents": n_docs,
+            "tokens": n_tokens,
+            "skipped": dict(stats.skipped),
+            "skipped_examples": stats.examples,
+            "invalid_utf8_records": stats.invalid_utf8,
+            "invalid_utf8_examples": stats.invalid_utf8_where,
+            "tokenizer": tok.name,
+            "vocab_size": tok.vocab_size,
+            "eod_id": tok.eod_id,
+            "dtype": np.dtype(dtype).name,
+            "template": tmpl.name if tmpl else "none",
+            "doc_separator": doc_separator,
+            "shard_tokens": shard_tokens,
+            "sources": sources,
+            "seconds": round(seconds, 3),
+        }
+        output.commit(manifest)
+    except BaseException:
+        bar.close()
+        output.abort()
+        for p in output.temp_files() + [f"{out}.json{output.tag}"]:
+            if os.path.exists(p):
+                os.remove(p)
+        raise
+    return manifest
+
+
+def _skip_text(stats: Stats) -> str:
+    parts = [f"{r} {n} (e.g. {stats.examples[r][0]})" for r, n in stats.skipped.most_common()]
+    return f"skipped {sum(stats.skipped.values())} records: " + ", ".join(parts) if parts else ""
+
+
+def summary_line(manifest: dict, out: str) -> str:
+    secs = max(manifest["seconds"], 1e-9)
+    line = (f"prepare: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in {secs:.2f}s "
+            f"({manifest['tokens'] / secs:,.0f} tokens/s) -> {out}.bin/.idx")
+    if manifest["shard_tokens"] is not None:
+        line = line.replace(f"{out}.bin/.idx", f"{len(manifest['shards'])} shards {out}-NNNNN.bin/.idx")
+    if manifest["has_mask"]:
+        line += " + loss masks"
+    skipped = manifest["skipped"]
+    if skipped:
+        ex = manifest["skipped_examples"]
+        line += f"; skipped {sum(skipped.values())} records (" + ", ".join(
+            f"{r}: {n}, e.g. {ex[r][0]}" for r, n in sorted(skipped.items(), key=lambda kv: -kv[1])) + ")"
+    else:
+        line += "; skipped 0 records"
+    if manifest["invalid_utf8_records"]:
+        line += (f"; replaced invalid UTF-8 in {manifest['invalid_utf8_records']} records "
+                 f"(e.g. {manifest['invalid_utf8_examples'][0]})")
+    return line
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+DESCRIPTION = """\
+Tokenize text, instruction or chat data into binidx files (PREFIX.bin + PREFIX.idx) for training.
+
+Inputs (several at once; globs are expanded):
+  .txt/.md        one document per file, or several split on --doc-separator
+  .jsonl          one record per line: {"text": ...}
+                  | {"instruction": ..., "input": ... (optional), "output": ...}
+                  | {"messages": [{"role": "system|user|assistant", "content": ...}, ...]}
+  .parquet        the same records as columns
+  .json/.csv/.arrow, or a directory written by datasets' save_to_disk: opened with Hugging Face datasets
+
+Instruction and chat records are rendered with --template:
+  raven   Bob: {question}\\n\\nAlice: {answer}\\n\\n
+  world   User: {question}\\n\\nAssistant: {answer}\\n\\n
+  none    plain "text" records only (instruction/chat records are skipped)
+  auto    world with the World tokenizer, raven otherwise (default)
+  Blank lines inside a message become single newlines (a blank line ends a turn); instruction and input are
+  joined by a newline. Every document ends with token 0.
+
+Output:
+  PREFIX.bin/.idx       Megatron MMapIndexedDataset, one item per document (as RWKV-LM and json2binidx use).
+                        Token dtype: uint16 when vocab_size < 65500, else int32 (World, 65536, is int32).
+  PREFIX.mask.bin/.idx  instruction/chat data: uint8 loss mask, 1 = learn (answers and the closing 0), 0 = prompt.
+  PREFIX.json           manifest: counts, skipped records, tokenizer, vocab_size, template, sources + sha256, shards.
+  With --shard-tokens N: PREFIX-00000.bin/.idx, PREFIX-00001... (documents are never split across shards).
+  Files are written under temporary names and renamed together at the end.
+
+Bad records (malformed JSON, missing fields) are skipped and counted with file:line; invalid UTF-8 is replaced and
+counted. --strict makes each of these an error. An empty result is an error.
+
+Example:
+  rwkv-lora prepare data/instruct/*.jsonl --tokenizer world --template world --out out/instruct --workers 2
+"""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prepare", help="tokenize text/jsonl/parquet/datasets into binidx training data",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="input files, directories or glob patterns")
+    p.add_argument("--tokenizer", required=True, metavar="world|PATH",
+                   help='"world" (RWKV World, rwkv_vocab_v20230424) or a Hugging Face tokenizer.json')
+    p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix: writes PREFIX.bin, .idx, .json")
+    p.add_argument("--template", default="auto", choices=["auto", "raven", "world", "none"],
+                   help="chat format for instruction/chat records (default: auto)")
+    p.add_argument("--doc-separator", metavar="STR", default=None,
+                   help=r'split .txt files into documents on STR (escapes allowed, e.g. "\n\n\n"); '
+                        "default: one document per file")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizer processes (default 1)")
+    p.add_argument("--shard-tokens", type=int, default=None, metavar="N",
+                   help="start a new numbered shard once a shard holds N tokens")
+    p.add_argument("--strict", action="store_true", help="stop at the first malformed record or invalid UTF-8")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    sep = args.doc_separator
+    if sep is not None:
+        sep = sep.replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r")
+        if not sep:
+            raise FinetuneError("--doc-separator must not be empty")
+    manifest = prepare(
+        args.inputs, args.tokenizer, args.out, template=args.template, doc_separator=sep, workers=args.workers,
+        shard_tokens=args.shard_tokens, strict=args.strict, progress=False if args.no_progress else None,
+    )
+    out = args.out[:-4] if args.out.endswith((".bin", ".idx")) else args.out
+    print(summary_line(manifest, out))
+    return 0
