@@ -514,6 +514,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`.*")
 
 
 def _loggers(cfg: TrainConfig, out_dir: Path):
@@ -549,7 +550,7 @@ def _carry_metrics(loggers, path: Path, max_step: int) -> None:
             writer.metrics_keys = sorted(fields)
 
 
-def fit(run: Run, stop_after: int | None = None):
+def fit(run: Run, stop_after: int | None = None, quiet: bool = False):
     """Build the Trainer and run the loop. Returns the callback (its `history` holds step -> train loss)."""
     import pytorch_lightning as pl
 
@@ -565,7 +566,8 @@ def fit(run: Run, stop_after: int | None = None):
         precision=cfg.precision if cfg.precision != "32" else "32-true",
         max_steps=cfg.max_steps, max_epochs=-1, accumulate_grad_batches=cfg.grad_accum,
         gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm",
-        logger=loggers or False, callbacks=[callback, _progress_bar()], enable_checkpointing=False,
+        logger=loggers or False, callbacks=[callback] + ([] if quiet else [_progress_bar()]),
+        enable_progress_bar=not quiet, enable_checkpointing=False,
         log_every_n_steps=cfg.log_every, val_check_interval=val_interval if run.val_data is not None else None,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, limit_val_batches=None if run.val_data else 0,
         use_distributed_sampler=False, deterministic="warn", default_root_dir=str(run.out_dir),
@@ -591,7 +593,8 @@ def fit(run: Run, stop_after: int | None = None):
         if trainer.is_global_zero:
             _carry_metrics(loggers, run.out_dir / "metrics.csv", step)
         run.last_logged = step
-        print(f"resuming at step {step} of {cfg.max_steps}")
+        if not quiet:
+            print(f"resuming at step {step} of {cfg.max_steps}")
     else:
         (run.out_dir / "metrics.csv").unlink(missing_ok=True)
         if val_loader is not None:  # the loss before any training, for the curve and the summary
@@ -632,7 +635,7 @@ def main(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False) -
     t0 = time.perf_counter()
     callback = None
     try:
-        callback = fit(run, stop_after=stop_after)
+        callback = fit(run, stop_after=stop_after, quiet=quiet)
     except NonFiniteLoss as e:
         step = run.trainer.global_step
         where = run.save_weights(f"step-{step}") if step > 0 else None
