@@ -40,75 +40,20 @@ LAST_CKPT = "last.ckpt"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data access (the planned `finetune.data` API; a minimal stand-in until that module is merged)
+# Data access (finetune.data: window j of the run is WindowDataset item j, deterministic given the seed)
 
 
 def open_corpus(path: str):
-    try:
-        from finetune.data import open_corpus as _open
-    except ImportError:
-        return _FallbackCorpus(path)
+    from finetune.data import open_corpus as _open
+
     return _open(path)
 
 
-def window_dataset(corpus, ctx_len: int, schedule: str, seed: int):
-    try:
-        from finetune.data import WindowDataset
-    except ImportError:
-        return _FallbackWindows(corpus, ctx_len, seed)
-    return WindowDataset(corpus, ctx_len, schedule=schedule, seed=seed)
+def window_dataset(corpus, ctx_len: int, schedule: str, seed: int, count: int | None = None):
+    """`count` windows (all of them when None); item j is the same window whatever `count` is."""
+    from finetune.data import WindowDataset
 
-
-class _FallbackCorpus:
-    """One binidx prefix (or a single-shard manifest) as one token stream, with its mask if it has one."""
-
-    def __init__(self, path: str) -> None:
-        import numpy as np
-
-        from finetune.binidx import BinidxReader, strip_suffix
-
-        self.meta = None
-        prefix = strip_suffix(path)
-        mask_prefix = None
-        if path.endswith(".json"):
-            if not os.path.isfile(path):
-                raise FinetuneError(f"{path}: no such data manifest")
-            self.meta = json.loads(Path(path).read_text())
-            shard = self.meta["shards"][0]
-            base = os.path.dirname(os.path.abspath(path))
-            prefix = os.path.join(base, shard["prefix"])
-            mask_prefix = os.path.join(base, shard["mask_prefix"]) if shard.get("mask_prefix") else None
-        elif os.path.isfile(prefix + ".json"):
-            self.meta = json.loads(Path(prefix + ".json").read_text())
-            if self.meta.get("has_mask"):
-                mask_prefix = prefix + ".mask"
-        self.tokens = BinidxReader(prefix).tokens
-        self.mask = BinidxReader(mask_prefix).tokens if mask_prefix else None
-        self.num_tokens = int(self.tokens.size)
-        self._np = np
-
-    def max_token_id(self) -> int:
-        return int(self.tokens.max()) if self.num_tokens else -1
-
-
-class _FallbackWindows(torch.utils.data.Dataset):
-    """Item i: a window at an offset drawn from a generator seeded by (seed, i)."""
-
-    def __init__(self, corpus: _FallbackCorpus, ctx_len: int, seed: int) -> None:
-        self.corpus, self.ctx_len, self.seed = corpus, ctx_len, seed
-
-    def __len__(self) -> int:
-        return max(self.corpus.num_tokens // self.ctx_len, 1)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        np = self.corpus._np
-        n = self.corpus.num_tokens - self.ctx_len - 1
-        off = int(np.random.default_rng([self.seed, int(i)]).integers(0, n + 1))
-        w = np.asarray(self.corpus.tokens[off:off + self.ctx_len + 1], dtype=np.int64)
-        m = (np.asarray(self.corpus.mask[off + 1:off + self.ctx_len + 1], dtype=np.float32)
-             if self.corpus.mask is not None else np.ones(self.ctx_len, dtype=np.float32))
-        return {"input_ids": torch.from_numpy(w[:-1].copy()), "targets": torch.from_numpy(w[1:].copy()),
-                "loss_mask": torch.from_numpy(m)}
+    return WindowDataset(corpus, ctx_len, schedule=schedule, seed=seed, epoch_steps=count)
 
 
 def corpus_meta(corpus) -> dict | None:
@@ -131,23 +76,6 @@ class StepBatchSampler(torch.utils.data.Sampler):
         for b in range(self.start(), self.num_batches):
             first = (b * self.world + self.rank) * self.micro_bsz
             yield list(range(first, first + self.micro_bsz))
-
-
-class _Wrap(torch.utils.data.Dataset):
-    """Window j of the run -> dataset item j (modulo its length when the schedule has a finite epoch)."""
-
-    def __init__(self, ds, count: int | None = None) -> None:
-        self.ds, self.count = ds, count
-        try:
-            self.n = len(ds)
-        except TypeError:
-            self.n = None
-
-    def __len__(self) -> int:
-        return self.count if self.count is not None else (self.n or 0)
-
-    def __getitem__(self, j: int):
-        return self.ds[j % self.n if self.n else j]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -388,6 +316,14 @@ def check_data(path: str, key: str, cfg: TrainConfig, vocab_size: int, tokenizer
     return corpus
 
 
+def _device_count(devices) -> int:
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, (list, tuple)):
+        return max(len(devices), 1)
+    return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
+
+
 def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     """Check all inputs and build model and data. Raises FinetuneError (one line) before any training."""
     from finetune.checkpoint import config_from_state_dict, fingerprint, read_state_dict
@@ -462,8 +398,11 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
     model.train()
-    train_ds = window_dataset(train_corpus, cfg.ctx_len, cfg.sampling, cfg.seed)
-    val_ds = window_dataset(val_corpus, cfg.ctx_len, "magic_prime", cfg.seed + 1) if val_corpus is not None else None
+    # the run's windows: micro_bsz * grad_accum * devices per step (devices: upper bound before Lightning says)
+    n_windows = cfg.max_steps * cfg.grad_accum * cfg.micro_bsz * _device_count(cfg.devices)
+    train_ds = window_dataset(train_corpus, cfg.ctx_len, cfg.sampling, cfg.seed, n_windows)
+    val_ds = (window_dataset(val_corpus, cfg.ctx_len, "random", cfg.seed + 1, cfg.val_samples)
+              if val_corpus is not None else None)
     run = Run(cfg=cfg, model=model, base=base, meta=meta, train_data=train_ds, val_data=val_ds, out_dir=out_dir,
               resume_from=resume_from)
     if not quiet:
@@ -577,15 +516,12 @@ def fit(run: Run, stop_after: int | None = None, quiet: bool = False):
     num_batches = cfg.max_steps * cfg.grad_accum
     sampler = StepBatchSampler(num_batches, cfg.micro_bsz, start=lambda: trainer.global_step * cfg.grad_accum,
                                rank=trainer.global_rank, world=trainer.world_size)
-    total_windows = num_batches * cfg.micro_bsz * trainer.world_size
-    train_loader = torch.utils.data.DataLoader(_Wrap(run.train_data, total_windows), batch_sampler=sampler,
-                                               num_workers=cfg.num_workers)
+    if num_batches * cfg.micro_bsz * trainer.world_size > len(run.train_data):
+        run.train_data.epoch_steps = num_batches * cfg.micro_bsz * trainer.world_size
+    train_loader = torch.utils.data.DataLoader(run.train_data, batch_sampler=sampler, num_workers=cfg.num_workers)
     val_loader = None
     if run.val_data is not None:
-        n = len(run.val_data) if hasattr(run.val_data, "__len__") else cfg.val_samples
-        idx = list(range(min(cfg.val_samples, n) if n else cfg.val_samples))
-        val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(run.val_data, idx),
-                                                 batch_size=cfg.micro_bsz, shuffle=False)
+        val_loader = torch.utils.data.DataLoader(run.val_data, batch_size=cfg.micro_bsz, shuffle=False)
     run.out_dir.mkdir(parents=True, exist_ok=True)
     if run.resume_from is not None:
         state = torch.load(str(run.resume_from), map_location="cpu", weights_only=True)

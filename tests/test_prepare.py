@@ -1,0 +1,242 @@
+"""`rwkv-lora prepare`: outputs decoded with an independent binidx reader and compared with direct tokenization."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import read_binidx
+from finetune.errors import FinetuneError
+from finetune.prepare import prepare, record_segments, resolve_template
+from finetune.tokenizer import load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+INSTRUCT = [
+    {"instruction": "What is 2 + 3?", "output": "2 + 3 = 5."},
+    {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+                  {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"},
+                  {"role": "assistant", "content": "Red."}]},
+    {"text": "A plain document inside an instruction file."},
+]
+
+
+def write_jsonl(path, records, extra_lines=()):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    return str(path)
+
+
+def expected_document(tok, segments):
+    ids, mask = [], []
+    for text, learn in segments:
+        t = tok.encode(text)
+        ids += t
+        mask += [int(learn)] * len(t)
+    return ids + [0], mask + [1]
+
+
+def test_plain_text_world_int32(tmp_path):
+    texts = ["First document: héllo 你好 🎉\n", "Second one,\n  with code: x = [1, 2]\n"]
+    for i, t in enumerate(texts):
+        (tmp_path / f"doc{i}.txt").write_text(t, encoding="utf-8")
+    m = prepare([str(tmp_path / "doc*.txt")], "world", str(tmp_path / "out"), progress=False)
+    dtype, items, doc_idx = read_binidx(tmp_path / "out")
+    tok = load_tokenizer("world")
+    assert dtype == np.int32
+    assert [it.tolist() for it in items] == [tok.encode(t) + [0] for t in texts]
+    assert doc_idx.tolist() == [0, 1, 2]
+    assert not os.path.exists(tmp_path / "out.mask.bin") and m["has_mask"] is False
+    assert m["documents"] == 2 and m["tokens"] == sum(len(it) for it in items)
+    assert m["tokenizer"] == "world" and m["vocab_size"] == 65536 and m["dtype"] == "int32"
+    assert len(m["sources"]) == 2 and all(len(s["sha256"]) == 64 for s in m["sources"])
+    assert json.load(open(tmp_path / "out.json")) == m
+
+
+def test_doc_separator_and_small_vocab_uint16(tmp_path, small_tokenizer):
+    docs = ["The fox and the grapes.", "Slow and steady.\nWins the race.", "Bake until golden."]
+    (tmp_path / "all.txt").write_text("\n===\n".join(docs), encoding="utf-8")
+    prepare([str(tmp_path / "all.txt")], small_tokenizer, str(tmp_path / "out"), doc_separator="\n===\n",
+            progress=False)
+    dtype, items, _ = read_binidx(tmp_path / "out")
+    tok = load_tokenizer(small_tokenizer)
+    assert dtype == np.uint16
+    assert [it.tolist() for it in items] == [tok.encode(d) + [0] for d in docs]
+
+
+@pytest.mark.parametrize("template", ["world", "raven"])
+def test_instruction_and_chat_masks(tmp_path, template):
+    path = write_jsonl(tmp_path / "data.jsonl", INSTRUCT)
+    m = prepare([path], "world", str(tmp_path / "out"), template=template, progress=False)
+    tok = load_tokenizer("world")
+    _, items, _ = read_binidx(tmp_path / "out")
+    mdtype, masks, _ = read_binidx(tmp_path / "out.mask")
+    assert mdtype == np.uint8 and m["has_mask"] and m["template"] == template
+    user, bot = ("User", "Assistant") if template == "world" else ("Bob", "Alice")
+    expected_segments = [
+        [(f"{user}: What is 2 + 3?\n\n{bot}:", False), (" 2 + 3 = 5.\n\n", True)],
+        [(f"{user}: Translate to French.\ncat\n\n{bot}:", False), (" chat\n\n", True)],
+        [(("System: " if template == "world" else "") + f"Be brief.\n\n{user}: Name a colour.\n\n{bot}:", False),
+         (" Blue.\n\n", True), (f"{user}: Another?\n\n{bot}:", False), (" Red.\n\n", True)],
+        [("A plain document inside an instruction file.", True)],
+    ]
+    for item, mask, segs in zip(items, masks, expected_segments):
+        ids, msk = expected_document(tok, segs)
+        assert item.tolist() == ids
+        assert mask.tolist() == msk
+    # the learned tokens decode to exactly the answers
+    learned = tok.decode([t for t, k in zip(items[0].tolist(), masks[0].tolist()) if k and t])
+    assert learned == " 2 + 3 = 5.\n\n"
+
+
+def test_custom_template_dict():
+    t = resolve_template({"user": "Q: {question}\n", "assistant": "A: {answer}\n"})
+    assert record_segments({"instruction": "hi", "output": "yo"}, t) == [("Q: hi\nA:", False), (" yo\n", True)]
+    with pytest.raises(FinetuneError):
+        resolve_template({"user": "no placeholder", "assistant": "{text}"})
+
+
+def test_sharded_equals_unsharded(tmp_path, small_tokenizer):
+    records = [{"text": f"Document number {i}: " + "the fox and the grapes " * (i % 7 + 1)} for i in range(60)]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    one = prepare([path], small_tokenizer, str(tmp_path / "one"), progress=False)
+    many = prepare([path], small_tokenizer, str(tmp_path / "many"), shard_tokens=300, workers=2,
+                   batch_chars=500, progress=False)
+    assert len(many["shards"]) > 2 and one["tokens"] == many["tokens"]
+    _, items, _ = read_binidx(tmp_path / "one")
+    sharded = []
+    for shard in many["shards"]:
+        assert shard["prefix"].startswith("many-")
+        _, its, _ = read_binidx(tmp_path / shard["prefix"])
+        assert sum(len(i) for i in its) == shard["tokens"]
+        sharded += its
+    assert [i.tolist() for i in sharded] == [i.tolist() for i in items]
+    assert all(s["tokens"] >= 300 for s in many["shards"][:-1])
+
+
+def test_workers_preserve_order(tmp_path):
+    records = [{"text": f"record {i} " + "混合 text " * (i % 5)} for i in range(300)]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    prepare([path], "world", str(tmp_path / "a"), workers=1, progress=False)
+    prepare([path], "world", str(tmp_path / "b"), workers=2, batch_chars=400, progress=False)
+    _, a, _ = read_binidx(tmp_path / "a")
+    _, b, _ = read_binidx(tmp_path / "b")
+    assert [x.tolist() for x in a] == [x.tolist() for x in b] and len(a) == 300
+
+
+def test_bad_records_skipped_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", INSTRUCT[:2], ["{broken", '{"foo": 1}', "[1, 2]", '{"text": "   "}'])
+    with open(path, "ab") as f:
+        f.write(b'{"text": "bad \xff byte"}\n')
+    m = prepare([path], "world", str(tmp_path / "out"), progress=False)
+    assert m["documents"] == 3
+    assert m["skipped"] == {"malformed_json": 1, "missing_fields": 1, "not_an_object": 1, "empty": 1}
+    assert m["skipped_examples"]["malformed_json"] == [f"{path}:3"]
+    assert m["invalid_utf8_records"] == 1 and m["invalid_utf8_examples"] == [f"{path}:7"]
+    _, items, _ = read_binidx(tmp_path / "out")
+    assert load_tokenizer("world").decode(items[2].tolist()[:-1]) == "bad \ufffd byte"
+
+
+def test_strict_is_fatal(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", INSTRUCT[:1], ["{broken"])
+    with pytest.raises(FinetuneError, match=r"d\.jsonl:2"):
+        prepare([path], "world", str(tmp_path / "out"), strict=True, progress=False)
+    assert not any(p.name.startswith("out") for p in tmp_path.iterdir())
+
+
+def test_empty_result_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"foo": 1}], ["{broken"])
+    with pytest.raises(FinetuneError, match="no documents"):
+        prepare([path], "world", str(tmp_path / "out"), progress=False)
+    with pytest.raises(FinetuneError, match="needs|no documents"):
+        prepare([write_jsonl(tmp_path / "i.jsonl", INSTRUCT[:1])], "world", str(tmp_path / "o"), template="none",
+                progress=False)
+
+
+def test_interrupted_run_leaves_no_complete_pair(tmp_path):
+    from finetune.tokenizer import WorldTokenizer
+
+    class Exploding(WorldTokenizer):
+        calls = 0
+
+        def encode_batch(self, texts):
+            Exploding.calls += 1
+            if Exploding.calls == 3:
+                raise RuntimeError("boom")
+            return super().encode_batch(texts)
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "some text " * 20}] * 50)
+    with pytest.raises(RuntimeError, match="boom"):
+        prepare([path], Exploding(), str(tmp_path / "out"), batch_chars=300, shard_tokens=100, progress=False)
+    assert Exploding.calls == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def test_token_id_out_of_range_is_an_error(tmp_path):
+    from finetune.tokenizer import WorldTokenizer
+
+    class Liar(WorldTokenizer):
+        def __init__(self):
+            super().__init__()
+            self.vocab_size = 100
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world, this has big ids"}])
+    with pytest.raises(FinetuneError, match="vocab_size 100"):
+        prepare([path], Liar(), str(tmp_path / "out"), progress=False)
+
+
+def test_parquet_and_datasets_inputs(tmp_path, small_tokenizer):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["The fox and the grapes.", "Bake until golden."]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "d.parquet")
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "d.json").write_text(json.dumps([{"text": t} for t in texts]))
+    tok = load_tokenizer(small_tokenizer)
+    for name, src in [("pq", "d.parquet"), ("disk", "saved"), ("js", "d.json")]:
+        prepare([str(tmp_path / src)], small_tokenizer, str(tmp_path / name), progress=False)
+        _, items, _ = read_binidx(tmp_path / name)
+        assert [i.tolist() for i in items] == [tok.encode(t) + [0] for t in texts], name
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "finetune.cli", "prepare", *args], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_cli_success_and_one_line_errors(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", INSTRUCT, ["{broken"])
+    ok = run_cli(path, "--tokenizer", "world", "--out", str(tmp_path / "out"))
+    assert ok.returncode == 0, ok.stderr
+    assert "4 documents" in ok.stdout and "malformed_json: 1" in ok.stdout and "tokens/s" in ok.stdout
+    bad = run_cli(path, "--tokenizer", "world", "--out", str(tmp_path / "out2"), "--strict")
+    assert bad.returncode == 1
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "d.jsonl:5" in lines[0] and lines[0].startswith("rwkv-lora prepare: error:")
+    missing = run_cli(str(tmp_path / "nope.jsonl"), "--tokenizer", "world", "--out", str(tmp_path / "o"))
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+    assert "nope.jsonl" in missing.stderr
+    helptext = run_cli("--help").stdout
+    assert "int32" in helptext and "--shard-tokens" in helptext and "Bob:" in helptext
+
+
+def test_bundled_corpora(tmp_path):
+    demo = os.path.join(ROOT, "data", "demo-tokenizer", "tokenizer.json")
+    tok = load_tokenizer(demo)
+    assert tok.vocab_size == 1024 and tok.encode("<|endoftext|>") == [0]
+    m = prepare([os.path.join(ROOT, "data", "recipes", "recipes.txt")], demo, str(tmp_path / "r"),
+                doc_separator="\n***\n", progress=False)
+    assert m["documents"] > 50 and m["dtype"] == "uint16" and not m["skipped"]
+    m = prepare([os.path.join(ROOT, "data", "instruct", "instruct.jsonl")], demo, str(tmp_path / "i"),
+                template="world", progress=False)
+    assert m["documents"] >= 300 and not m["skipped"] and m["has_mask"]
+    assert os.path.getsize(os.path.join(ROOT, "data", "fables", "fables.txt")) > 60_000
