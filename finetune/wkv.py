@@ -62,8 +62,8 @@ def wkv_reference(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.T
         state = empty_wkv_state(B, C, k.device, dtype)
     a, b, p = state.to(dtype).unbind(1)
     ys = []
-    for t in range(T):
-        kt, vt = k[:, t], v[:, t]
+    # unbind, not k[:, t]: the backward of T slices would build T full-size [B, T, C] gradients (quadratic in T)
+    for kt, vt in zip(k.unbind(1), v.unbind(1)):
         ww = u + kt
         q = torch.maximum(p, ww)
         e1 = torch.exp(p - q)
