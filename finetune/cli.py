@@ -16,6 +16,7 @@ from finetune.errors import FinetuneError
 COMMANDS = [
     "finetune.checkpoint_cli",  # init, info
     "finetune.prepare",  # prepare
+    "finetune.lora",  # train
     "finetune.merge",  # merge, pack, import-lora, export-lora
     "finetune.generate",  # generate, chat
 ]
@@ -40,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra  # `train` takes --key value config overrides
     try:
         result = args.func(args)
     except FinetuneError as e:

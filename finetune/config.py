@@ -1,0 +1,336 @@
+"""Training configuration: plain dataclasses, one docstring per field, mirrored one-to-one by the YAML recipes.
+
+    config = load_config("recipes/demo.yaml", ["--lora.r", "16", "--max_steps", "50"])
+
+A recipe is a YAML mapping with the keys of `TrainConfig`; the `lora` section holds the keys of `LoRASettings`.
+Overrides are `--key value` (or `--key=value`), dotted for sections (`--lora.r 16`), values parsed as YAML scalars
+(`--lora.parts [att,ffn]`, `--val_data null`). Any unknown key is a one-line error listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from finetune.errors import FinetuneError
+
+PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
+SCHEDULES = ("cosine", "linear", "constant")
+LOGGERS = ("csv", "wandb", "none")
+METHODS = ("lora", "full")
+SAMPLINGS = ("random", "magic_prime")
+
+
+@dataclass
+class LoRASettings:
+    r: int = 8
+    """LoRA rank: the inner width of each B @ A update."""
+    alpha: float = 16.0
+    """LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora). Recorded in the adapter."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input (0 disables it)."""
+    parts: list[str] = field(default_factory=lambda: ["att", "ffn"])
+    """Which projections get LoRA: `att` (key, value, receptance, output), `ffn` (key, value, receptance)."""
+    train: list[str] = field(default_factory=list)
+    """Small tensors trained in full next to LoRA: any of `time` (decays, bonus, token-shift mixes), `ln` (layer
+    norms), `emb` (embedding), `head` (output matrix). They are saved in the adapter and replace the base's."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r."""
+    init: str = "default"
+    """LoRA initialisation: `default` (A random, B zero), `gaussian`, or `pissa`."""
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = None
+    """Base checkpoint: a BlinkDL RWKV-4 `.pth` or `.safetensors` (required)."""
+    data: str | None = None
+    """Training data: a binidx prefix, its `.bin`/`.idx`, or the `PREFIX.json` manifest that `rwkv-lora prepare`
+    writes (required)."""
+    val_data: str | None = None
+    """Held-out data (same forms as `data`) for the validation loss; none when null."""
+    tokenizer: str | None = None
+    """`world` or a tokenizer.json path. When given, it must be the tokenizer the data was prepared with; it is also
+    recorded in the adapter (otherwise the data manifest's tokenizer is)."""
+    out_dir: str = "out/run"
+    """Where adapters (`step-N/`, `final/`), `metrics.csv`, `loss.png` and the resumable `last.ckpt` go."""
+    method: str = "lora"
+    """`lora` (train LoRA + the `lora.train` groups; saves adapters) or `full` (train every weight; saves full
+    checkpoints `step-N/model.pth`, `final/model.pth`)."""
+    max_steps: int = 100
+    """Number of optimizer steps."""
+    ctx_len: int = 256
+    """Tokens per training window."""
+    micro_bsz: int = 1
+    """Windows per forward pass (per device)."""
+    grad_accum: int = 1
+    """Forward passes accumulated per optimizer step; the effective batch is micro_bsz * grad_accum * devices."""
+    lr: float = 1e-4
+    """Peak learning rate (reached at the end of warmup)."""
+    lr_final: float = 1e-5
+    """Learning rate at the last step (cosine and linear schedules)."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to `lr`."""
+    schedule: str = "cosine"
+    """Decay after warmup: `cosine`, `linear` (both from lr to lr_final) or `constant` (stays at lr)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay, applied to matrices only (LoRA A/B, emb, head), never to decays, mixes or norms."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    """AdamW betas (RWKV-LM's choice)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float | None = 1.0
+    """Clip the gradient norm to this (null: no clipping)."""
+    precision: str = "bf16-mixed"
+    """`32` (fp32), `bf16-mixed` or `16-mixed`, passed to Lightning. The frozen base is held in fp32
+    for `32`, else in bf16 (fp16 for 16-mixed); trained tensors are always fp32."""
+    grad_checkpoint: bool = False
+    """Recompute each block in the backward pass: far less activation memory, about 30% slower."""
+    seed: int = 42
+    """Seed for LoRA init, dropout and the data windows: the same seed gives the same run."""
+    sampling: str = "random"
+    """How windows are drawn: `random` (random offsets, RWKV-LM's default) or `magic_prime` (every window once per
+    epoch in a scrambled order)."""
+    save_every: int = 0
+    """Save an adapter to `out_dir/step-N/` and the resumable state every this many steps (0: only at the end)."""
+    val_every: int = 0
+    """Compute the validation loss every this many steps (0: only at the end; needs val_data)."""
+    val_samples: int = 16
+    """Windows of val_data used for each validation loss (the same windows every time)."""
+    log_every: int = 1
+    """Log metrics (loss, tokens/s, lr) every this many optimizer steps."""
+    logger: str = "csv"
+    """`csv` (`out_dir/metrics.csv`), `wandb` (Weights & Biases, also offline with WANDB_MODE=offline) or `none`."""
+    wandb_project: str = "rwkv-lora"
+    """Project name for logger: wandb."""
+    accelerator: str = "auto"
+    """Lightning accelerator: `auto`, `cpu`, `gpu`/`cuda`."""
+    devices: Any = 1
+    """Lightning devices: a count, a list of ids, or `auto`."""
+    strategy: str = "auto"
+    """Lightning strategy: `auto`, `ddp`, `deepspeed_stage_2`, ... (passed through)."""
+    num_workers: int = 0
+    """DataLoader worker processes (0: load in the main process; windows are cheap memory-mapped slices)."""
+    resume: bool = False
+    """Continue the run in out_dir from its `last.ckpt` (optimizer, schedule, step and data position included)."""
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    """LoRA settings (ignored when method is `full`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"lora": LoRASettings}
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> its docstring (read from the source, litgpt style); used by `--help`."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def valid_keys() -> list[str]:
+    keys = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in SECTIONS:
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(SECTIONS[f.name])]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _unknown(key: str, where: str) -> FinetuneError:
+    return FinetuneError(f"{where}: unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+
+
+def parse_overrides(args: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
+    """`--config PATH --a.b v --c=v` -> (PATH, {"a.b": v, "c": v}) with values parsed as YAML scalars."""
+    config_path = None
+    out: dict[str, Any] = {}
+    args = list(args)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise FinetuneError(f"command line: expected --key value, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise FinetuneError(f"command line: --{key} needs a value")
+            raw = args[i + 1]
+            i += 2
+        key = key.replace("-", "_")
+        if key == "config":
+            config_path = raw
+            continue
+        try:
+            out[key] = _yaml_scalar(raw) if raw != "" else None
+        except yaml.YAMLError:
+            out[key] = raw
+    return config_path, out
+
+
+def _yaml_scalar(raw: str) -> Any:
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; a number is meant
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _flatten(d: dict[str, Any], where: str) -> dict[str, Any]:
+    flat = {}
+    for k, v in d.items():
+        k = str(k)
+        if k in SECTIONS:
+            if v is None:
+                continue
+            if not isinstance(v, dict):
+                raise FinetuneError(f"{where}: {k} must be a mapping of {', '.join(f.name for f in dataclasses.fields(SECTIONS[k]))}")
+            for k2, v2 in v.items():
+                flat[f"{k}.{k2}"] = v2
+        else:
+            flat[k] = v
+    return flat
+
+
+def build_config(values: dict[str, Any], where: str = "config") -> TrainConfig:
+    """Flat {"key" / "section.key": value} -> a checked TrainConfig."""
+    cfg = TrainConfig()
+    top = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for key, value in values.items():
+        if "." in key:
+            section, sub = key.split(".", 1)
+            if section not in SECTIONS or sub not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+                raise _unknown(key, where)
+            setattr(getattr(cfg, section), sub, value)
+        elif key in top and key not in SECTIONS:
+            setattr(cfg, key, value)
+        else:
+            raise _unknown(key, where)
+    return check_config(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] | dict[str, Any] = ()) -> TrainConfig:
+    """Read a recipe (optional) and apply command-line overrides (a list of args or an already parsed dict).
+    A `--config` inside the argument list names the recipe too."""
+    if isinstance(overrides, dict):
+        cfg_from_args, over = None, dict(overrides)
+    else:
+        cfg_from_args, over = parse_overrides(overrides)
+    path = path or cfg_from_args
+    values: dict[str, Any] = {}
+    where = "command line"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FinetuneError(f"{p}: no such recipe file")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise FinetuneError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise FinetuneError(f"{p}: a recipe must be a YAML mapping of config keys")
+        values = _flatten(raw, str(p))
+        for k in values:  # report unknown recipe keys against the recipe file
+            _check_key(k, str(p))
+        where = str(p)
+    for k in over:
+        _check_key(k, "command line")
+    values.update(over)
+    return build_config(values, where)
+
+
+def _check_key(key: str, where: str) -> None:
+    if key not in valid_keys():
+        raise _unknown(key, where)
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise FinetuneError(msg)
+
+
+def _as_list(v: Any) -> list:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [s.strip() for s in v.split(",") if s.strip()]
+    return list(v)
+
+
+def check_config(cfg: TrainConfig) -> TrainConfig:
+    """Normalise types and reject impossible values, each with a one-line message naming the setting."""
+    cfg.precision = str(cfg.precision)
+    _require(cfg.precision in PRECISIONS, f"precision: {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if cfg.precision == "32-true":
+        cfg.precision = "32"
+    for name in ("max_steps", "ctx_len", "micro_bsz", "grad_accum"):
+        v = getattr(cfg, name)
+        _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name}: must be a positive integer, got {v!r}")
+    for name in ("warmup_steps", "save_every", "val_every", "val_samples", "num_workers", "seed"):
+        v = getattr(cfg, name)
+        _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                 f"{name}: must be a non-negative integer, got {v!r}")
+    _require(isinstance(cfg.log_every, int) and cfg.log_every >= 1, f"log_every: must be a positive integer")
+    for name in ("lr", "lr_final", "weight_decay", "eps", "grad_clip"):
+        v = getattr(cfg, name)
+        if isinstance(v, str):
+            try:
+                setattr(cfg, name, float(v))
+            except ValueError:
+                pass
+    for name in ("lr", "lr_final", "weight_decay", "eps"):
+        v = getattr(cfg, name)
+        _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+                 f"{name}: must be a non-negative number, got {v!r}")
+        setattr(cfg, name, float(v))
+    _require(cfg.grad_clip is None or (isinstance(cfg.grad_clip, (int, float)) and cfg.grad_clip > 0),
+             f"grad_clip: must be a positive number or null, got {cfg.grad_clip!r}")
+    betas = _as_list(cfg.betas)
+    _require(len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas),
+             f"betas: must be two numbers in [0, 1), got {cfg.betas!r}")
+    cfg.betas = [float(b) for b in betas]
+    _require(cfg.schedule in SCHEDULES, f"schedule: {cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    _require(cfg.logger in LOGGERS, f"logger: {cfg.logger!r} is not one of {', '.join(LOGGERS)}")
+    _require(cfg.method in METHODS, f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
+    _require(cfg.sampling in SAMPLINGS, f"sampling: {cfg.sampling!r} is not one of {', '.join(SAMPLINGS)}")
+    _require(isinstance(cfg.resume, bool), f"resume: must be true or false, got {cfg.resume!r}")
+    _require(isinstance(cfg.grad_checkpoint, bool), f"grad_checkpoint: must be true or false")
+    lo = cfg.lora
+    _require(isinstance(lo.r, int) and lo.r >= 1, f"lora.r: must be a positive integer, got {lo.r!r}")
+    _require(isinstance(lo.alpha, (int, float)) and lo.alpha > 0, f"lora.alpha: must be a positive number")
+    lo.alpha = float(lo.alpha)
+    _require(isinstance(lo.dropout, (int, float)) and 0 <= lo.dropout < 1, f"lora.dropout: must be in [0, 1)")
+    lo.parts = _as_list(lo.parts)
+    lo.train = _as_list(lo.train)
+    bad = [p for p in lo.parts if p not in ("att", "ffn")]
+    _require(not bad, f"lora.parts: unknown part {bad[0] if bad else ''!r}; choose from att, ffn")
+    _require(cfg.method == "full" or lo.parts, "lora.parts: name at least one of att, ffn")
+    bad = [g for g in lo.train if g not in ("time", "ln", "emb", "head")]
+    _require(not bad, f"lora.train: unknown group {bad[0] if bad else ''!r}; choose from time, ln, emb, head")
+    _require(lo.init in ("default", "gaussian", "pissa"), f"lora.init: {lo.init!r} is not one of default, gaussian, pissa")
+    _require(isinstance(lo.use_rslora, bool), "lora.use_rslora: must be true or false")
+    for name in ("model", "data", "val_data", "tokenizer"):
+        v = getattr(cfg, name)
+        _require(v is None or isinstance(v, str), f"{name}: must be a path string, got {v!r}")
+    cfg.out_dir = str(cfg.out_dir)
+    return cfg
