@@ -182,17 +182,21 @@ class Adapter:
 
 
 def is_adapter(path: str | Path) -> bool:
+    """An adapter directory or a packed adapter file (see `pack_adapter`)."""
     path = Path(path)
-    return (path / ADAPTER_META).is_file()
+    return (path / ADAPTER_META).is_file() or is_packed(path)
 
 
 def read_adapter(path: str | Path) -> Adapter:
-    """Read an adapter directory (safetensors only; nothing is unpickled). One-line FinetuneError on any problem."""
+    """Read an adapter directory or packed file (safetensors only; nothing is unpickled). One-line FinetuneError on
+    any problem."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.exists():
         raise FinetuneError(f"{path}: no such adapter")
+    if path.is_file():
+        return _read_packed(path)
     if not is_adapter(path):
         raise FinetuneError(f"{path}: not an rwkv-lora adapter (no {ADAPTER_META})")
     try:
@@ -220,13 +224,7 @@ def read_adapter(path: str | Path) -> Adapter:
                     break
             else:
                 raise FinetuneError(f"{weights}: unexpected tensor {key}")
-    pairs = {}
-    for module, (A, B) in lora.items():
-        if A is None or B is None:
-            raise FinetuneError(f"{weights}: {module} has only one of lora_A / lora_B")
-        if A.shape[0] != B.shape[1]:
-            raise FinetuneError(f"{weights}: rank mismatch for {module}: A is {tuple(A.shape)}, B is {tuple(B.shape)}")
-        pairs[module] = (A, B)
+    pairs = _check_pairs(lora, weights)
     full = {}
     if (path / TRAINED_TENSORS).exists():
         try:
@@ -243,7 +241,8 @@ def describe_adapter(path: str | Path) -> str:
     base = m.get("base", {})
     return "\n".join([
         f"file:        {path}",
-        f"kind:        {m.get('kind', 'lora')} adapter (rwkv-lora format {m.get('version')})",
+        f"kind:        {m.get('kind', 'lora')} adapter (rwkv-lora format {m.get('version')}, "
+        f"{'packed file' if Path(path).is_file() else 'directory'})",
         f"rank:        {m.get('r')}   alpha: {m.get('alpha')}   scaling: {m.get('scaling'):.4g}"
         + ("   (rsLoRA)" if m.get("use_rslora") else ""),
         f"parts:       {', '.join(m.get('parts', [])) or '-'}   trained in full: {', '.join(m.get('train', [])) or '-'}",
@@ -252,3 +251,286 @@ def describe_adapter(path: str | Path) -> str:
         f"fingerprint {base.get('fingerprint')}",
         f"tokenizer:   {m.get('tokenizer')}",
     ])
+
+
+def _check_pairs(lora: dict[str, list], where: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    pairs = {}
+    for module, (A, B) in lora.items():
+        if A is None or B is None:
+            raise FinetuneError(f"{where}: {module} has only one of lora_A / lora_B")
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise FinetuneError(f"{where}: rank mismatch for {module}: A is {tuple(A.shape)}, B is {tuple(B.shape)}")
+        pairs[module] = (A, B)
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Packed adapters: one safetensors file for sharing
+#
+# Tensors: `lora.<module>.A` [r, in], `lora.<module>.B` [out, r], `full.<checkpoint name>`. Header metadata (strings):
+# `format` = rwkv-lora-adapter, `packed` = "1", and every field of rwkv_lora.json as a JSON string under its own name
+# (base, r, alpha, scaling, parts, train, tokenizer, recipe, ...), plus `rwkv_lora` = the whole JSON document.
+
+PACKED_SUFFIX = ".safetensors"
+
+
+def _safetensors_header(path: Path) -> dict[str, Any] | None:
+    """The JSON header of a safetensors file, or None when it is not one (read without loading any tensor)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                return None
+            n = int.from_bytes(head, "little")
+            if n <= 0 or n > 100_000_000:
+                return None
+            raw = f.read(n)
+        if len(raw) != n:
+            return None
+        header = json.loads(raw)
+        return header if isinstance(header, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def is_packed(path: str | Path) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        return False
+    header = _safetensors_header(path)
+    return bool(header) and (header.get("__metadata__") or {}).get("format") == FORMAT
+
+
+def pack_adapter(src: str | Path, out: str | Path) -> Path:
+    """Write an adapter (directory or packed file) as one packed `.safetensors` file, atomically."""
+    from safetensors.torch import save_file
+
+    a = read_adapter(src)
+    out = Path(out)
+    tensors: dict[str, torch.Tensor] = {}
+    for module, (A, B) in sorted(a.lora.items()):
+        tensors[f"lora.{module}.A"] = A.contiguous()
+        tensors[f"lora.{module}.B"] = B.contiguous()
+    for name, t in sorted(a.full.items()):
+        tensors[f"full.{name}"] = t.contiguous()
+    meta = {k: json.dumps(v, default=str) for k, v in a.meta.items() if k not in ("format",)}
+    meta.update(format=FORMAT, packed="1", rwkv_lora=json.dumps(a.meta, default=str))
+    _atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) then rename the temp file onto `path`; nothing is left behind on error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_packed(path: Path) -> Adapter:
+    from safetensors import safe_open
+
+    header = _safetensors_header(path)
+    if header is None:
+        raise FinetuneError(f"{path}: not an rwkv-lora adapter (not a safetensors file, or truncated)")
+    md = header.get("__metadata__") or {}
+    if md.get("format") != FORMAT:
+        raise FinetuneError(f"{path}: not an rwkv-lora adapter (a safetensors file without rwkv-lora metadata; "
+                            f"is it a model checkpoint?)")
+    try:
+        meta = json.loads(md["rwkv_lora"])
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+    except (KeyError, ValueError) as e:
+        raise FinetuneError(f"{path}: unreadable adapter metadata ({e})") from None
+    lora: dict[str, list] = {}
+    full: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key).float()
+                if key.startswith("full."):
+                    full[key[5:]] = t
+                elif key.startswith("lora.") and key.endswith((".A", ".B")):
+                    lora.setdefault(key[5:-2], [None, None])[0 if key.endswith(".A") else 1] = t
+                else:
+                    raise FinetuneError(f"{path}: unexpected tensor {key}")
+    except FinetuneError:
+        raise
+    except Exception as e:
+        raise FinetuneError(f"{path}: corrupted or truncated adapter file ({_first_line(e)})") from None
+    return Adapter(path=path, meta=meta, lora=_check_pairs(lora, path), full=full)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing an adapter directory from plain tensors (import from other tools)
+
+
+def write_adapter_dir(out_dir: str | Path, meta: dict[str, Any], lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                      full: dict[str, torch.Tensor]) -> Path:
+    """Write our adapter directory format from (A, B) pairs and full tensors, without a model (atomic).
+
+    meta needs base, tokenizer, r, alpha, parts, train; scaling is alpha / r unless meta says use_rslora.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    r, alpha = int(meta["r"]), float(meta["alpha"])
+    use_rslora = bool(meta.get("use_rslora", False))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if lora:
+            cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(lora), use_rslora=use_rslora, bias="none")
+            cfg.save_pretrained(str(tmp))
+            tensors = {}
+            for module, (A, B) in lora.items():
+                tensors[f"base_model.model.{module}.lora_A.weight"] = A.float().contiguous()
+                tensors[f"base_model.model.{module}.lora_B.weight"] = B.float().contiguous()
+            save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        if full:
+            save_file({k: v.float().contiguous() for k, v in full.items()}, str(tmp / TRAINED_TENSORS))
+        meta = dict(meta)
+        meta.update(format=FORMAT, version=FORMAT_VERSION, kind=meta.get("kind", "lora"), r=r, alpha=alpha,
+                    use_rslora=use_rslora, scaling=lora_scaling(r, alpha, use_rslora), trained_tensors=sorted(full))
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checking an adapter against a base, and plugging adapters in without merging
+
+
+def parse_adapter_spec(spec) -> tuple[str, float]:
+    """`DIR`, `DIR:0.5`, `(DIR, 0.5)` or an Adapter -> (path or Adapter, weight)."""
+    if isinstance(spec, (tuple, list)):
+        if len(spec) != 2:
+            raise FinetuneError(f"adapter spec {spec!r}: expected (path, weight)")
+        return spec[0], float(spec[1])
+    if isinstance(spec, Adapter):
+        return spec, 1.0
+    text = str(spec)
+    if ":" in text and not Path(text).exists():
+        head, _, tail = text.rpartition(":")
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def check_adapter(adapter: Adapter, shapes: dict[str, tuple[int, ...]], base_fingerprint: str | None,
+                  force: bool = False, base_name: str = "the base model") -> None:
+    """Refuse (one-line FinetuneError naming the adapter) an adapter whose target keys or shapes are not in the base,
+    or whose recorded base fingerprint differs (unless force=True: then only the shapes must fit)."""
+    name = adapter.path
+    for module, (A, B) in adapter.lora.items():
+        key = f"{module}.weight"
+        if key not in shapes:
+            raise FinetuneError(f"adapter {name}: unknown target {module} (no {key} in {base_name})")
+        want = tuple(shapes[key])
+        if len(want) != 2 or (B.shape[0], A.shape[1]) != want:
+            raise FinetuneError(f"adapter {name} was made for another base: {module} is {B.shape[0]} x {A.shape[1]} "
+                                f"in the adapter but {want} in {base_name}")
+    for key, t in adapter.full.items():
+        if key not in shapes:
+            raise FinetuneError(f"adapter {name}: unknown tensor {key} (not in {base_name})")
+        if tuple(t.shape) != tuple(shapes[key]):
+            raise FinetuneError(f"adapter {name} was made for another base: {key} is {tuple(t.shape)} in the "
+                                f"adapter but {tuple(shapes[key])} in {base_name}")
+    recorded = (adapter.meta.get("base") or {}).get("fingerprint")
+    if recorded and base_fingerprint and recorded != base_fingerprint and not force:
+        raise FinetuneError(f"adapter {name} was made for another base (fingerprint {recorded}, {base_name} has "
+                            f"{base_fingerprint}); pass --force (force=True) to apply it anyway")
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear plus unmerged LoRA deltas: y = x W^T + sum_i w_i s_i (x A_i^T) B_i^T.
+
+    The adapters' factors are concatenated (A: [sum r, in], B: [out, sum r] with w_i * s_i folded into B), so any
+    number of adapters costs two thin matmuls. The weight is the original Parameter: the state dict is unchanged.
+    """
+
+    def __init__(self, base: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.register_buffer("lora_A", None, persistent=False)
+        self.register_buffer("lora_B", None, persistent=False)
+
+    def add(self, A: torch.Tensor, B: torch.Tensor, factor: float) -> None:
+        dtype, device = self.weight.dtype, self.weight.device
+        A = A.to(device=device, dtype=dtype)
+        B = (B.float() * factor).to(device=device, dtype=dtype)
+        self.lora_A = A if self.lora_A is None else torch.cat([self.lora_A, A], 0)
+        self.lora_B = B if self.lora_B is None else torch.cat([self.lora_B, B], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(x, self.weight, self.bias)
+        if self.lora_A is not None:
+            y = y + nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
+        return y
+
+
+def attach_adapters(model: nn.Module, adapters: Iterable, force: bool = False) -> nn.Module:
+    """Plug adapters into an RWKV without merging: `[DIR, (DIR2, 0.5), "FILE.safetensors:0.3"]`.
+
+    Each adapted nn.Linear becomes a `LoRALinear` adding weight * scaling * B(A(x)); fully trained tensors are
+    replaced in place as a merge would (W + weight * (T - W)). Every adapter is checked against the model first
+    (target keys, shapes, base fingerprint; see `check_adapter`). Returns the model in eval mode.
+    """
+    from finetune.checkpoint import fingerprint
+
+    specs = [parse_adapter_spec(s) for s in adapters]
+    read = [(a if isinstance(a, Adapter) else read_adapter(a), w) for a, w in specs]
+    if not read:
+        return model.eval()
+    base_fp = getattr(model, "base_fingerprint", None)
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith(("lora_A", "lora_B"))}
+    if base_fp is None:
+        base_fp = fingerprint(sd)
+        model.base_fingerprint = base_fp
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    for a, _ in read:
+        check_adapter(a, shapes, base_fp, force=force)
+    with torch.no_grad():
+        for a, w in read:
+            for key, t in a.full.items():
+                p = model.get_parameter(key)
+                new = p.float() + w * (t.to(p.device) - p.float())
+                p.copy_(new.to(p.dtype))
+            for module, (A, B) in a.lora.items():
+                parent_name, _, child = module.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                lin = getattr(parent, child)
+                if not isinstance(lin, nn.Linear):
+                    raise FinetuneError(f"adapter {a.path}: {module} is not a linear layer")
+                if not isinstance(lin, LoRALinear):
+                    lin = LoRALinear(lin)
+                    setattr(parent, child, lin)
+                lin.add(A, B, w * a.scaling)
+    model.adapters = getattr(model, "adapters", []) + [(str(a.path), w) for a, w in read]
+    return model.eval()

@@ -17,6 +17,8 @@ COMMANDS = [
     "finetune.checkpoint_cli",  # init, info
     "finetune.prepare",  # prepare
     "finetune.lora",  # train
+    "finetune.merge",  # merge, pack, import-lora, export-lora
+    "finetune.generate",  # generate, chat
 ]
 
 

@@ -133,12 +133,18 @@ class RWKV(nn.Module):
         """Recompute each block in the backward pass instead of keeping its activations (training only)."""
         self.checkpoint_dtypes: dict[str, torch.dtype] = {}
         """The dtype each tensor had in the file it was loaded from; `save_checkpoint` writes them back so."""
+        self.initial_state: torch.Tensor | None = None
+        """A learned start state [n_layer, 5, C] (a state-tuning adapter) used instead of the empty state; a plain
+        attribute, not a parameter, so checkpoints keep exactly BlinkDL's keys."""
 
     # -- state ---------------------------------------------------------------------------------------------------------
 
     def empty_state(self, batch: int = 1, device: torch.device | str | None = None) -> torch.Tensor:
-        """The state before any token: zeros, with the WKV running max p at -1e38. Shape [B, n_layer, 5, C]."""
+        """The state before any token: zeros, with the WKV running max p at -1e38 (or the learned `initial_state`
+        when a state adapter is plugged in). Shape [B, n_layer, 5, C]."""
         device = self.emb.weight.device if device is None else device
+        if self.initial_state is not None:
+            return self.initial_state.to(device=device, dtype=torch.float32).unsqueeze(0).expand(batch, -1, -1, -1)
         state = torch.zeros(batch, self.config.n_layer, 5, self.config.n_embd, device=device)
         state[:, :, 3] = P_EMPTY
         return state

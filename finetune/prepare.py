@@ -29,6 +29,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import pickle
 import re
 import sys
 import time
@@ -316,7 +317,7 @@ def _read_jsonl(path: str, stats: Stats) -> Iterator[tuple[Any, str]]:
             except ValueError:
                 stats.skip("malformed_json", where)
                 continue
-            if "\\ud" in line.lower():  # a JSON escape may have produced a lone surrogate
+            if "\\ud" in line or "\\uD" in line:  # a JSON escape may have produced a lone surrogate
                 scrubbed = _scrub(record)
                 if scrubbed != record:
                     stats.bad_utf8(where)
@@ -387,16 +388,21 @@ def iter_records(path: str, separator: str | None, stats: Stats) -> Iterator[tup
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(tokenizer) -> None:
+def _init_worker(spec: bytes | None) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = tokenizer
+    # one thread per worker process: the pool is the parallelism (Rust thread pools would oversubscribe the cores)
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if spec is not None:
+        _worker_tokenizer = pickle.loads(spec)
 
 
-def encode_documents(tokenizer: Tokenizer, docs: list[list[tuple[str, bool]]]):
+def encode_documents(tokenizer: Tokenizer, docs: list[list[tuple[str, bool]]], sequential: bool = False):
     """Encode a batch of documents -> (tokens int64[T], sizes int64[D], mask uint8[T] or None when all learned).
     Each document's segments are encoded separately (so masks are exact) and followed by the eod token."""
     texts = [text for doc in docs for text, _ in doc]
-    encoded = tokenizer.encode_batch(texts)
+    # in a forked worker, never touch a Rust thread pool (the parent's threads do not exist there): one by one
+    encoded = [tokenizer.encode(t) for t in texts] if sequential else tokenizer.encode_batch(texts)
     pieces: list[list[int]] = []
     learn: list[bool] = []
     sizes = np.empty(len(docs), dtype=np.int64)
@@ -422,7 +428,7 @@ def encode_documents(tokenizer: Tokenizer, docs: list[list[tuple[str, bool]]]):
 
 
 def _encode_in_worker(docs):
-    return encode_documents(_worker_tokenizer, docs)
+    return encode_documents(_worker_tokenizer, docs, sequential=True)
 
 
 # ----------------------------------------------------------------------------------------------------- writing
@@ -533,13 +539,27 @@ def _batches(docs: Iterator[list[tuple[str, bool]]], batch_chars: int, batch_doc
         yield batch
 
 
-def _encoded_batches(tokenizer: Tokenizer, batches, workers: int):
+def start_pool(tokenizer: Tokenizer, workers: int):
+    """Worker processes for encoding. Forked where the platform can (they inherit the loaded tokenizer, nothing to
+    import or load; they encode one text at a time so no Rust thread pool is used after the fork), else spawned
+    (each loads the tokenizer from its spec)."""
+    global _worker_tokenizer
     if workers <= 1:
+        return None
+    if "fork" in multiprocessing.get_all_start_methods():
+        _worker_tokenizer = tokenizer
+        return multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(None,))
+    return multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                                     initargs=(pickle.dumps(tokenizer),))
+
+
+def _encoded_batches(tokenizer: Tokenizer, batches, pool):
+    if pool is None:
         for b in batches:
             yield len(b), encode_documents(tokenizer, b)
         return
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+    workers = pool._processes
+    with pool:
         pending: collections.deque = collections.deque()
         for b in batches:  # bounded look-ahead keeps memory constant and the order of documents
             pending.append((len(b), pool.apply_async(_encode_in_worker, (b,))))
@@ -562,7 +582,7 @@ def prepare(
     shard_tokens: int | None = None,
     strict: bool = False,
     progress: bool | None = None,
-    batch_chars: int = 1 << 20,
+    batch_chars: int | None = None,
 ) -> dict:
     """Tokenize `inputs` into binidx files at prefix `out`; returns the manifest (also written to `out`.json).
 
@@ -599,8 +619,12 @@ def prepare(
     bar = tqdm(unit="doc", disable=(not progress) if progress is not None else None, desc="prepare", file=sys.stderr)
     t0 = time.perf_counter()
     n_docs = n_tokens = 0
+    pool = None
     try:
-        for n, (tokens, sizes, mask) in _encoded_batches(tok, _batches(documents(), batch_chars), workers):
+        pool = start_pool(tok, workers)
+        if pool is not None and batch_chars is None:
+            batch_chars = 1 << 18  # smaller batches keep every worker busy from the start
+        for n, (tokens, sizes, mask) in _encoded_batches(tok, _batches(documents(), batch_chars or (1 << 20)), pool):
             if tokens.size and int(tokens.max()) >= tok.vocab_size:
                 raise FinetuneError(f"token id {int(tokens.max())} >= vocab_size {tok.vocab_size} of {tok.name}")
             output.add(tokens, sizes, mask)
@@ -634,6 +658,8 @@ def prepare(
         output.commit(manifest)
     except BaseException:
         bar.close()
+        if pool is not None:
+            pool.terminate()
         output.abort()
         for p in output.temp_files() + [f"{out}.json{output.tag}"]:
             if os.path.exists(p):

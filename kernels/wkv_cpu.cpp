@@ -18,6 +18,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -35,6 +36,25 @@ inline float to_f(at::BFloat16 x) {
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
+}
+
+// e^x for x <= 0 (all the kernel needs: every exponent is "something minus the max"), inline so that the loops over
+// channels vectorise: 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes
+// expf coefficients, about 1 ulp). Below -87 (e.g. the empty state's p = -1e38) it returns
+// 0 exactly, never NaN.
+inline float exp_nonpos(float x0) {
+  const float x = std::max(x0, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float e = 1.9875691500e-4f;
+  e = e * r + 1.3981999507e-3f;
+  e = e * r + 8.3334519073e-3f;
+  e = e * r + 4.1665795894e-2f;
+  e = e * r + 1.6666665459e-1f;
+  e = e * r + 5.0000001201e-1f;
+  e = e * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return x0 < -87.0f ? 0.0f : e * std::bit_cast<float>(bits);
 }
 
 // One tile of the forward recurrence. Pointers are already offset to the batch row b (k, v, y: [T,C] rows;
@@ -68,8 +88,8 @@ void forward_tile(const float* __restrict w, const float* __restrict u, const sc
       for (int64_t i = 0; i < n; ++i) {
         const float kk = to_f(kt[i]), vv = to_f(vt[i]);
         const float wo = uu[i] + kk;
-        const float q = std::max(p[i], wo);
-        const float e1 = std::exp(p[i] - q), e2 = std::exp(wo - q);
+        const float e = exp_nonpos(-std::abs(p[i] - wo));  // one of e^(p-q), e^(wo-q) is 1, q being the max
+        const float e1 = p[i] >= wo ? 1.f : e, e2 = p[i] >= wo ? e : 1.f;
         yt[i] = (e1 * a[i] + e2 * vv) / (e1 * b[i] + e2);
       }
     }
@@ -78,7 +98,8 @@ void forward_tile(const float* __restrict w, const float* __restrict u, const sc
       const float kk = to_f(kt[i]), vv = to_f(vt[i]);
       const float ww = p[i] + ww_[i];
       const float q = std::max(ww, kk);
-      const float e1 = std::exp(ww - q), e2 = std::exp(kk - q);
+      const float e = exp_nonpos(-std::abs(ww - kk));
+      const float e1 = ww >= kk ? 1.f : e, e2 = ww >= kk ? e : 1.f;
       a[i] = e1 * a[i] + e2 * vv;
       b[i] = e1 * b[i] + e2;
       p[i] = q;
@@ -124,8 +145,8 @@ void backward_tile(const float* __restrict w, const float* __restrict u, const s
       const float kk = to_f(kt[i]), vv = to_f(vt[i]);
       // the state update a, b, p -> a', b', p_t
       const float ww = p + ww_[i];
-      const float pt = std::max(ww, kk);
-      const float e1u = std::exp(ww - pt), e2u = std::exp(kk - pt);
+      const float eu = exp_nonpos(-std::abs(ww - kk));
+      const float e1u = ww >= kk ? 1.f : eu, e2u = ww >= kk ? eu : 1.f;
       float gwi = e1u * (a * ga[i] + b * gb[i]);
       float gvi = e2u * ga[i];
       float gki = e2u * (vv * ga[i] + gb[i]);
@@ -136,8 +157,8 @@ void backward_tile(const float* __restrict w, const float* __restrict u, const s
       float gai = e1u * ga[i], gbi = e1u * gb[i];
       // the output y_t
       const float wo = uu[i] + kk;
-      const float q = std::max(p, wo);
-      const float e1 = std::exp(p - q), e2 = std::exp(wo - q);
+      const float e = exp_nonpos(-std::abs(p - wo));
+      const float e1 = p >= wo ? 1.f : e, e2 = p >= wo ? e : 1.f;
       const float inv = 1.f / (e1 * b + e2);
       const float yt = (e1 * a + e2 * vv) * inv;
       const float g = gyt[i] * inv;

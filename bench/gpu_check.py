@@ -1,0 +1,397 @@
+"""One-shot GPU check of the CUDA WKV kernel: build, correctness against a float64 reference, kernel throughput
+against the memory-bandwidth floor, and a LoRA training step of a 169M- and a 1.5B-shaped RWKV-4 in bf16.
+
+    python bench/gpu_check.py                 # on a CUDA machine (a few minutes; prints Markdown tables)
+    python bench/gpu_check.py --device cpu    # the same checks on tiny sizes on the CPU (checks the script itself)
+
+Needs no network and no `pip install -e .` (the repo root is put on sys.path). Exit status 1 when a correctness
+check fails or the kernel does not build; the training-step part is guarded so that its failure still prints the
+kernel tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from finetune import wkv as wkv_mod  # noqa: E402
+from finetune.wkv import empty_wkv_state, wkv, wkv_reference  # noqa: E402
+
+POISON_ENV = "RWKV_LORA_WKV_POISON"  # the CUDA binding pre-fills its outputs with NaN when set
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+NAMES = ["y", "state_out", "g_time_decay", "g_time_first", "g_k", "g_v", "g_state_in"]
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Build
+
+
+def build(device) -> tuple[object | None, float, str]:
+    """The compiled extension for `device` (None when it fails), build/load seconds, and a note."""
+    t0 = time.perf_counter()
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ext = wkv_mod.kernel_for(device)
+    note = "; ".join(str(w.message) for w in caught)
+    return ext, time.perf_counter() - t0, note
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Correctness
+
+
+def make_inputs(B, T, C, dtype, with_state, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    time_decay = torch.randn(C, generator=g) * 1.5 - 0.5  # decays from ~0.01 to ~50 per step
+    time_first = torch.randn(C, generator=g)
+    k = (torch.randn(B, T, C, generator=g) * 2).to(dtype)  # bf16 inputs: rounded once, both sides see the same
+    v = torch.randn(B, T, C, generator=g).to(dtype)
+    if with_state:
+        _, state = wkv_reference(time_decay, time_first, torch.randn(B, 17, C, generator=g) * 2,
+                                 torch.randn(B, 17, C, generator=g))
+        state = state.float()
+    else:
+        state = empty_wkv_state(B, C)
+    gy = torch.randn(B, T, C, generator=g)
+    gstate = torch.randn(B, 3, C, generator=g)
+    return [x.to(device) for x in (time_decay, time_first, k, v, state, gy, gstate)]
+
+
+def consistent_gstate(gstate, state_out):
+    """The kernel treats (a, b, p) as the single quantity (a e^p, b e^p), so the p row of an incoming state gradient
+    must be the one of a loss depending on that only: dL/dp = dL/da * a + dL/db * b."""
+    gstate = gstate.clone()
+    gstate[:, 2] = gstate[:, 0] * state_out[:, 0] + gstate[:, 1] * state_out[:, 1]
+    return gstate
+
+
+def run_wkv(time_decay, time_first, k, v, state, gy, gstate, backend):
+    leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in (time_decay, time_first, k, v, state)]
+    y, s = wkv(*leaves, backend=backend) if backend != "ref64" else wkv_reference(*leaves)
+    loss = (y.double() * gy.double()).sum() + (s.double() * gstate.double()).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return [y.detach(), s.detach(), *grads]
+
+
+def reference64(time_decay, time_first, k, v, state, gy, gstate):
+    """float64 reference on the CPU (fast enough for the small B*C used here, even at T = 16384)."""
+    cpu = [x.detach().cpu() for x in (time_decay, time_first, k, v, state, gy, gstate)]
+    td, tf, k, v, state, gy, gstate = cpu
+    with torch.no_grad():  # the p row consistent with this reference's own float64 state_out
+        gstate = consistent_gstate(gstate.double(), wkv_reference(td.double(), tf.double(), k.double(), v.double(),
+                                                                  state.double())[1])
+    return run_wkv(td.double(), tf.double(), k.double(), v.double(), state.double(), gy, gstate, "ref64")
+
+
+def recurrence64(time_decay, time_first, k, v, state, gy, gstate, dtype="float64"):
+    """float64 (or `dtype`) forward and backward by the stable recurrence in numpy, vectorised over (B, C): the float64 reference
+    for long T, where autograd through the time loop is too slow. Its backward is the analytic one (scaled
+    gradients); `main` checks it against autograd at a moderate T first, so it stays tied to the definition."""
+    import numpy as np
+
+    td, tf, k, v, state, gy, gstate = (x.detach().cpu().double().numpy().astype(dtype) for x in
+                                       (time_decay, time_first, k, v, state, gy, gstate))
+    B, T, C = k.shape
+    w, u = -np.exp(td), tf
+    a, b, p = state[:, 0].copy(), state[:, 1].copy(), state[:, 2].copy()
+    y = np.empty((B, T, C), dtype)
+    states = np.empty((T, 3, B, C), dtype)
+    for t in range(T):
+        kt, vt = k[:, t], v[:, t]
+        states[t] = a, b, p
+        q = np.maximum(p, u + kt)
+        e1, e2 = np.exp(p - q), np.exp(u + kt - q)
+        y[:, t] = (e1 * a + e2 * vt) / (e1 * b + e2)
+        q = np.maximum(p + w, kt)
+        e1, e2 = np.exp(p + w - q), np.exp(kt - q)
+        a, b, p = e1 * a + e2 * vt, e1 * b + e2, q
+    s_out = np.stack([a, b, p], axis=1)
+    ga, gb = gstate[:, 0].copy(), gstate[:, 1].copy()
+    gw, gu = np.zeros((B, C), dtype), np.zeros((B, C), dtype)
+    gk, gv = np.empty((B, T, C), dtype), np.empty((B, T, C), dtype)
+    for t in range(T - 1, -1, -1):
+        kt, vt, g, yt = k[:, t], v[:, t], gy[:, t], y[:, t]
+        a, b, p = states[t]
+        pt = np.maximum(p + w, kt)
+        e1, e2 = np.exp(p + w - pt), np.exp(kt - pt)
+        gw += e1 * (a * ga + b * gb)
+        gv_t, gk_t = e2 * ga, e2 * (vt * ga + gb)
+        ga, gb = ga * e1, gb * e1
+        q = np.maximum(p, u + kt)
+        e1, e2 = np.exp(p - q), np.exp(u + kt - q)
+        den = e1 * b + e2
+        ga, gb = ga + g * e1 / den, gb - g * yt * e1 / den
+        guk = g * (vt - yt) * e2 / den
+        gv[:, t], gk[:, t] = gv_t + g * e2 / den, gk_t + guk
+        gu += guk
+    gs_in = np.stack([ga, gb, ga * state[:, 0] + gb * state[:, 1]], axis=1)
+    return [torch.from_numpy(x) for x in (y, s_out, gw.sum(0) * w, gu.sum(0), gk, gv, gs_in)]
+
+
+AUTOGRAD_T_MAX = 400  # above this, the float64 reference is `recurrence64` (autograd over the loop is slow)
+
+
+def rel_err(got, want):
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    if not torch.isfinite(got).all():
+        return math.inf
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def correctness(device, backend, cases, autograd_t_max=AUTOGRAD_T_MAX) -> tuple[list[list], bool]:
+    rows, ok_all = [], True
+    os.environ[POISON_ENV] = "1"
+    try:
+        for B, T, C, dtype, with_state in cases:
+            t0 = time.perf_counter()
+            td, tf, k, v, state, gy, gstate = make_inputs(B, T, C, dtype, with_state, device, seed=T * 7 + B)
+            # one forward to get state_out for the consistent p-gradient, then forward + backward
+            with torch.no_grad():
+                _, s_out = wkv(td, tf, k, v, state, backend=backend)
+            gstate = consistent_gstate(gstate, s_out)
+            got = run_wkv(td, tf, k, v, state, gy, gstate, backend)
+            sync(device)
+            ref_fn = reference64 if T <= autograd_t_max else recurrence64
+            want = ref_fn(td, tf, k, v, state, gy, gstate)
+            errs = [rel_err(a, b) for a, b in zip(got, want)]
+            # what fp32 arithmetic gives at best: the same recurrence in float32 (long slow-decay windows accumulate
+            # rounding in the state, ~T*eps, whatever the implementation)
+            floor = max(rel_err(a, b) for a, b in zip(recurrence64(td, tf, k, v, state, gy, gstate, "float32"),
+                                                        want))
+            tol = max(TOL[dtype], 4 * floor)
+            nan = any(not torch.isfinite(x).all() for x in got)
+            worst = max(errs)
+            ok = worst < tol and not nan
+            ok_all &= ok
+            rows.append([f"B={B} T={T} C={C}", str(dtype).replace("torch.", ""), "yes" if with_state else "empty",
+                         "autograd" if ref_fn is reference64 else "recurrence",
+                         *[f"{e:.1e}" for e in errs], f"{floor:.1e}", f"{tol:.1e}", "NaN!" if nan else "none",
+                         "PASS" if ok else "FAIL", f"{time.perf_counter() - t0:.1f}"])
+            log(f"  checked B={B} T={T} C={C} {dtype}: worst {worst:.1e} {'PASS' if ok else 'FAIL'}")
+    finally:
+        os.environ.pop(POISON_ENV, None)
+    return rows, ok_all
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernel throughput
+
+
+def timeit(fn, device, reps):
+    fn()
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3 / reps
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def throughput(device, ext, shapes, bandwidth, reps) -> list[list]:
+    rows = []
+    for B, T, C in shapes:
+        for dtype in (torch.bfloat16, torch.float32):
+            td, tf, k, v, state, gy, gstate = make_inputs(B, T, C, dtype, False, device, seed=1)
+            w = -torch.exp(td.float()).contiguous()
+            u = tf.float().contiguous()
+            n, e = B * T * C, k.element_size()
+            if ext is not None:
+                fwd = lambda: ext.forward(w, u, k, v, state)  # noqa: E731
+                bwd = lambda: ext.backward(w, u, k, v, state, gy, gstate)  # noqa: E731
+            else:  # CPU dry run without a compiled kernel: time the reference, just to exercise the code
+                fwd = lambda: wkv_reference(td, tf, k, v, state)  # noqa: E731
+                bwd = None
+            # forward: k, v read, y written (fp32). backward: pass 1 reads k, v and writes the states (3 fp32 per
+            # step); pass 2 reads k, v, the states, gy and writes gk, gv (the [B,C] parts and [B,3,C] are negligible)
+            bytes_f = n * (2 * e + 4)
+            bytes_b = n * (2 * e + 12) + n * (2 * e + 12 + 4 + 8)
+            for name, fn, nbytes in (("forward", fwd, bytes_f), ("backward", bwd, bytes_b)):
+                if fn is None:
+                    continue
+                sec = timeit(fn, device, reps)
+                floor = nbytes / bandwidth
+                rows.append([f"B={B} T={T} C={C}", str(dtype).replace("torch.", ""), name, f"{sec * 1e3:.3f}",
+                             f"{nbytes / sec / 1e9:.0f}", f"{floor * 1e3:.3f}", f"{floor / sec * 100:.0f}%",
+                             f"{n / sec / 1e6:.0f}"])
+            del td, tf, k, v, state, gy, gstate
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA training step
+
+
+def train_step_bench(device, shapes, steps, warmup) -> list[list]:
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.model import RWKV, RWKVConfig
+
+    rows = []
+    for label, n_layer, n_embd, vocab, B, T in shapes:
+        try:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            model = RWKV(RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab))
+            model = model.to(device=device, dtype=torch.bfloat16)
+            model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
+                                                     target_modules=["key", "value", "receptance", "output"]))
+            n_params = sum(p.numel() for p in model.parameters())
+            n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            g = torch.Generator().manual_seed(0)
+            idx = torch.randint(0, vocab, (B, T + 1), generator=g).to(device)
+
+            def step():
+                logits = model(idx[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                         idx[:, 1:].reshape(-1))
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss
+
+            t0 = time.perf_counter()
+            for _ in range(warmup):
+                loss = step()
+            sync(device)
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = step()
+            sync(device)
+            sec = (time.perf_counter() - t0) / steps
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+            rows.append([label, f"{n_layer}x{n_embd}", f"{n_params / 1e6:.0f}M / {n_train / 1e6:.2f}M",
+                         f"{B}x{T}", f"{first:.1f}", f"{sec * 1e3:.0f}", f"{B * T / sec:,.0f}", f"{peak:.2f}",
+                         f"{loss.item():.3f}"])
+            log(f"  trained {label}: {B * T / sec:,.0f} tokens/s")
+            del model, opt
+        except Exception as e:  # one shape failing (OOM, model API) must not hide the others
+            rows.append([label, f"{n_layer}x{n_embd}", "-", f"{B}x{T}", "-", "-", "-", "-",
+                         f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"])
+            log(f"  training step {label} failed:\n{traceback.format_exc()}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--skip-train", action="store_true", help="no LoRA training-step benchmark")
+    ap.add_argument("--bandwidth-tbs", type=float, default=4.8, help="memory bandwidth for the floor (H200: 4.8)")
+    ap.add_argument("--out", type=Path, help="also write the Markdown report here")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    big = device.type == "cuda"
+
+    report = []
+    env = [["torch", torch.__version__], ["torch CUDA", torch.version.cuda], ["device", str(device)]]
+    if big:
+        env += [["GPU", torch.cuda.get_device_name(device)],
+                ["capability", "sm_%d%d" % torch.cuda.get_device_capability(device)]]
+    env += [["nvcc", wkv_mod.find_nvcc()]]
+    if big:
+        env += [["nvcc flags", " ".join(wkv_mod.cuda_compile_flags(wkv_mod.find_nvcc()))]]
+
+    log(f"building the {device.type} WKV kernel ...")
+    ext, build_s, note = build(device)
+    env += [["kernel build / load (s)", f"{build_s:.1f}"], ["kernel", "compiled" if ext else f"NONE: {note}"]]
+    report.append("## Environment\n\n" + table(["", ""], env))
+    log(report[-1])
+    if ext is None and big:
+        log("\nthe CUDA kernel did not build: nothing to check")
+        return 1
+    backend = "kernel" if ext is not None else "reference"
+
+    # --- correctness: B*C = 231, not a multiple of 32
+    Ts = [1, 333, 4096, 16384] if big else [1, 33]
+    cases = [(3, T, 77, dt, i % 2 == 1) for i, T in enumerate(Ts) for dt in (torch.float32, torch.bfloat16)]
+    cases.append((1, 333 if big else 33, 77, torch.float32, True))
+    log("\nfloat64 references: numpy recurrence vs autograd ...")
+    x = make_inputs(2, 333 if big else 33, 77, torch.float32, True, torch.device("cpu"), seed=5)
+    x[6] = consistent_gstate(x[6], wkv_reference(*x[:5])[1])
+    ref_errs = [rel_err(a, b) for a, b in zip(recurrence64(*x), reference64(*x))]
+    ref_ok = max(ref_errs) < 1e-10
+    ok_refs = [["recurrence64 vs autograd (float64), B=2 T=%d C=77" % x[2].shape[1],
+                f"{max(ref_errs):.1e}", "1e-10", "PASS" if ref_ok else "FAIL"]]
+    report.append("## float64 references agree\n\n" + table(["check", "max rel err", "tol", "result"], ok_refs))
+    log(report[-1])
+    log(f"\ncorrectness ({backend} vs float64 reference, outputs poisoned with NaN) ...")
+    rows, ok = correctness(device, backend, cases, AUTOGRAD_T_MAX if big else 16)
+    ok &= ref_ok
+    report.append("## Correctness (relative error: max |diff| / max |ref|; tol = max(1e-5 fp32 / 1e-2 bf16, 4 x fp32 floor))\n\n" + table(
+        ["shape", "dtype", "state in", "f64 ref", *NAMES, "fp32 floor", "tol", "NaN", "result", "s"], rows))
+    log(report[-1])
+
+    # --- kernel throughput
+    log("\nkernel throughput ...")
+    shapes = [(8, 1024, 768), (8, 4096, 2048), (1, 16384, 2048)] if big else [(2, 16, 8)]
+    try:
+        rows = throughput(device, ext, shapes, args.bandwidth_tbs * 1e12, reps=10 if big else 2)
+        report.append(f"## Kernel time vs the memory-bandwidth floor ({args.bandwidth_tbs} TB/s)\n\n" + table(
+            ["shape", "dtype", "pass", "ms", "GB/s", "floor ms", "of floor", "Mtok*ch/s"], rows))
+    except Exception:
+        report.append("## Kernel throughput\n\nFAILED:\n```\n" + traceback.format_exc() + "```")
+    log(report[-1])
+
+    # --- LoRA training step
+    if not args.skip_train:
+        log("\nLoRA training step (bf16, r=8 on att/ffn key/value/receptance/output, AdamW) ...")
+        shapes = ([("169M", 12, 768, 50277, 8, 1024), ("1.5B", 24, 2048, 50277, 4, 1024)] if big
+                  else [("tiny", 2, 64, 1000, 2, 16)])
+        try:
+            rows = train_step_bench(device, shapes, steps=5 if big else 1, warmup=2 if big else 1)
+            report.append("## LoRA training step\n\n" + table(
+                ["model", "layers x dim", "params / trainable", "B x T", "warm-up s", "ms/step", "tokens/s",
+                 "peak GiB", "loss"], rows))
+        except Exception:
+            report.append("## LoRA training step\n\nFAILED:\n```\n" + traceback.format_exc() + "```")
+        log(report[-1])
+
+    text = "\n\n".join(report) + f"\n\nOverall correctness: {'PASS' if ok else 'FAIL'}\n"
+    log("\n" + "=" * 100 + "\n\n" + text)
+    if args.out:
+        args.out.write_text(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,540 @@
+"""Merging adapters into a base checkpoint, packing adapters into one file, and RWKV-LM-LoRA interop.
+
+    rwkv-lora merge --base base.pth --adapter DIR [--adapter DIR2:0.5] --out merged.pth [--dtype bf16]
+                    [--format pth|safetensors|hf] [--force]
+    rwkv-lora pack DIR --out NAME.safetensors
+    rwkv-lora import-lora rwkv-lm-lora.pth --alpha 16 --base base.pth --out DIR
+    rwkv-lora export-lora DIR --out rwkv-lm-lora.pth
+
+Merge: W' = W + weight * scaling * B @ A for every adapted matrix, W' = W + weight * (T - W) for every tensor trained
+in full, computed in fp32 and cast once to the base dtype (or --dtype). The output has exactly the base's keys and
+shapes, in BlinkDL's raw layout. It is produced tensor by tensor: the base is memory-mapped, each output tensor is
+computed, written at its place in the output file and dropped, so the peak memory is about one copy of the base.
+Outputs are written to a temp file (or directory) renamed into place; nothing is left behind on error.
+
+RWKV-LM-LoRA (Blealtan) layout: a flat `.pth` state dict with `blocks.N.att.key.lora_A` [r, in] and `...lora_B`
+[out, r] next to the tensors trained in full under their checkpoint names (some files also hold the frozen base
+weights); merged as W + (alpha / r) * B @ A with r = lora_B.shape[1]; alpha is not stored in the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import json
+import math
+import os
+import pickle
+import shutil
+import struct
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from finetune.errors import FinetuneError
+
+FORMATS = ("pth", "safetensors", "hf")
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The base, read lazily
+
+
+class LazyBase:
+    """A base checkpoint opened without materialising it: `.pth` memory-mapped (weights_only), `.safetensors` read
+    tensor by tensor. `shapes`, `dtypes`, `get(name)`, `fingerprint`, `config`."""
+
+    def __init__(self, path: str | Path) -> None:
+        from finetune.checkpoint import check_keys, config_from_state_dict, fingerprint, read_state_dict
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FinetuneError(f"{self.path}: no such base checkpoint")
+        self._st = None
+        if self.path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                self._st = safe_open(str(self.path), framework="pt")
+                keys = list(self._st.keys())
+                metas = {}
+                for k in keys:
+                    sl = self._st.get_slice(k)
+                    metas[k] = torch.empty(sl.get_shape(), dtype=_dtype_from_st(sl.get_dtype()), device="meta")
+            except Exception as e:
+                raise FinetuneError(f"{self.path}: cannot read safetensors base ({_first_line(e)})") from None
+            self._sd = None
+        else:
+            self._sd = read_state_dict(self.path)  # mmap'd when the file is a zip checkpoint
+            metas = self._sd
+        self.config = config_from_state_dict(metas, self.path)
+        check_keys(metas, self.config, self.path)
+        self.names = list(metas)
+        self.shapes = {k: tuple(v.shape) for k, v in metas.items()}
+        self.dtypes = {k: v.dtype for k, v in metas.items()}
+        probes = {"emb.weight", "blocks.0.att.time_decay", "blocks.0.att.key.weight", "ln_out.weight", "head.weight"}
+        fp_sd = {k: (self.get(k) if k in probes else v) for k, v in metas.items()}
+        self.fingerprint = fingerprint(fp_sd)
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._sd is not None:
+            return self._sd[name]
+        try:
+            return self._st.get_tensor(name)
+        except Exception as e:
+            raise FinetuneError(f"{self.path}: cannot read {name} ({_first_line(e)}); is the file truncated?") \
+                from None
+
+    def meta(self) -> dict[str, Any]:
+        c = self.config
+        return {"fingerprint": self.fingerprint, "n_layer": c.n_layer, "n_embd": c.n_embd,
+                "vocab_size": c.vocab_size, "dim_ffn": c.dim_ffn, "path": str(self.path)}
+
+
+def _dtype_from_st(name: str) -> torch.dtype:
+    rev = {v: k for k, v in _ST_DTYPES.items()}
+    if name not in rev:
+        raise ValueError(f"unsupported dtype {name}")
+    return rev[name]
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Merge
+
+
+def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype: str | torch.dtype | None = None,
+                   fmt: str | None = None, force: bool = False, log: Callable[[str], None] | None = None
+                   ) -> dict[str, Any]:
+    """Merge adapters (paths, `PATH:W` strings, or (path, weight) pairs) into `base`, writing `out`.
+
+    fmt: "pth" (BlinkDL, default unless `out` ends in .safetensors), "safetensors", or "hf" (a Hugging Face
+    RwkvForCausalLM directory). Returns a summary dict (tensors changed, dtype, format, seconds).
+    """
+    import time
+
+    from finetune.adapters import check_adapter, parse_adapter_spec, read_adapter
+    from finetune.model import parse_dtype
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    fmt = fmt or ("safetensors" if out.suffix == ".safetensors" else "pth")
+    if fmt not in FORMATS:
+        raise FinetuneError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if not adapters:
+        raise FinetuneError("give at least one --adapter")
+    b = LazyBase(base)
+    specs = [parse_adapter_spec(s) for s in adapters]
+    loaded = [(read_adapter(p), w) for p, w in specs]
+    for a, _ in loaded:
+        check_adapter(a, b.shapes, b.fingerprint, force=force, base_name=str(b.path))
+    if out.resolve() == b.path.resolve():
+        raise FinetuneError(f"{out}: the output would overwrite the base checkpoint")
+    out_dtype = parse_dtype(dtype) if dtype is not None else None
+
+    # what happens to each tensor: a list of (kind, adapter, weight)
+    todo: dict[str, list] = collections.defaultdict(list)
+    for a, w in loaded:
+        for key in a.full:
+            todo[key].append(("full", a, w))
+        for module in a.lora:
+            todo[f"{module}.weight"].append(("lora", a, w))
+
+    # Two reused buffers (an fp32 workspace, an output-dtype buffer): allocating fresh memory for every tensor costs
+    # more in page faults than the arithmetic. Two slots: tensor i+1 is computed (slot (i+1) % 2) while tensor i is
+    # being written by a writer thread (see `_pipelined`).
+    big = max((math.prod(b.shapes[k]) for k in b.names), default=0)
+    buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def buffer(shape: tuple, dt: torch.dtype, slot: int) -> torch.Tensor:
+        if (dt, slot) not in buffers:
+            buffers[dt, slot] = torch.empty(big, dtype=dt)
+        return buffers[dt, slot][: math.prod(shape)].view(shape)
+
+    def produce(name: str, slot: int = 0) -> torch.Tensor:
+        t = b.get(name)
+        target = out_dtype or t.dtype
+        if name not in todo:
+            return t if t.dtype == target else buffer(t.shape, target, slot).copy_(t)
+        x = buffer(t.shape, torch.float32, slot).copy_(t)  # fp32 workspace (never write into the mmap'd base)
+        for kind, a, w in todo[name]:
+            if kind == "full":
+                x.add_(a.full[name] - x, alpha=w)
+            else:
+                A, B = a.lora[name[: -len(".weight")]]
+                x.addmm_(B, A, alpha=w * a.scaling)
+        return x if target == torch.float32 else buffer(t.shape, target, slot).copy_(x)
+
+    plan = [(k, b.shapes[k], out_dtype or b.dtypes[k]) for k in b.names]
+    if fmt == "pth":
+        _atomic_file(out, lambda tmp: write_pth_streaming(tmp, plan, produce))
+    elif fmt == "safetensors":
+        _atomic_file(out, lambda tmp: write_safetensors_streaming(tmp, plan, produce))
+    else:
+        tokenizer = next((a.meta.get("tokenizer") for a, _ in loaded if a.meta.get("tokenizer")), None)
+        _atomic_dir(out, lambda tmp: write_hf_dir(tmp, b, plan, produce, tokenizer, log))
+    summary = {"out": str(out), "format": fmt, "tensors_changed": len(todo), "tensors": len(plan),
+               "dtype": str(out_dtype or "as base").replace("torch.", ""), "seconds": time.perf_counter() - t0,
+               "adapters": [(str(a.path), w) for a, w in loaded]}
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Streaming writers
+
+
+def write_pth_streaming(path: str | Path, plan: list[tuple[str, tuple, torch.dtype]],
+                        produce: Callable[[str], torch.Tensor]) -> None:
+    """A torch.save zip checkpoint of {name: tensor}, written without holding the tensors together.
+
+    torch writes the skeleton (pickle, records, space reserved for every storage) under `skip_data` from
+    never-touched `torch.empty` tensors; each tensor is then produced and written at its storage's offset. The CRC-32
+    fields are left at 0 (torch's reader does not need them); `torch.load` (mmap or not) reads the file as usual.
+    """
+    path = str(path)
+    skeleton = {k: torch.empty(shape, dtype=dtype) for k, shape, dtype in plan}
+    old_crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        with torch.serialization.skip_data():
+            torch.save(skeleton, path)
+    finally:
+        torch.serialization.set_crc32_options(old_crc)
+    del skeleton
+    where = _pth_storage_offsets(path)
+    with open(path, "r+b") as f:
+        def write(k: str, t: torch.Tensor) -> None:
+            offset, nbytes = where[k]
+            data = _bytes_view(t)
+            if len(data) != nbytes:
+                raise RuntimeError(f"{k}: {len(data)} bytes for a {nbytes}-byte record")
+            os.pwrite(f.fileno(), data, offset)
+
+        _pipelined(plan, produce, write)
+        os.fsync(f.fileno())
+
+
+def _pipelined(plan, produce: Callable[..., torch.Tensor], write: Callable[[str, torch.Tensor], None]) -> None:
+    """produce(key, slot) for each planned tensor, handing each to `write` on a writer thread: the next tensor is
+    computed while the previous one is written (two buffer slots; slot i % 2 is reused only after write i - 2 ended,
+    which is guaranteed since write i - 1 is awaited before write i starts)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for i, (k, shape, dtype) in enumerate(plan):
+            t = produce(k, i % 2)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(write, k, t)
+        if pending is not None:
+            pending.result()
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class _OffsetsUnpickler(pickle.Unpickler):
+    """Reads our own freshly written data.pkl only to learn which storage record each key uses. Every global is
+    replaced by an inert stub; nothing is executed."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, *args: storage
+        if module == "torch":
+            return name
+        raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
+
+    def persistent_load(self, pid):
+        return pid[2]  # ('storage', storage type, key, location, numel)
+
+
+def _pth_storage_offsets(path: str) -> dict[str, tuple[int, int]]:
+    """{key: (byte offset, size)} of each tensor's storage record in a torch.save zip (records are stored
+    uncompressed; the CRCs are not checked, they are 0 in our skeleton)."""
+    with zipfile.ZipFile(path) as z:
+        infos = {i.filename: i for i in z.infolist()}
+    pkl = next(n for n in infos if n.endswith("/data.pkl"))
+    prefix = pkl[: -len("data.pkl")]
+    with open(path, "rb") as f:
+        def record(info: zipfile.ZipInfo) -> tuple[int, int]:
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise RuntimeError(f"compressed record {info.filename}")
+            f.seek(info.header_offset)
+            head = f.read(30)
+            n_name, n_extra = struct.unpack("<HH", head[26:30])
+            return info.header_offset + 30 + n_name + n_extra, info.file_size
+
+        offset, size = record(infos[pkl])
+        f.seek(offset)
+        keys = _OffsetsUnpickler(io.BytesIO(f.read(size))).load()
+        return {name: record(infos[f"{prefix}data/{storage_key}"]) for name, storage_key in keys.items()}
+
+
+def write_safetensors_streaming(path: str | Path, plan: list[tuple[str, tuple, torch.dtype]],
+                                produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None,
+                                rename: Callable[[str], str] = lambda k: k) -> None:
+    """A safetensors file written tensor by tensor (header first: shapes and dtypes are known in advance)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for k, shape, dtype in plan:
+        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[rename(k)] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        _pipelined(plan, produce, lambda k, t: f.write(_bytes_view(t)))  # one writer thread: in order
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def hf_name(key: str) -> str:
+    """BlinkDL checkpoint name -> Hugging Face RwkvForCausalLM name."""
+    if key == "head.weight":
+        return key
+    if key.startswith("emb."):
+        return "rwkv.embeddings." + key[4:]
+    key = key.replace(".ln0.", ".pre_ln.").replace(".att.", ".attention.").replace(".ffn.", ".feed_forward.")
+    for short, long in (("k", "key"), ("v", "value"), ("r", "receptance")):
+        if key.endswith(f".time_mix_{short}"):
+            key = key[: -len(short)] + long
+    return "rwkv." + key
+
+
+def hf_config(config, dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        "architectures": ["RwkvForCausalLM"], "model_type": "rwkv",
+        "vocab_size": config.vocab_size, "hidden_size": config.n_embd, "num_hidden_layers": config.n_layer,
+        "attention_hidden_size": config.n_embd, "intermediate_size": config.dim_ffn, "context_length": 4096,
+        "layer_norm_epsilon": 1e-5, "bos_token_id": 0, "eos_token_id": 0, "rescale_every": 0,
+        "tie_word_embeddings": False, "use_cache": True,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+def write_hf_dir(tmp: Path, base: LazyBase, plan, produce, tokenizer: str | None,
+                 log: Callable[[str], None] | None) -> None:
+    main_dtype = collections.Counter(d for k, _, d in plan if k.endswith(".weight")).most_common(1)[0][0]
+    (tmp / "config.json").write_text(json.dumps(hf_config(base.config, main_dtype), indent=2) + "\n")
+    write_safetensors_streaming(tmp / "model.safetensors", plan, produce, rename=hf_name)
+    if tokenizer and str(tokenizer).endswith(".json") and Path(tokenizer).is_file():
+        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+    elif log is not None:
+        log(f"note: tokenizer {tokenizer!r} is not a tokenizer.json file; none copied into the HF directory")
+
+
+def _atomic_file(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_dir(path: Path, write: Callable[[Path], None]) -> None:
+    if path.exists() and not path.is_dir():
+        raise FinetuneError(f"{path}: exists and is not a directory (the hf format writes a directory)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RWKV-LM-LoRA interop
+
+
+def _lora_key(key: str) -> tuple[str, int] | None:
+    """`blocks.0.att.key.lora_A` (or `.lora_A.weight`) -> ("blocks.0.att.key", 0); B -> 1; else None."""
+    k = key[: -len(".weight")] if key.endswith((".lora_A.weight", ".lora_B.weight")) else key
+    for suffix, idx in ((".lora_A", 0), (".lora_B", 1)):
+        if k.endswith(suffix):
+            return k[: -len(suffix)], idx
+    return None
+
+
+def import_rwkv_lm_lora(file: str | Path, alpha: float, base: str | Path, out: str | Path,
+                        tokenizer: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Convert an RWKV-LM-LoRA checkpoint into our adapter directory. Tensors under base names count as trained in
+    full only when they differ from the base (files that carry the whole frozen base are fine)."""
+    from finetune.adapters import FULL_GROUPS, LORA_PARTS, check_adapter, write_adapter_dir, Adapter
+    from finetune.checkpoint import read_state_dict
+
+    if alpha is None or not alpha > 0:
+        raise FinetuneError("--alpha must be a positive number (RWKV-LM-LoRA files do not record it)")
+    b = LazyBase(base)
+    sd = read_state_dict(file)
+    pairs: dict[str, list] = {}
+    full: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        lk = _lora_key(key)
+        if lk is not None:
+            pairs.setdefault(lk[0], [None, None])[lk[1]] = t.float()
+        elif key in b.shapes:
+            ref = b.get(key)
+            if tuple(t.shape) != tuple(ref.shape):
+                raise FinetuneError(f"{file}: {key} is {tuple(t.shape)} but {tuple(ref.shape)} in {b.path}; "
+                                    f"made for another base")
+            if not torch.equal(t.to(ref.dtype), ref):
+                full[key] = t.float()
+        else:
+            raise FinetuneError(f"{file}: unknown tensor {key} (neither a LoRA factor nor a tensor of {b.path})")
+    if not pairs and not full:
+        raise FinetuneError(f"{file}: no LoRA factors and nothing that differs from the base")
+    from finetune.adapters import _check_pairs
+
+    lora = _check_pairs(pairs, Path(file))
+    ranks = {A.shape[0] for A, _ in lora.values()}
+    if len(ranks) > 1:
+        raise FinetuneError(f"{file}: LoRA factors of different ranks {sorted(ranks)}; one rank per adapter")
+    r = ranks.pop() if ranks else 1
+    parts = sorted({m.split(".")[2] for m in lora if m.startswith("blocks.") and m.split(".")[2] in LORA_PARTS})
+    train = sorted(g for g, pred in FULL_GROUPS.items() if any(pred(n) for n in full))
+    meta = {"base": b.meta(), "tokenizer": tokenizer, "r": r, "alpha": float(alpha), "dropout": None,
+            "parts": parts, "train": train,
+            "recipe": {"imported_from": str(file), "tool": "RWKV-LM-LoRA", "scaling_convention": "alpha / r"}}
+    from finetune.adapters import lora_scaling
+
+    probe = Adapter(path=Path(file), meta=dict(meta, scaling=lora_scaling(r, alpha)), lora=lora, full=full)
+    check_adapter(probe, b.shapes, b.fingerprint, force=force, base_name=str(b.path))
+    write_adapter_dir(out, meta, lora, full)
+    return {"out": str(out), "r": r, "alpha": alpha, "lora_pairs": len(lora), "full": len(full)}
+
+
+def export_rwkv_lm_lora(adapter: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write an adapter in RWKV-LM-LoRA's layout (`.pth`, fp32). Their merge uses alpha / r, so the alpha to give
+    them is scaling * r (== our alpha unless rsLoRA was used); it is returned and printed."""
+    from finetune.adapters import read_adapter
+
+    a = read_adapter(adapter)
+    sd: dict[str, torch.Tensor] = {}
+    for module, (A, B) in sorted(a.lora.items()):
+        sd[f"{module}.lora_A"] = A.contiguous()
+        sd[f"{module}.lora_B"] = B.contiguous()
+    for name, t in sorted(a.full.items()):
+        sd[name] = t.contiguous()
+    r = next(iter(a.lora.values()))[0].shape[0] if a.lora else int(a.meta.get("r", 1))
+    alpha = a.scaling * r
+    _atomic_file(Path(out), lambda tmp: torch.save(sd, tmp))
+    return {"out": str(out), "alpha": alpha, "r": r, "tensors": len(sd)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge", help="merge adapters into a base checkpoint",
+        description="Merge one or more adapters into a base RWKV-4 checkpoint: W + weight * scaling * B @ A for every "
+                    "adapted matrix, fully trained tensors replaced (weighted), computed in fp32 and cast once. The "
+                    "output has exactly the base's keys and shapes (BlinkDL layout), streamed tensor by tensor.")
+    p.add_argument("--base", required=True, help="base checkpoint (.pth or .safetensors)")
+    p.add_argument("--adapter", action="append", required=True, metavar="PATH[:W]",
+                   help="adapter directory or packed .safetensors, optionally with a weight (repeatable)")
+    p.add_argument("--out", required=True, help="output path (.pth / .safetensors file, or a directory for hf)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="output dtype (default: the base's)")
+    p.add_argument("--format", choices=FORMATS, dest="fmt",
+                   help="pth (BlinkDL), safetensors, or hf (RwkvForCausalLM directory); default from --out's suffix")
+    p.add_argument("--force", action="store_true", help="merge even if an adapter was made for another base "
+                                                        "(fingerprint mismatch; shapes must still fit)")
+    p.set_defaults(func=run_merge)
+
+    p = sub.add_parser("pack", help="pack an adapter directory into one .safetensors file",
+                       description="Write an adapter as one safetensors file (LoRA factors, fully trained tensors, and "
+                                   "the metadata as JSON strings in the header) for sharing.")
+    p.add_argument("adapter", help="adapter directory")
+    p.add_argument("--out", required=True, help="output NAME.safetensors")
+    p.set_defaults(func=run_pack)
+
+    p = sub.add_parser("import-lora", help="import an RWKV-LM-LoRA checkpoint as an adapter",
+                       description="Convert an RWKV-LM-LoRA .pth (blocks.N.att.key.lora_A [r, in] / lora_B [out, r], "
+                                   "plus tensors trained in full) into an rwkv-lora adapter directory. Read with "
+                                   "weights_only=True.")
+    p.add_argument("file", help="RWKV-LM-LoRA .pth")
+    p.add_argument("--alpha", type=float, required=True, help="the lora_alpha it was trained with (not in the file)")
+    p.add_argument("--base", required=True, help="the base checkpoint it was trained on")
+    p.add_argument("--out", required=True, help="output adapter directory")
+    p.add_argument("--tokenizer", help="tokenizer to record (world or a tokenizer.json path)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=run_import)
+
+    p = sub.add_parser("export-lora", help="export an adapter in RWKV-LM-LoRA's .pth layout",
+                       description="Write an adapter as an RWKV-LM-LoRA style .pth (lora_A / lora_B and fully trained "
+                                   "tensors under checkpoint names). Prints the alpha to give their merge script.")
+    p.add_argument("adapter", help="adapter directory or packed .safetensors")
+    p.add_argument("--out", required=True, help="output .pth")
+    p.set_defaults(func=run_export)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    s = merge_adapters(args.base, args.adapter, args.out, dtype=args.dtype, fmt=args.fmt, force=args.force, log=print)
+    print(f"wrote {s['out']} ({s['format']}, {s['dtype']}): {s['tensors_changed']} of {s['tensors']} tensors changed "
+          f"by {len(s['adapters'])} adapter(s) in {s['seconds']:.1f}s")
+    return 0
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    from finetune.adapters import pack_adapter
+
+    out = pack_adapter(args.adapter, args.out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    s = import_rwkv_lm_lora(args.file, args.alpha, args.base, args.out, tokenizer=args.tokenizer, force=args.force)
+    print(f"wrote {s['out']}: {s['lora_pairs']} LoRA pairs (r={s['r']}, alpha={s['alpha']:g}), "
+          f"{s['full']} tensors trained in full")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    s = export_rwkv_lm_lora(args.adapter, args.out)
+    print(f"wrote {s['out']}: {s['tensors']} tensors; merge it with lora_alpha={s['alpha']:g} (r={s['r']})")
+    return 0
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """`python merge.py ...`: the same as `rwkv-lora merge ...`."""
+    import sys
+
+    from finetune.cli import main as cli_main
+
+    return cli_main(["merge", *(sys.argv[1:] if argv is None else list(argv))])

@@ -1,0 +1,329 @@
+"""Merging adapters, packed adapters, RWKV-LM-LoRA interop and bad input, against the `rwkv` package and transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import random_rwkv4_state_dict, write_checkpoint
+from finetune import cli
+from finetune.adapters import add_lora, pack_adapter, read_adapter, save_adapter
+from finetune.checkpoint import config_from_state_dict, fingerprint
+from finetune.merge import merge_adapters
+from finetune.model import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPE = (2, 64, 128)  # n_layer, n_embd, vocab
+
+
+def make_adapter(base_path: Path, out_dir: Path, seed: int, r: int = 4, alpha: float = 8, parts=("att", "ffn"),
+                 train=("time", "ln"), tokenizer=None) -> Path:
+    """A trained-looking adapter: peft LoRA with random A and B (B nonzero) and perturbed full tensors."""
+    from finetune.checkpoint import read_state_dict
+
+    sd = read_state_dict(base_path)
+    model = load_model(base_path, dtype="fp32")
+    peft_model = add_lora(model, r=r, alpha=alpha, parts=parts, train=train)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * (0.2 if "lora_" in name else 0.05))
+    cfg = config_from_state_dict(sd)
+    meta = {"base": {"fingerprint": fingerprint(sd), "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
+                     "vocab_size": cfg.vocab_size, "dim_ffn": cfg.dim_ffn, "path": str(base_path)},
+            "tokenizer": tokenizer, "r": r, "alpha": alpha, "dropout": 0.0, "parts": list(parts),
+            "train": list(train), "recipe": {"test": True}}
+    return save_adapter(peft_model, out_dir, meta)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("merge")
+    base = write_checkpoint(d / "base.pth", random_rwkv4_state_dict(*SHAPE, seed=11))
+    a1 = make_adapter(base, d / "a1", seed=1)
+    a2 = make_adapter(base, d / "a2", seed=2, r=2, alpha=4, parts=("att",), train=("ln",))
+    return d, base, a1, a2
+
+
+def rwkv_package_logits(path, tokens):
+    from rwkv.model import RWKV as BlinkRWKV
+
+    model = BlinkRWKV(str(path), strategy="cpu fp32", verbose=False)
+    logits, _ = model.forward(list(tokens), None, full_output=True)
+    return logits.float()
+
+
+TOKENS = torch.randint(0, SHAPE[2], (24,), generator=torch.Generator().manual_seed(5)).tolist()
+
+
+def plugged_logits(base, adapters, dtype="fp32"):
+    model = load_model(base, adapters=adapters, dtype=dtype)
+    with torch.no_grad():
+        return model(torch.tensor([TOKENS]))[0].float()
+
+
+def no_temp_files(directory: Path) -> bool:
+    return not [p for p in directory.iterdir() if p.name.startswith(".")]
+
+
+def test_merged_pth_loads_in_rwkv_package_and_equals_plugged_adapter(env):
+    d, base, a1, _ = env
+    out = d / "merged.pth"
+    merge_adapters(base, [a1], out)
+    merged = torch.load(out, weights_only=True)
+    base_sd = torch.load(base, weights_only=True)
+    assert list(merged) == list(base_sd)
+    assert all(merged[k].shape == base_sd[k].shape and merged[k].dtype == base_sd[k].dtype for k in base_sd)
+    ref = rwkv_package_logits(out, TOKENS)
+    torch.testing.assert_close(plugged_logits(base, [a1]), ref, rtol=0, atol=1e-4)
+    # the adapter did change the model
+    assert (rwkv_package_logits(base, TOKENS) - ref).abs().max() > 1e-2
+    assert no_temp_files(d)
+
+
+def test_bf16_base(env):
+    d, _, a1, _ = env
+    base16 = write_checkpoint(d / "base-bf16.pth", random_rwkv4_state_dict(*SHAPE, seed=11, dtype=torch.bfloat16))
+    out = d / "merged-bf16.pth"
+    merge_adapters(base16, [a1], out, force=True)  # a1 was made on the fp32 copy; same fingerprint (bf16-rounded)
+    merged = torch.load(out, weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for v in merged.values())
+    ref = rwkv_package_logits(out, TOKENS)
+    ours = plugged_logits(base16, [a1])
+    scale = ref.abs().max()
+    assert (ours - ref).abs().max() <= 2e-2 * scale
+
+
+def test_fingerprint_of_bf16_copy_matches(env):
+    d, base, a1, _ = env
+    sd = torch.load(base, weights_only=True)
+    assert fingerprint(sd) == fingerprint({k: v.bfloat16() for k, v in sd.items()})
+
+
+def test_two_adapters_weighted_sum_of_deltas(env):
+    d, base, a1, a2 = env
+    out = d / "two.pth"
+    merge_adapters(base, [f"{a1}:0.5", (a2, 0.25)], out)
+    merged = torch.load(out, weights_only=True)
+    base_sd = torch.load(base, weights_only=True)
+    A1, A2 = read_adapter(a1), read_adapter(a2)
+    for key, W in base_sd.items():
+        expect = W.clone()
+        for ad, w in ((A1, 0.5), (A2, 0.25)):
+            if key in ad.full:
+                expect = expect + w * (ad.full[key] - expect)
+            module = key.removesuffix(".weight")
+            if module in ad.lora:
+                expect = expect + w * ad.delta(module)
+        torch.testing.assert_close(merged[key], expect, rtol=0, atol=1e-6, msg=key)
+    # and the same adapters plugged in with the same weights give the same logits
+    ref = rwkv_package_logits(out, TOKENS)
+    torch.testing.assert_close(plugged_logits(base, [(a1, 0.5), f"{a2}:0.25"]), ref, rtol=0, atol=1e-4)
+
+
+def test_safetensors_and_dtype(env):
+    from safetensors.torch import load_file
+
+    d, base, a1, _ = env
+    merge_adapters(base, [a1], d / "m16.pth", dtype="fp16")
+    merge_adapters(base, [a1], d / "m16.safetensors", dtype="fp16")
+    pth = torch.load(d / "m16.pth", weights_only=True)
+    st = load_file(str(d / "m16.safetensors"))
+    assert list(st) == list(pth) or sorted(st) == sorted(pth)
+    for k in pth:
+        assert pth[k].dtype == torch.float16 and torch.equal(st[k], pth[k])
+
+
+def make_char_tokenizer(path: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models
+
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:?!\n'"))
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.decoder = decoders.Fuse()
+    tok.save(str(path))
+    return path
+
+
+def test_hf_format_loads_in_transformers(env):
+    from transformers import RwkvForCausalLM
+
+    d, base, _, _ = env
+    tok = make_char_tokenizer(d / "tokenizer.json")
+    a3 = make_adapter(base, d / "a3", seed=3, tokenizer=str(tok))
+    merge_adapters(base, [a3], d / "m3.pth")
+    merge_adapters(base, [a3], d / "hf", fmt="hf")
+    assert (d / "hf" / "config.json").is_file() and (d / "hf" / "tokenizer.json").is_file()
+    assert json.loads((d / "hf" / "config.json").read_text())["rescale_every"] == 0
+    hf = RwkvForCausalLM.from_pretrained(str(d / "hf")).eval()
+    with torch.no_grad():
+        hf_logits = hf(torch.tensor([TOKENS])).logits[0].float()
+    torch.testing.assert_close(hf_logits, rwkv_package_logits(d / "m3.pth", TOKENS), rtol=0, atol=1e-4)
+
+
+def test_packed_file_equals_directory(env, capsys):
+    d, base, a1, _ = env
+    packed = pack_adapter(a1, d / "a1.safetensors")
+    A, P = read_adapter(a1), read_adapter(packed)
+    assert P.meta == A.meta and P.scaling == A.scaling
+    assert sorted(P.lora) == sorted(A.lora) and sorted(P.full) == sorted(A.full)
+    for m in A.lora:
+        assert torch.equal(P.lora[m][0], A.lora[m][0]) and torch.equal(P.lora[m][1], A.lora[m][1])
+    for k in A.full:
+        assert torch.equal(P.full[k], A.full[k])
+    merge_adapters(base, [packed], d / "mp.pth")
+    merge_adapters(base, [a1], d / "md.pth")
+    x, y = torch.load(d / "mp.pth", weights_only=True), torch.load(d / "md.pth", weights_only=True)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    torch.testing.assert_close(plugged_logits(base, [packed]), plugged_logits(base, [a1]), rtol=0, atol=0)
+    # header metadata: JSON strings
+    from safetensors import safe_open
+
+    with safe_open(str(packed), framework="pt") as f:
+        md = f.metadata()
+    assert json.loads(md["r"]) == 4 and json.loads(md["alpha"]) == 8
+    assert json.loads(md["base"])["fingerprint"] == A.meta["base"]["fingerprint"]
+    assert cli.main(["info", str(packed)]) == 0
+    assert "packed file" in capsys.readouterr().out
+
+
+def test_rwkv_lm_lora_import_export(env, capsys):
+    d, base, a1, _ = env
+    A = read_adapter(a1)
+    alpha = A.meta["alpha"]
+    # an RWKV-LM-LoRA style file: lora_A [r, in] / lora_B [out, r], the full tensors, and the frozen base in bf16-free
+    # fp32 as well (some of their checkpoints carry it)
+    theirs = dict(torch.load(base, weights_only=True))
+    for m, (a, b) in A.lora.items():
+        theirs[f"{m}.lora_A"] = a.bfloat16().float()
+        theirs[f"{m}.lora_B"] = b.bfloat16().float()
+    theirs.update(A.full)
+    torch.save(theirs, d / "theirs.pth")
+    assert cli.main(["import-lora", str(d / "theirs.pth"), "--alpha", str(alpha), "--base", str(base),
+                     "--out", str(d / "imported")]) == 0
+    I = read_adapter(d / "imported")
+    assert I.scaling == A.scaling and sorted(I.full) == sorted(A.full) and sorted(I.lora) == sorted(A.lora)
+    # the same adapter in our format (with the same bf16-rounded factors) merges to the same weights
+    rounded = d / "a1-rounded"
+    from finetune.adapters import write_adapter_dir
+
+    write_adapter_dir(rounded, A.meta, {m: (a.bfloat16().float(), b.bfloat16().float())
+                                         for m, (a, b) in A.lora.items()}, A.full)
+    merge_adapters(base, [d / "imported"], d / "mi.pth")
+    merge_adapters(base, [rounded], d / "mr.pth")
+    x, y = torch.load(d / "mi.pth", weights_only=True), torch.load(d / "mr.pth", weights_only=True)
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-6)
+    # export: their layout, merged their way (W + alpha / r * B @ A with r = B.shape[1]) == our merge
+    capsys.readouterr()
+    assert cli.main(["export-lora", str(a1), "--out", str(d / "exported.pth")]) == 0
+    assert "lora_alpha=8" in capsys.readouterr().out
+    ex = torch.load(d / "exported.pth", weights_only=True)
+    W = torch.load(base, weights_only=True)
+    ours = torch.load(d / "md.pth", weights_only=True) if (d / "md.pth").exists() else None
+    if ours is None:
+        merge_adapters(base, [a1], d / "md.pth")
+        ours = torch.load(d / "md.pth", weights_only=True)
+    for k, w in W.items():
+        m = k.removesuffix(".weight")
+        expect = ex[k] if k in ex else w
+        if f"{m}.lora_A" in ex:
+            a, b = ex[f"{m}.lora_A"], ex[f"{m}.lora_B"]
+            expect = w + b @ a * (8 / b.shape[1])
+        torch.testing.assert_close(ours[k], expect, rtol=0, atol=1e-6)
+
+
+def test_merge_script_entry_point(env):
+    d, base, a1, _ = env
+    out = d / "script.pth"
+    r = subprocess.run([sys.executable, str(ROOT / "merge.py"), "--base", str(base), "--adapter", str(a1), "--out",
+                        str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert out.is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit 1, no output (and no temp file) left behind
+
+
+def _corrupt(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _bad_cases(d: Path, base: Path, a1: Path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    cases = {}
+    other = write_checkpoint(d / "other.pth", random_rwkv4_state_dict(*SHAPE, seed=99))
+    cases["other base"] = (["--base", other, "--adapter", a1], "made for another base")
+    wide = write_checkpoint(d / "wide.pth", random_rwkv4_state_dict(2, 32, 128, seed=1))
+    cases["shape mismatch"] = (["--base", wide, "--adapter", a1, "--force"], "made for another base")
+    bad = d / "bad-trunc"
+    shutil.copytree(a1, bad, dirs_exist_ok=True)
+    _corrupt(bad / "adapter_model.safetensors")
+    cases["truncated adapter"] = (["--base", base, "--adapter", bad], "corrupted or truncated")
+    packed = pack_adapter(a1, d / "trunc.safetensors")
+    _corrupt(packed)
+    cases["truncated packed"] = (["--base", base, "--adapter", packed], "adapter")
+    unk = d / "bad-unknown"
+    shutil.copytree(a1, unk, dirs_exist_ok=True)
+    t = load_file(str(unk / "adapter_model.safetensors"))
+    t = {k.replace("blocks.1.", "blocks.7."): v for k, v in t.items()}
+    save_file(t, str(unk / "adapter_model.safetensors"))
+    cases["unknown target"] = (["--base", base, "--adapter", unk], "unknown target")
+    rank = d / "bad-rank"
+    shutil.copytree(a1, rank, dirs_exist_ok=True)
+    t = load_file(str(rank / "adapter_model.safetensors"))
+    k = next(k for k in t if "lora_B" in k)
+    t[k] = t[k][:, :-1].contiguous()
+    save_file(t, str(rank / "adapter_model.safetensors"))
+    cases["rank mismatch"] = (["--base", base, "--adapter", rank], "rank mismatch")
+    cases["missing base"] = (["--base", d / "nope.pth", "--adapter", a1], "no such")
+    cases["missing adapter"] = (["--base", base, "--adapter", d / "nope"], "no such adapter")
+    return cases
+
+
+def test_bad_inputs(env, capsys):
+    d, base, a1, _ = env
+    bad_dir = d / "bad"
+    bad_dir.mkdir()
+    for name, (args, needle) in _bad_cases(d, base, a1).items():
+        out = bad_dir / f"{name.replace(' ', '_')}.pth"
+        rc = cli.main(["merge", *map(str, args), "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1, name
+        assert len(err.splitlines()) == 1 and needle in err, (name, err)
+        assert not out.exists() and no_temp_files(bad_dir), name
+    # the fingerprint mismatch is allowed with --force
+    other = d / "other.pth"
+    assert cli.main(["merge", "--base", str(other), "--adapter", str(a1), "--out", str(bad_dir / "f.pth"),
+                     "--force"]) == 0
+    # and plugging in refuses it the same way
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(FinetuneError, match="made for another base"):
+        load_model(other, adapters=[a1])
+
+
+def test_pickles_are_never_loaded(env, capsys):
+    d, base, _, _ = env
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(d / "pwned"),))
+
+    torch.save({"blocks.0.att.key.lora_A": Evil()}, d / "evil.pth")
+    rc = cli.main(["import-lora", str(d / "evil.pth"), "--alpha", "8", "--base", str(base), "--out",
+                   str(d / "evil-out")])
+    assert rc == 1 and not (d / "pwned").exists() and not (d / "evil-out").exists()
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
