@@ -239,8 +239,8 @@ def _callback_class():
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             step = trainer.global_step
-            if step == self.run.last_logged or not pl_module.step_losses:
-                return  # still accumulating
+            if step <= max(self.run.last_logged, 0) or not pl_module.step_losses:
+                return  # still accumulating (no optimizer step since the last one logged)
             self.run.last_logged = step
             cfg = self.run.cfg
             loss = sum(pl_module.step_losses) / len(pl_module.step_losses)
