@@ -9,6 +9,11 @@ An adapter directory (what training writes to OUT_DIR/final/ and OUT_DIR/step-N/
     rwkv_lora.json               our metadata: format, kind, base (fingerprint, n_layer, n_embd, vocab_size,
                                  dim_ffn), tokenizer, r, alpha, dropout, use_rslora, scaling, parts, train, recipe
 
+A state adapter (kind "state", from `train_type: state`) holds instead:
+
+    state.safetensors            `state` [n_layer, 5, C] float32: the learned start state (RWKV.initial_state)
+    rwkv_lora.json               format, version, kind "state", base, tokenizer, recipe
+
 Merging and plug-in read `rwkv_lora.json` and never ask the user for alpha.
 """
 
@@ -31,6 +36,7 @@ ADAPTER_META = "rwkv_lora.json"
 TRAINED_TENSORS = "trained_tensors.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
+STATE_TENSORS = "state.safetensors"
 FORMAT = "rwkv-lora-adapter"
 FORMAT_VERSION = 1
 
@@ -170,6 +176,12 @@ class Adapter:
     """module name (blocks.N.att.key) -> (A [r, in], B [out, r]), float32."""
     full: dict[str, torch.Tensor] = field(default_factory=dict)
     """checkpoint name -> tensor trained in full (replaces the base tensor), float32."""
+    state: torch.Tensor | None = None
+    """kind "state": the learned start state [n_layer, 5, C], float32."""
+
+    @property
+    def kind(self) -> str:
+        return str(self.meta.get("kind", "lora"))
 
     @property
     def scaling(self) -> float:
@@ -205,6 +217,8 @@ def read_adapter(path: str | Path) -> Adapter:
         raise FinetuneError(f"{path / ADAPTER_META}: unreadable adapter metadata ({e})") from None
     if meta.get("format") != FORMAT:
         raise FinetuneError(f"{path / ADAPTER_META}: not an rwkv-lora adapter (format {meta.get('format')!r})")
+    if meta.get("kind") == "state":
+        return Adapter(path=path, meta=meta, state=_read_state(path / STATE_TENSORS, meta))
     lora: dict[str, list] = {}
     weights = path / PEFT_WEIGHTS
     if weights.exists():
@@ -235,10 +249,66 @@ def read_adapter(path: str | Path) -> Adapter:
     return Adapter(path=path, meta=meta, lora=pairs, full=full)
 
 
+def save_state_adapter(state: torch.Tensor, out_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """Write a state adapter directory (state.safetensors + rwkv_lora.json), atomically."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file({"state": state.detach().float().cpu().contiguous()}, str(tmp / STATE_TENSORS))
+        meta = dict(meta)
+        meta.update(format=FORMAT, version=FORMAT_VERSION, kind="state", state_shape=list(state.shape))
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _read_state(path: Path, meta: dict[str, Any]) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FinetuneError(f"{path}: missing (a state adapter keeps its start state there)")
+    try:
+        state = load_file(str(path)).get("state")
+    except Exception as e:
+        raise FinetuneError(f"{path}: corrupted or truncated ({_first_line(e)})") from None
+    return _check_state(state, path)
+
+
+def _check_state(state: torch.Tensor | None, where: Path) -> torch.Tensor:
+    if state is None or state.dim() != 3 or state.shape[1] != 5:
+        got = "nothing" if state is None else tuple(state.shape)
+        raise FinetuneError(f"{where}: the start state must be a [n_layer, 5, C] tensor named state, got {got}")
+    return state.float()
+
+
 def describe_adapter(path: str | Path) -> str:
     a = read_adapter(path)
     m = a.meta
     base = m.get("base", {})
+    if a.kind == "state":
+        n_layer, _, C = a.state.shape
+        return "\n".join([
+            f"file:        {path}",
+            f"kind:        state adapter (rwkv-lora format {m.get('version')}, "
+            f"{'packed file' if Path(path).is_file() else 'directory'}): a learned start state",
+            f"state:       {n_layer} layers x 5 x {C} ({a.state.numel():,} numbers)",
+            f"base:        {base.get('n_layer')} x {base.get('n_embd')}, vocab {base.get('vocab_size')}, "
+            f"fingerprint {base.get('fingerprint')}",
+            f"tokenizer:   {m.get('tokenizer')}",
+        ])
     return "\n".join([
         f"file:        {path}",
         f"kind:        {m.get('kind', 'lora')} adapter (rwkv-lora format {m.get('version')}, "
@@ -313,6 +383,8 @@ def pack_adapter(src: str | Path, out: str | Path) -> Path:
         tensors[f"lora.{module}.B"] = B.contiguous()
     for name, t in sorted(a.full.items()):
         tensors[f"full.{name}"] = t.contiguous()
+    if a.state is not None:
+        tensors["state"] = a.state.contiguous()
     meta = {k: json.dumps(v, default=str) for k, v in a.meta.items() if k not in ("format",)}
     meta.update(format=FORMAT, packed="1", rwkv_lora=json.dumps(a.meta, default=str))
     _atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -350,11 +422,14 @@ def _read_packed(path: Path) -> Adapter:
         raise FinetuneError(f"{path}: unreadable adapter metadata ({e})") from None
     lora: dict[str, list] = {}
     full: dict[str, torch.Tensor] = {}
+    state = None
     try:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 t = f.get_tensor(key).float()
-                if key.startswith("full."):
+                if key == "state" and meta.get("kind") == "state":
+                    state = t
+                elif key.startswith("full."):
                     full[key[5:]] = t
                 elif key.startswith("lora.") and key.endswith((".A", ".B")):
                     lora.setdefault(key[5:-2], [None, None])[0 if key.endswith(".A") else 1] = t
@@ -364,6 +439,8 @@ def _read_packed(path: Path) -> Adapter:
         raise
     except Exception as e:
         raise FinetuneError(f"{path}: corrupted or truncated adapter file ({_first_line(e)})") from None
+    if meta.get("kind") == "state":
+        return Adapter(path=path, meta=meta, state=_check_state(state, path))
     return Adapter(path=path, meta=meta, lora=_check_pairs(lora, path), full=full)
 
 
@@ -460,6 +537,12 @@ def check_adapter(adapter: Adapter, shapes: dict[str, tuple[int, ...]], base_fin
         if tuple(t.shape) != tuple(shapes[key]):
             raise FinetuneError(f"adapter {name} was made for another base: {key} is {tuple(t.shape)} in the "
                                 f"adapter but {tuple(shapes[key])} in {base_name}")
+    if adapter.state is not None:
+        n_layer = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")), default=-1)
+        C = shapes.get("emb.weight", (0, 0))[1]
+        if tuple(adapter.state.shape) != (n_layer, 5, C):
+            raise FinetuneError(f"adapter {name} was made for another base: its start state is "
+                                f"{tuple(adapter.state.shape)}, {base_name} needs {(n_layer, 5, C)}")
     recorded = (adapter.meta.get("base") or {}).get("fingerprint")
     if recorded and base_fingerprint and recorded != base_fingerprint and not force:
         raise FinetuneError(f"adapter {name} was made for another base (fingerprint {recorded}, {base_name} has "
@@ -516,8 +599,18 @@ def attach_adapters(model: nn.Module, adapters: Iterable, force: bool = False) -
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     for a, _ in read:
         check_adapter(a, shapes, base_fp, force=force)
+    states = [(a, w) for a, w in read if a.state is not None]
+    if len(states) > 1:
+        raise FinetuneError(f"adapters {states[0][0].path} and {states[1][0].path} are both state adapters; a model "
+                            f"has one start state")
+    if states and states[0][1] != 1.0:
+        raise FinetuneError(f"adapter {states[0][0].path}: a state adapter takes no weight (it replaces the start "
+                            f"state)")
     with torch.no_grad():
         for a, w in read:
+            if a.state is not None:
+                model.initial_state = a.state.to(model.emb.weight.device, torch.float32).clone()
+                continue
             for key, t in a.full.items():
                 p = model.get_parameter(key)
                 new = p.float() + w * (t.to(p.device) - p.float())

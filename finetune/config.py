@@ -23,6 +23,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 LOGGERS = ("csv", "wandb", "none")
 METHODS = ("lora", "full")
 SAMPLINGS = ("random", "magic_prime")
+TRAIN_TYPES = ("window", "infctx", "state")
+STRATEGIES = ("auto", "ddp", "deepspeed_stage_2",
+              "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload")
 
 
 @dataclass
@@ -61,6 +64,13 @@ class TrainConfig:
     method: str = "lora"
     """`lora` (train LoRA + the `lora.train` groups; saves adapters) or `full` (train every weight; saves full
     checkpoints `step-N/model.pth`, `final/model.pth`)."""
+    train_type: str = "window"
+    """`window` (each window in one forward pass), `infctx` (long windows run `chunk_len` tokens at a time with the
+    RNN state carried and gradients through it; memory flat in ctx_len, same loss), or `state` (state tuning: train
+    only the start state of every layer, everything else frozen, no LoRA; saves a `state` adapter)."""
+    chunk_len: int = 512
+    """Tokens per chunk for train_type infctx (and state, when ctx_len is longer): activations of one chunk are
+    alive at a time."""
     max_steps: int = 100
     """Number of optimizer steps."""
     ctx_len: int = 256
@@ -112,7 +122,10 @@ class TrainConfig:
     devices: Any = 1
     """Lightning devices: a count, a list of ids, or `auto`."""
     strategy: str = "auto"
-    """Lightning strategy: `auto`, `ddp`, `deepspeed_stage_2`, ... (passed through)."""
+    """Lightning strategy: `auto`, `ddp`, `deepspeed_stage_2`, `deepspeed_stage_2_offload`,
+    `deepspeed_stage_3`, `deepspeed_stage_3_offload` (DeepSpeed: CUDA and `pip install deepspeed` needed)."""
+    num_nodes: int = 1
+    """Machines in the run (Lightning num_nodes); launch one process per device with torchrun (see docs/scaling.md)."""
     num_workers: int = 0
     """DataLoader worker processes (0: load in the main process; windows are cheap memory-mapped slices)."""
     resume: bool = False
@@ -286,6 +299,13 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     for name in ("max_steps", "ctx_len", "micro_bsz", "grad_accum"):
         v = getattr(cfg, name)
         _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name}: must be a positive integer, got {v!r}")
+    for name in ("chunk_len", "num_nodes"):
+        v = getattr(cfg, name)
+        _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name}: must be a positive integer, got {v!r}")
+    _require(cfg.train_type in TRAIN_TYPES, f"train_type: {cfg.train_type!r} is not one of {', '.join(TRAIN_TYPES)}")
+    _require(cfg.strategy in STRATEGIES, f"strategy: {cfg.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    _require(not (cfg.train_type == "state" and cfg.method == "full"),
+             "train_type: state trains only the start state; it cannot be combined with method: full")
     for name in ("warmup_steps", "save_every", "val_every", "val_samples", "num_workers", "seed"):
         v = getattr(cfg, name)
         _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0,

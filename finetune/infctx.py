@@ -65,3 +65,17 @@ class StateTune(nn.Module):
 
     def batch(self, batch: int) -> torch.Tensor:
         return self().unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+class StateTuned(nn.Module):
+    """An RWKV (frozen) that starts from a `StateTune`'s learned state: what `train_type: state` trains."""
+
+    def __init__(self, model: nn.Module, tune: StateTune) -> None:
+        super().__init__()
+        self.model = model
+        self.tune = tune
+
+    def forward(self, idx: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
+        if state is None:
+            state = self.tune.batch(idx.shape[0]).to(idx.device)
+        return self.model(idx, state, return_state=return_state)

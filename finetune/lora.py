@@ -65,16 +65,18 @@ class StepBatchSampler(torch.utils.data.Sampler):
     """Micro-batch b on rank r holds windows (b * world + r) * micro_bsz + i; iteration starts at the micro-batch of
     the current optimizer step (`start()`), so a restored run picks up the data where it stopped."""
 
-    def __init__(self, num_batches: int, micro_bsz: int, start, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, num_batches: int, micro_bsz: int, start, rank=0, world=1) -> None:
         self.num_batches, self.micro_bsz, self.start = num_batches, micro_bsz, start
-        self.rank, self.world = rank, world
+        self.rank, self.world = rank, world  # ints, or callables read when iteration starts (after the launch)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self):
+        rank = self.rank() if callable(self.rank) else self.rank
+        world = self.world() if callable(self.world) else self.world
         for b in range(self.start(), self.num_batches):
-            first = (b * self.world + self.rank) * self.micro_bsz
+            first = (b * world + rank) * self.micro_bsz
             yield list(range(first, first + self.micro_bsz))
 
 
@@ -93,6 +95,23 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor
     """Next-token cross-entropy over the unmasked targets: sum(mask * ce) / max(sum(mask), 1)."""
     total, count = masked_ce(logits, targets, loss_mask)
     return total / count.clamp(min=1.0)
+
+
+def chunked(cfg: TrainConfig, ids: torch.Tensor) -> bool:
+    return cfg.train_type == "infctx" or (cfg.train_type == "state" and ids.shape[1] > cfg.chunk_len)
+
+
+def window_totals(model, batch, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of mask * cross-entropy, sum of mask) for a batch, in one pass or chunk by chunk (train_type infctx, or
+    state with windows longer than chunk_len)."""
+    ids, targets, mask = batch["input_ids"], batch["targets"], batch["loss_mask"]
+    if chunked(cfg, ids):
+        from finetune.infctx import chunked_loss
+
+        count = mask.float().sum()
+        mean = chunked_loss(model, ids, targets, mask, cfg.chunk_len, checkpoint_chunks=torch.is_grad_enabled())
+        return mean * count.clamp(min=1.0), count
+    return masked_ce(model(ids), targets, mask)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -140,8 +159,11 @@ def _lit_module_class():
             return self.model(idx)
 
         def training_step(self, batch, batch_idx):
-            logits = self.model(batch["input_ids"])
-            loss = lm_loss(logits, batch["targets"], batch["loss_mask"])
+            if chunked(self.cfg, batch["input_ids"]):
+                total, count = window_totals(self.model, batch, self.cfg)
+                loss = total / count.clamp(min=1.0)
+            else:
+                loss = lm_loss(self.model(batch["input_ids"]), batch["targets"], batch["loss_mask"])
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"loss is {loss.item()} at step {self.trainer.global_step + 1}")
             self.step_losses.append(loss.detach().item())
@@ -154,8 +176,7 @@ def _lit_module_class():
                         raise NonFiniteLoss(f"non-finite gradient at step {self.trainer.global_step + 1}")
 
         def validation_step(self, batch, batch_idx):
-            logits = self.model(batch["input_ids"])
-            total, count = masked_ce(logits, batch["targets"], batch["loss_mask"])
+            total, count = window_totals(self.model, batch, self.cfg)
             self._val[0] += total.item()
             self._val[1] += count.item()
 
@@ -218,8 +239,8 @@ def _callback_class():
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             step = trainer.global_step
-            if step == self.run.last_logged or not pl_module.step_losses:
-                return  # still accumulating
+            if step <= max(self.run.last_logged, 0) or not pl_module.step_losses:
+                return  # still accumulating (no optimizer step since the last one logged)
             self.run.last_logged = step
             cfg = self.run.cfg
             loss = sum(pl_module.step_losses) / len(pl_module.step_losses)
@@ -264,28 +285,66 @@ class Run:
     resume_from: Path | None
     last_logged: int = -1
     results: dict[str, Any] = field(default_factory=dict)
-    is_zero: bool = True
+    trainer: Any = None
+    tune: Any = None  # the StateTune (train_type state)
+
+    @property
+    def is_zero(self) -> bool:
+        """Global rank 0 (read from the trainer once launched: before `fit` every process thinks it is rank 0)."""
+        return self.trainer.is_global_zero if self.trainer is not None else _env_rank_zero()
+
+    def saved_params(self) -> list[torch.nn.Parameter]:
+        """What a save reads: the trained tensors, or every weight for method full."""
+        if self.cfg.method == "full":
+            return list(self.base.parameters())
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def save_weights(self, name: str) -> Path:
-        """An adapter directory (lora) or a full checkpoint (full) under out_dir/name; rank 0 only."""
-        if not self.is_zero:
-            return self.out_dir / name
-        if self.cfg.method == "full":
-            from finetune.checkpoint import save_checkpoint
+        """An adapter directory (lora, state) or a full checkpoint (full) under out_dir/name, the same whatever the
+        strategy: sharded (ZeRO-3) tensors are gathered first (every rank takes part), then rank 0 writes."""
+        from finetune.distributed import gathered
 
-            path = self.out_dir / name / "model.pth"
-            save_checkpoint(self.base, path)
-            return path
-        from finetune.adapters import save_adapter
+        with gathered(self.saved_params()):
+            if not self.is_zero:
+                return self.out_dir / name
+            if self.cfg.train_type == "state":
+                from finetune.adapters import save_state_adapter
 
-        return save_adapter(self.model, self.out_dir / name, self.meta)
+                return save_state_adapter(self.tune().detach(), self.out_dir / name, self.meta)
+            if self.cfg.method == "full":
+                from finetune.checkpoint import save_checkpoint
+
+                path = self.out_dir / name / "model.pth"
+                save_checkpoint(self.base, path)
+                return path
+            from finetune.adapters import save_adapter
+
+            return save_adapter(self.model, self.out_dir / name, self.meta)
 
     def save_resumable(self, trainer) -> None:
         """out_dir/last.ckpt, atomically: written under a temporary name, then renamed."""
         tmp = self.out_dir / f".{LAST_CKPT}.tmp"
-        trainer.save_checkpoint(str(tmp))
+        trainer.save_checkpoint(str(tmp))  # DeepSpeed writes a directory here (its own sharded layout)
         if trainer.is_global_zero:
-            os.replace(tmp, self.out_dir / LAST_CKPT)
+            dest = self.out_dir / LAST_CKPT
+            if tmp.is_dir() or dest.is_dir():
+                import shutil
+
+                old = self.out_dir / f".{LAST_CKPT}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                if dest.exists():
+                    os.replace(dest, old)
+                os.replace(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dest)
+
+
+def _env_rank_zero() -> bool:
+    """Rank 0 as the launcher's environment says (torchrun / Lightning set RANK or NODE_RANK + LOCAL_RANK)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
 def base_precision_dtype(precision: str) -> torch.dtype:
@@ -336,11 +395,11 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     out_dir = Path(cfg.out_dir)
     resume_from = None
     if cfg.resume:
-        if not (out_dir / LAST_CKPT).is_file():
+        if not (out_dir / LAST_CKPT).exists():  # a file, or a directory under DeepSpeed
             raise FinetuneError(f"{out_dir / LAST_CKPT}: nothing to resume (no checkpoint in out_dir; was save_every "
                                 f"set?)")
         resume_from = out_dir / LAST_CKPT
-    elif (out_dir / LAST_CKPT).is_file():
+    elif (out_dir / LAST_CKPT).exists():
         raise FinetuneError(f"{out_dir}: holds a run already (last.ckpt); pass --resume true to continue it or "
                             f"choose another out_dir")
     if cfg.logger == "wandb":
@@ -349,6 +408,9 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
         except ImportError:
             raise FinetuneError("logger: wandb needs the wandb package (pip install 'rwkv-lora[wandb]'), or use "
                                 "logger: csv") from None
+    from finetune.distributed import lightning_strategy
+
+    lightning_strategy(cfg)  # DeepSpeed without deepspeed or CUDA: one line now, not a traceback later
     if cfg.val_data is None and cfg.val_every:
         raise FinetuneError("val_every: set, but val_data is null")
 
@@ -382,7 +444,16 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     del sd
     base.cast(torch.float32 if cfg.method == "full" else base_precision_dtype(cfg.precision))
     base.gradient_checkpointing = cfg.grad_checkpoint
-    if cfg.method == "full":
+    tune = None
+    if cfg.train_type == "state":
+        from finetune.infctx import StateTune, StateTuned
+
+        for p in base.parameters():
+            p.requires_grad_(False)
+        tune = StateTune(mcfg.n_layer, mcfg.n_embd)
+        model = StateTuned(base, tune)
+        meta = {"base": base_info, "tokenizer": meta["tokenizer"], "kind": "state", "recipe": cfg.to_dict()}
+    elif cfg.method == "full":
         for p in base.parameters():
             p.requires_grad_(True)
         model = base
@@ -399,17 +470,19 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
                 p.data = p.data.float()
     model.train()
     # the run's windows: micro_bsz * grad_accum * devices per step (devices: upper bound before Lightning says)
-    n_windows = cfg.max_steps * cfg.grad_accum * cfg.micro_bsz * _device_count(cfg.devices)
+    n_windows = cfg.max_steps * cfg.grad_accum * cfg.micro_bsz * _device_count(cfg.devices) * cfg.num_nodes
     train_ds = window_dataset(train_corpus, cfg.ctx_len, cfg.sampling, cfg.seed, n_windows)
     val_ds = (window_dataset(val_corpus, cfg.ctx_len, "random", cfg.seed + 1, cfg.val_samples)
               if val_corpus is not None else None)
     run = Run(cfg=cfg, model=model, base=base, meta=meta, train_data=train_ds, val_data=val_ds, out_dir=out_dir,
-              resume_from=resume_from)
+              resume_from=resume_from, tune=tune)
     if not quiet:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         print(f"model: RWKV-4 {mcfg.n_layer} x {mcfg.n_embd}, vocab {mcfg.vocab_size} ({cfg.model}); training "
-              f"{n_train:,} of {n_all:,} parameters ({100 * n_train / n_all:.2f}%, {cfg.method})")
+              f"{n_train:,} of {n_all:,} parameters ({100 * n_train / n_all:.2f}%, "
+              f"{'state tuning' if cfg.train_type == 'state' else cfg.method}"
+              f"{', infctx chunks of ' + str(cfg.chunk_len) if cfg.train_type == 'infctx' else ''})")
         print(f"data: {train_corpus.num_tokens:,} tokens ({cfg.data}); {cfg.max_steps} steps x "
               f"{cfg.micro_bsz * cfg.grad_accum} x {cfg.ctx_len} tokens"
               + (f"; resuming from {resume_from}" if resume_from else ""))
@@ -493,6 +566,8 @@ def fit(run: Run, stop_after: int | None = None, quiet: bool = False):
     """Build the Trainer and run the loop. Returns the callback (its `history` holds step -> train loss)."""
     import pytorch_lightning as pl
 
+    from finetune.distributed import lightning_strategy
+
     cfg = run.cfg
     _quiet_lightning()
     lit = _lit_module_class()(run.model, cfg)
@@ -501,7 +576,7 @@ def fit(run: Run, stop_after: int | None = None, quiet: bool = False):
     loggers = _loggers(cfg, run.out_dir)
     val_interval = (cfg.val_every if cfg.val_every else cfg.max_steps) * cfg.grad_accum
     trainer = pl.Trainer(
-        accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+        accelerator=cfg.accelerator, devices=cfg.devices, strategy=lightning_strategy(cfg), num_nodes=cfg.num_nodes,
         precision=cfg.precision if cfg.precision != "32" else "32-true",
         max_steps=cfg.max_steps, max_epochs=-1, accumulate_grad_batches=cfg.grad_accum,
         gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm",
@@ -512,10 +587,10 @@ def fit(run: Run, stop_after: int | None = None, quiet: bool = False):
         use_distributed_sampler=False, deterministic="warn", default_root_dir=str(run.out_dir),
         enable_model_summary=False,
     )
-    run.is_zero = trainer.is_global_zero
+    run.trainer = trainer
     num_batches = cfg.max_steps * cfg.grad_accum
     sampler = StepBatchSampler(num_batches, cfg.micro_bsz, start=lambda: trainer.global_step * cfg.grad_accum,
-                               rank=trainer.global_rank, world=trainer.world_size)
+                               rank=lambda: trainer.global_rank, world=lambda: trainer.world_size)
     if num_batches * cfg.micro_bsz * trainer.world_size > len(run.train_data):
         run.train_data.epoch_steps = num_batches * cfg.micro_bsz * trainer.world_size
     train_loader = torch.utils.data.DataLoader(run.train_data, batch_sampler=sampler, num_workers=cfg.num_workers)
@@ -524,9 +599,8 @@ def fit(run: Run, stop_after: int | None = None, quiet: bool = False):
         val_loader = torch.utils.data.DataLoader(run.val_data, batch_size=cfg.micro_bsz, shuffle=False)
     run.out_dir.mkdir(parents=True, exist_ok=True)
     if run.resume_from is not None:
-        state = torch.load(str(run.resume_from), map_location="cpu", weights_only=True)
-        step = int(state.get("global_step", 0))
-        if trainer.is_global_zero:
+        step = checkpoint_step(run.resume_from)
+        if _env_rank_zero():
             _carry_metrics(loggers, run.out_dir / "metrics.csv", step)
         run.last_logged = step
         if not quiet:
@@ -535,15 +609,28 @@ def fit(run: Run, stop_after: int | None = None, quiet: bool = False):
         (run.out_dir / "metrics.csv").unlink(missing_ok=True)
         if val_loader is not None:  # the loss before any training, for the curve and the summary
             run.results["val_loss_start"] = evaluate(run.model, val_loader, cfg)
-            if trainer.is_global_zero:
+            if _env_rank_zero():
                 log_metrics(trainer, {"val_loss": run.results["val_loss_start"]}, 0)
-    run.trainer = trainer
     run.lit = lit
     trainer.fit(lit, train_dataloaders=train_loader, val_dataloaders=val_loader,
                 ckpt_path=str(run.resume_from) if run.resume_from else None,
                 weights_only=True)
     run.results["val_loss"] = getattr(lit, "last_val_loss", None)
     return callback
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a resumable checkpoint was taken at: a Lightning file (single device, DDP), or DeepSpeed's
+    directory (read from its model-states file; 0 when that cannot be read, which only affects metrics.csv)."""
+    path = Path(path)
+    if path.is_dir():
+        for f in sorted(path.rglob("*model_states.pt")):
+            try:
+                return int(torch.load(str(f), map_location="cpu", weights_only=False).get("global_step", 0))
+            except Exception:
+                return 0
+        return 0
+    return int(torch.load(str(path), map_location="cpu", weights_only=True).get("global_step", 0))
 
 
 @torch.no_grad()
@@ -555,8 +642,7 @@ def evaluate(model, loader, cfg: TrainConfig) -> float:
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         for batch in loader:
-            logits = model(batch["input_ids"].to(device))
-            t, c = masked_ce(logits, batch["targets"].to(logits.device), batch["loss_mask"].to(logits.device))
+            t, c = window_totals(model, {k: v.to(device) for k, v in batch.items()}, cfg)
             total += t.item()
             count += c.item()
     model.train(was)

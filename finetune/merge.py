@@ -137,6 +137,9 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
     specs = [parse_adapter_spec(s) for s in adapters]
     loaded = [(read_adapter(p), w) for p, w in specs]
     for a, _ in loaded:
+        if a.state is not None:
+            raise FinetuneError(f"adapter {a.path}: a state adapter is a start state, not a weight change; it cannot "
+                                f"be merged (plug it in with --adapter when generating)")
         check_adapter(a, b.shapes, b.fingerprint, force=force, base_name=str(b.path))
     if out.resolve() == b.path.resolve():
         raise FinetuneError(f"{out}: the output would overwrite the base checkpoint")
@@ -443,6 +446,8 @@ def export_rwkv_lm_lora(adapter: str | Path, out: str | Path) -> dict[str, Any]:
     from finetune.adapters import read_adapter
 
     a = read_adapter(adapter)
+    if a.state is not None:
+        raise FinetuneError(f"adapter {adapter}: a state adapter has no LoRA weights to export")
     sd: dict[str, torch.Tensor] = {}
     for module, (A, B) in sorted(a.lora.items()):
         sd[f"{module}.lora_A"] = A.contiguous()
