@@ -12,8 +12,6 @@ Writes bench/RESULTS-merge.md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import time

@@ -20,9 +20,6 @@ Merging and plug-in read `rwkv_lora.json` and never ask the user for alpha.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,6 +27,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from finetune.atomic import atomic_dir, atomic_file
 from finetune.errors import FinetuneError
 
 ADAPTER_META = "rwkv_lora.json"
@@ -133,9 +131,7 @@ def save_adapter(peft_model: nn.Module, out_dir: str | Path, meta: dict[str, Any
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
         full = trained_full_tensors(peft_model, meta.get("train", ()))
         if full:
@@ -147,17 +143,6 @@ def save_adapter(peft_model: nn.Module, out_dir: str | Path, meta: dict[str, Any
                     scaling=lora_scaling(cfg.r, cfg.lora_alpha, bool(cfg.use_rslora)),
                     trained_tensors=sorted(full))
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -254,24 +239,11 @@ def save_state_adapter(state: torch.Tensor, out_dir: str | Path, meta: dict[str,
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file({"state": state.detach().float().cpu().contiguous()}, str(tmp / STATE_TENSORS))
         meta = dict(meta)
         meta.update(format=FORMAT, version=FORMAT_VERSION, kind="state", state_shape=list(state.shape))
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -387,21 +359,9 @@ def pack_adapter(src: str | Path, out: str | Path) -> Path:
         tensors["state"] = a.state.contiguous()
     meta = {k: json.dumps(v, default=str) for k, v in a.meta.items() if k not in ("format",)}
     meta.update(format=FORMAT, packed="1", rwkv_lora=json.dumps(a.meta, default=str))
-    _atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    with atomic_file(out) as tmp:
+        save_file(tensors, tmp, metadata=meta)
     return out
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) then rename the temp file onto `path`; nothing is left behind on error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_packed(path: Path) -> Adapter:
@@ -463,11 +423,9 @@ def write_adapter_dir(out_dir: str | Path, meta: dict[str, Any], lora: dict[str,
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     r, alpha = int(meta["r"]), float(meta["alpha"])
     use_rslora = bool(meta.get("use_rslora", False))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         if lora:
             cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(lora), use_rslora=use_rslora, bias="none")
             cfg.save_pretrained(str(tmp))
@@ -482,17 +440,6 @@ def write_adapter_dir(out_dir: str | Path, meta: dict[str, Any], lora: dict[str,
         meta.update(format=FORMAT, version=FORMAT_VERSION, kind=meta.get("kind", "lora"), r=r, alpha=alpha,
                     use_rslora=use_rslora, scaling=lora_scaling(r, alpha, use_rslora), trained_tensors=sorted(full))
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

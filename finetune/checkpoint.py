@@ -8,13 +8,12 @@ safetensors, and written back in the same layout: never after an inference loade
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from finetune.atomic import atomic_file
 from finetune.errors import FinetuneError
 from finetune.model import RWKVConfig
 
@@ -162,20 +161,13 @@ def save_checkpoint(model_or_state_dict, path: str | Path) -> Path:
     """Write a BlinkDL-layout `.pth` (or `.safetensors` by suffix) atomically: a temp file renamed into place."""
     sd = model_or_state_dict if isinstance(model_or_state_dict, dict) else model_state_dict(model_or_state_dict)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata={"format": "pt"})
         else:
             torch.save(sd, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

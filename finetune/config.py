@@ -310,7 +310,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         v = getattr(cfg, name)
         _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                  f"{name}: must be a non-negative integer, got {v!r}")
-    _require(isinstance(cfg.log_every, int) and cfg.log_every >= 1, f"log_every: must be a positive integer")
+    _require(isinstance(cfg.log_every, int) and cfg.log_every >= 1, "log_every: must be a positive integer")
     for name in ("lr", "lr_final", "weight_decay", "eps", "grad_clip"):
         v = getattr(cfg, name)
         if isinstance(v, str):
@@ -334,12 +334,12 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     _require(cfg.method in METHODS, f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
     _require(cfg.sampling in SAMPLINGS, f"sampling: {cfg.sampling!r} is not one of {', '.join(SAMPLINGS)}")
     _require(isinstance(cfg.resume, bool), f"resume: must be true or false, got {cfg.resume!r}")
-    _require(isinstance(cfg.grad_checkpoint, bool), f"grad_checkpoint: must be true or false")
+    _require(isinstance(cfg.grad_checkpoint, bool), "grad_checkpoint: must be true or false")
     lo = cfg.lora
     _require(isinstance(lo.r, int) and lo.r >= 1, f"lora.r: must be a positive integer, got {lo.r!r}")
-    _require(isinstance(lo.alpha, (int, float)) and lo.alpha > 0, f"lora.alpha: must be a positive number")
+    _require(isinstance(lo.alpha, (int, float)) and lo.alpha > 0, "lora.alpha: must be a positive number")
     lo.alpha = float(lo.alpha)
-    _require(isinstance(lo.dropout, (int, float)) and 0 <= lo.dropout < 1, f"lora.dropout: must be in [0, 1)")
+    _require(isinstance(lo.dropout, (int, float)) and 0 <= lo.dropout < 1, "lora.dropout: must be in [0, 1)")
     lo.parts = _as_list(lo.parts)
     lo.train = _as_list(lo.train)
     bad = [p for p in lo.parts if p not in ("att", "ffn")]

@@ -328,14 +328,9 @@ class Run:
         if trainer.is_global_zero:
             dest = self.out_dir / LAST_CKPT
             if tmp.is_dir() or dest.is_dir():
-                import shutil
+                from finetune.atomic import replace_dir
 
-                old = self.out_dir / f".{LAST_CKPT}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                if dest.exists():
-                    os.replace(dest, old)
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
+                replace_dir(tmp, dest)
             else:
                 os.replace(tmp, dest)
 

@@ -28,13 +28,13 @@ import os
 import pickle
 import shutil
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from finetune.atomic import atomic_dir, atomic_file
 from finetune.errors import FinetuneError
 
 FORMATS = ("pth", "safetensors", "hf")
@@ -180,12 +180,17 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
 
     plan = [(k, b.shapes[k], out_dtype or b.dtypes[k]) for k in b.names]
     if fmt == "pth":
-        _atomic_file(out, lambda tmp: write_pth_streaming(tmp, plan, produce))
+        with atomic_file(out) as tmp:
+            write_pth_streaming(tmp, plan, produce)
     elif fmt == "safetensors":
-        _atomic_file(out, lambda tmp: write_safetensors_streaming(tmp, plan, produce))
+        with atomic_file(out) as tmp:
+            write_safetensors_streaming(tmp, plan, produce)
     else:
         tokenizer = next((a.meta.get("tokenizer") for a, _ in loaded if a.meta.get("tokenizer")), None)
-        _atomic_dir(out, lambda tmp: write_hf_dir(tmp, b, plan, produce, tokenizer, log))
+        if out.exists() and not out.is_dir():
+            raise FinetuneError(f"{out}: exists and is not a directory (the hf format writes a directory)")
+        with atomic_dir(out) as tmp:
+            write_hf_dir(tmp, b, plan, produce, tokenizer, log)
     summary = {"out": str(out), "format": fmt, "tensors_changed": len(todo), "tensors": len(plan),
                "dtype": str(out_dtype or "as base").replace("torch.", ""), "seconds": time.perf_counter() - t0,
                "adapters": [(str(a.path), w) for a, w in loaded]}
@@ -347,38 +352,6 @@ def write_hf_dir(tmp: Path, base: LazyBase, plan, produce, tokenizer: str | None
         log(f"note: tokenizer {tokenizer!r} is not a tokenizer.json file; none copied into the HF directory")
 
 
-def _atomic_file(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_dir(path: Path, write: Callable[[Path], None]) -> None:
-    if path.exists() and not path.is_dir():
-        raise FinetuneError(f"{path}: exists and is not a directory (the hf format writes a directory)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # RWKV-LM-LoRA interop
 
@@ -456,7 +429,8 @@ def export_rwkv_lm_lora(adapter: str | Path, out: str | Path) -> dict[str, Any]:
         sd[name] = t.contiguous()
     r = next(iter(a.lora.values()))[0].shape[0] if a.lora else int(a.meta.get("r", 1))
     alpha = a.scaling * r
-    _atomic_file(Path(out), lambda tmp: torch.save(sd, tmp))
+    with atomic_file(out) as tmp:
+        torch.save(sd, tmp)
     return {"out": str(out), "alpha": alpha, "r": r, "tensors": len(sd)}
 
 

@@ -23,7 +23,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from finetune.wkv import P_EMPTY, wkv
