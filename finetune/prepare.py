@@ -21,7 +21,6 @@ last), so an interrupted run never leaves a complete-looking `.bin`/`.idx` pair.
 from __future__ import annotations
 
 import argparse
-import codecs
 import collections
 import glob
 import hashlib
@@ -40,7 +39,7 @@ import numpy as np
 
 from finetune.binidx import BinidxWriter, token_dtype
 from finetune.errors import FinetuneError
-from finetune.tokenizer import Tokenizer, load_tokenizer
+from finetune.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 MANIFEST_FORMAT = "rwkv-lora-binidx"
 
@@ -190,6 +189,13 @@ class Stats:
         if len(ex) < 5:
             ex.append(where)
 
+    def event(self, reason: str, where: str) -> None:
+        """A worker's report: "invalid_utf8" or a skip reason."""
+        if reason == "invalid_utf8":
+            self.bad_utf8(where)
+        else:
+            self.skip(reason, where)
+
     def bad_utf8(self, where: str) -> None:
         if self.strict:
             raise FinetuneError(f"{where}: invalid UTF-8 (--strict)")
@@ -207,24 +213,6 @@ REASONS = {
     "needs_template": "instruction/chat record but --template none",
     "empty": "empty document",
 }
-
-_utf8_errors = [0]
-
-
-def _count_and_replace(err: UnicodeDecodeError):
-    _utf8_errors[0] += 1
-    return "\ufffd", err.end
-
-
-codecs.register_error("rwkv-lora-count", _count_and_replace)
-
-
-def _decode(raw: bytes) -> tuple[str, bool]:
-    try:
-        return raw.decode("utf-8"), False
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", errors="replace"), True
-
 
 def _scrub(obj):
     """Replace lone surrogates (JSON "\\udc80" escapes) that no tokenizer can encode."""
@@ -274,57 +262,6 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
-def _read_text(path: str, separator: str | None, stats: Stats) -> Iterator[tuple[Any, str]]:
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="rwkv-lora-count")
-    before = _utf8_errors[0]
-    with open(path, "rb") as f:
-        if separator is None:
-            text = decoder.decode(f.read(), final=True)
-            if _utf8_errors[0] != before:
-                stats.bad_utf8(path)
-            yield text, path
-            return
-        buf, line, doc_start_line = "", 1, 1
-        while True:
-            block = f.read(1 << 20)
-            text = decoder.decode(block, final=not block)
-            if _utf8_errors[0] != before:
-                stats.bad_utf8(f"{path}:{line}")
-                before = _utf8_errors[0]
-            buf += text
-            parts = buf.split(separator)
-            buf = parts.pop()
-            for part in parts:
-                yield part, f"{path}:{doc_start_line}"
-                doc_start_line += part.count("\n") + separator.count("\n")
-            line = doc_start_line + buf.count("\n")
-            if not block:
-                break
-        yield buf, f"{path}:{doc_start_line}"
-
-
-def _read_jsonl(path: str, stats: Stats) -> Iterator[tuple[Any, str]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            line, bad = _decode(raw)
-            if bad:
-                stats.bad_utf8(where)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                stats.skip("malformed_json", where)
-                continue
-            if "\\ud" in line or "\\uD" in line:  # a JSON escape may have produced a lone surrogate
-                scrubbed = _scrub(record)
-                if scrubbed != record:
-                    stats.bad_utf8(where)
-                    record = scrubbed
-            yield record, where
-
-
 def _rows(columns: dict) -> Iterator[dict]:
     keys = list(columns)
     for values in zip(*(columns[k] for k in keys)):
@@ -369,66 +306,210 @@ def _read_datasets(path: str) -> Iterator[tuple[Any, str]]:
             row += 1
 
 
-def iter_records(path: str, separator: str | None, stats: Stats) -> Iterator[tuple[Any, str]]:
-    """(record or plain text, "file:line") for every record of one input, in order."""
-    low = path.lower()
-    if os.path.isdir(path):
-        return _read_datasets(path)
-    if low.endswith(TEXT_EXT):
-        return _read_text(path, separator, stats)
-    if low.endswith(JSONL_EXT):
-        return _read_jsonl(path, stats)
-    if low.endswith(".parquet"):
+def iter_records(path: str) -> Iterator[tuple[Any, str]]:
+    """(record, "file:row N") for every row of a parquet file or a datasets input, in order. (.txt and .jsonl inputs
+    are read as raw chunks by `raw_chunks` and parsed in the workers.)"""
+    if not os.path.isdir(path) and path.lower().endswith(".parquet"):
         return _read_parquet(path)
     return _read_datasets(path)
 
 
+def raw_chunks(path: str, separator: str | None, chunk_bytes: int, chunk_records: int,
+               source: dict | None = None) -> Iterator[tuple]:
+    """Cheap work for the main process: one input -> chunks of raw bytes (or, for parquet/datasets, of records) for
+    `process_chunk`, in order. Each chunk holds about `chunk_bytes` bytes of whole records, so memory stays bounded.
+
+      ("jsonl", path, first_line, blob)        whole lines (the last one may lack its newline at the end of the file)
+      ("text", path, first_line, docs, nl)     documents split on the separator (bytes, not decoded); nl = the
+                                               separator's newline count; first_line None = the whole file is one
+      ("records", path, None, [(record, where), ...])
+
+    `source`, when given, gets the input's "sha256" once it is read (from the bytes read here: one pass over .txt and
+    .jsonl files, not two).
+    """
+    low = path.lower()
+    if os.path.isdir(path) or not low.endswith(TEXT_EXT + JSONL_EXT):
+        if source is not None:
+            source["sha256"] = sha256_of(path)
+        batch = []
+        for item in iter_records(path):
+            batch.append(item)
+            if len(batch) >= chunk_records:
+                yield ("records", path, None, batch)
+                batch = []
+        if batch:
+            yield ("records", path, None, batch)
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if low.endswith(JSONL_EXT):
+            line = 1
+            while True:
+                blob = f.read(chunk_bytes)
+                if not blob:
+                    break
+                if not blob.endswith(b"\n"):
+                    blob += f.readline()
+                h.update(blob)
+                yield ("jsonl", path, line, blob)
+                line += blob.count(b"\n")
+        elif separator is None:
+            blob = f.read()
+            h.update(blob)
+            yield ("text", path, None, [blob], 0)
+        else:
+            yield from _separated_chunks(f, path, separator, chunk_bytes, h)
+    if source is not None:
+        source["sha256"] = h.hexdigest()
+
+
+def _separated_chunks(f, path: str, separator: str, chunk_bytes: int, h) -> Iterator[tuple]:
+    """Documents split on `separator`, read `chunk_bytes` at a time; `h` hashes every byte read."""
+    sep = separator.encode("utf-8")
+    nl = separator.count("\n")
+    buf, line = b"", 1
+    while True:
+        block = f.read(chunk_bytes)
+        h.update(block)
+        if not block:
+            yield ("text", path, line, [buf], nl)  # the rest, even empty (it counts as an empty document)
+            return
+        buf += block
+        if sep not in buf[-len(block) - len(sep):]:
+            continue  # inside a long document: wait for its end
+        docs = buf.split(sep)
+        rest = docs.pop()
+        consumed = len(buf) - len(rest)
+        yield ("text", path, line, docs, nl)
+        line += buf.count(b"\n", 0, consumed)
+        buf = rest
+
+
 # ----------------------------------------------------------------------------------------------------- encoding
 
-_worker_tokenizer: Tokenizer | None = None
+_worker_ctx: tuple | None = None  # (tokenizer, template, dtype) in a worker process
 
 
-def _init_worker(spec: bytes | None) -> None:
-    global _worker_tokenizer
+def _init_worker(ctx: bytes | None) -> None:
+    global _worker_ctx
     # one thread per worker process: the pool is the parallelism (Rust thread pools would oversubscribe the cores)
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if spec is not None:
-        _worker_tokenizer = pickle.loads(spec)
+    if ctx is not None:
+        _worker_ctx = pickle.loads(ctx)
 
 
-def encode_documents(tokenizer: Tokenizer, docs: list[list[tuple[str, bool]]], sequential: bool = False):
-    """Encode a batch of documents -> (tokens int64[T], sizes int64[D], mask uint8[T] or None when all learned).
-    Each document's segments are encoded separately (so masks are exact) and followed by the eod token."""
-    texts = [text for doc in docs for text, _ in doc]
-    # in a forked worker, never touch a Rust thread pool (the parent's threads do not exist there): one by one
-    encoded = [tokenizer.encode(t) for t in texts] if sequential else tokenizer.encode_batch(texts)
-    pieces: list[list[int]] = []
-    learn: list[bool] = []
-    sizes = np.empty(len(docs), dtype=np.int64)
-    eod = [tokenizer.eod_id]
-    k = 0
-    for d, doc in enumerate(docs):
-        n = 1
-        for _, flag in doc:
-            ids = encoded[k]
-            k += 1
-            pieces.append(ids)
-            learn.append(flag)
-            n += len(ids)
-        pieces.append(eod)
-        learn.append(True)
-        sizes[d] = n
-    total = int(sizes.sum())
-    tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=total)
+def _encode_serial(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Encoding in a worker process. A forked child must never touch a Rust thread pool that the parent may have
+    started (its threads do not exist in the child: a deadlock): the World encoder (pyrwkv-tokenizer, rayon)
+    encodes one text at a time; Hugging Face tokenizers read TOKENIZERS_PARALLELISM ("false", set by
+    `_init_worker`) on every batch call and then encode the batch serially, so its batch call is safe."""
+    if isinstance(tokenizer, HFTokenizer) and os.environ.get("TOKENIZERS_PARALLELISM") == "false":
+        return tokenizer.encode_batch(texts)
+    return [tokenizer.encode(t) for t in texts]
+
+
+def _decode(raw: bytes) -> tuple[str, bool]:
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
+
+
+def _chunk_records(chunk: tuple, events: list) -> Iterator[tuple[Any, str]]:
+    """The records of a chunk, in order; invalid UTF-8 and malformed JSON go to `events` as (reason, where)."""
+    kind, path = chunk[0], chunk[1]
+    if kind == "records":
+        yield from chunk[3]
+        return
+    if kind == "text":
+        line, docs, nl = chunk[2], chunk[3], chunk[4]
+        for raw in docs:
+            where = path if line is None else f"{path}:{line}"
+            text, bad = _decode(raw)
+            if bad:
+                events.append(("invalid_utf8", where))
+            yield text, where
+            if line is not None:
+                line += raw.count(b"\n") + nl
+        return
+    first, blob = chunk[2], chunk[3]
+    try:  # the whole chunk at once; line by line only when it holds invalid UTF-8
+        lines = blob.decode("utf-8").split("\n")
+        bad_lines = ()
+    except UnicodeDecodeError:
+        lines, bad_lines = [], set()
+        for i, raw in enumerate(blob.split(b"\n")):
+            text, bad = _decode(raw)
+            lines.append(text)
+            if bad:
+                bad_lines.add(i)
+    if blob.endswith(b"\n"):
+        lines.pop()
+    surrogates = b"\\ud" in blob or b"\\uD" in blob
+    loads = json.loads
+    for i, line in enumerate(lines):
+        if i in bad_lines:
+            events.append(("invalid_utf8", f"{path}:{first + i}"))
+        if not line.strip():
+            continue
+        try:
+            record = loads(line)
+        except ValueError:
+            events.append(("malformed_json", f"{path}:{first + i}"))
+            continue
+        if surrogates and ("\\ud" in line or "\\uD" in line):  # a JSON escape may have produced a lone surrogate
+            scrubbed = _scrub(record)
+            if scrubbed != record:
+                events.append(("invalid_utf8", f"{path}:{first + i}"))
+                record = scrubbed
+        yield record, f"{path}:{first + i}"
+
+
+def process_chunk(chunk: tuple, tokenizer: Tokenizer, template: ChatTemplate | None, dtype, serial: bool = False):
+    """The per-record work, run in the workers: parse, apply the template, encode, pack.
+
+    Returns (tokens[T] in `dtype`, sizes int32[D], mask uint8[T] or None when every token is learned, max token id
+    (-1 when none), events): events = [(reason, "file:line"), ...] in input order, reason "invalid_utf8" or a skip
+    reason; the main process merges them (and applies --strict). Each document's segments are encoded separately
+    (so masks are exact) and followed by the eod token."""
+    events: list = []
+    texts: list[str] = []
+    flags: list[bool] = []
+    nseg: list[int] = []
+    all_learned = True
+    for record, where in _chunk_records(chunk, events):
+        segs = record_segments(record, template)
+        if isinstance(segs, str):
+            events.append((segs, where))
+            continue
+        nseg.append(len(segs))
+        for text, learn in segs:
+            texts.append(text)
+            flags.append(learn)
+            all_learned = all_learned and learn
+    encoded = _encode_serial(tokenizer, texts) if serial else tokenizer.encode_batch(texts) if texts else []
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(lengths.sum()))
+    nseg_a = np.asarray(nseg, dtype=np.int64)
+    if nseg_a.size and int(nseg_a.min()) == 1 and int(nseg_a.max()) == 1:
+        doc_tokens = lengths
+    else:
+        seg_doc = np.repeat(np.arange(nseg_a.size), nseg_a)
+        doc_tokens = np.bincount(seg_doc, weights=lengths, minlength=nseg_a.size).astype(np.int64)
+    ends = np.cumsum(doc_tokens)
+    tokens = np.insert(flat, ends, tokenizer.eod_id)  # the eod after each document
+    max_id = int(tokens.max()) if tokens.size else -1
     mask = None
-    if not all(learn):
-        mask = np.repeat(np.array(learn, dtype=np.uint8), [len(p) for p in pieces])
-    return tokens, sizes, mask
+    if not all_learned:
+        mask = np.insert(np.repeat(np.asarray(flags, dtype=np.uint8), lengths), ends, 1)
+    sizes = (doc_tokens + 1).astype(np.int32)
+    return tokens.astype(dtype, copy=False), sizes, mask, max_id, events
 
 
-def _encode_in_worker(docs):
-    return encode_documents(_worker_tokenizer, docs, sequential=True)
+def _process_in_worker(chunk):
+    tokenizer, template, dtype = _worker_ctx
+    return process_chunk(chunk, tokenizer, template, dtype, serial=True)
 
 
 # ----------------------------------------------------------------------------------------------------- writing
@@ -527,48 +608,33 @@ class ShardedOutput:
 # ----------------------------------------------------------------------------------------------------- driver
 
 
-def _batches(docs: Iterator[list[tuple[str, bool]]], batch_chars: int, batch_docs: int = 4096):
-    batch, chars = [], 0
-    for doc in docs:
-        batch.append(doc)
-        chars += sum(len(t) for t, _ in doc)
-        if chars >= batch_chars or len(batch) >= batch_docs:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-def start_pool(tokenizer: Tokenizer, workers: int):
-    """Worker processes for encoding. Forked where the platform can (they inherit the loaded tokenizer, nothing to
-    import or load; they encode one text at a time so no Rust thread pool is used after the fork), else spawned
-    (each loads the tokenizer from its spec)."""
-    global _worker_tokenizer
+def start_pool(tokenizer: Tokenizer, template: ChatTemplate | None, dtype, workers: int):
+    """Worker processes for the per-record work. Forked where the platform can (they inherit the loaded tokenizer,
+    nothing to import or load), else spawned (each rebuilds the tokenizer from its spec). See `_encode_serial` for
+    why workers never use a Rust thread pool."""
+    global _worker_ctx
     if workers <= 1:
         return None
     if "fork" in multiprocessing.get_all_start_methods():
-        _worker_tokenizer = tokenizer
+        _worker_ctx = (tokenizer, template, dtype)
         return multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(None,))
     return multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker,
-                                                     initargs=(pickle.dumps(tokenizer),))
+                                                     initargs=(pickle.dumps((tokenizer, template, dtype)),))
 
 
-def _encoded_batches(tokenizer: Tokenizer, batches, pool):
-    if pool is None:
-        for b in batches:
-            yield len(b), encode_documents(tokenizer, b)
+def _processed_chunks(chunks, pool, tokenizer, template, dtype):
+    if pool is None:  # no pool: the same work inline, batch-encoding (the Rust thread pool is fine here)
+        for c in chunks:
+            yield process_chunk(c, tokenizer, template, dtype)
         return
-    workers = pool._processes
     with pool:
         pending: collections.deque = collections.deque()
-        for b in batches:  # bounded look-ahead keeps memory constant and the order of documents
-            pending.append((len(b), pool.apply_async(_encode_in_worker, (b,))))
-            if len(pending) >= 2 * workers:
-                n, res = pending.popleft()
-                yield n, res.get()
+        for c in chunks:  # bounded look-ahead keeps memory constant and the order of documents
+            pending.append(pool.apply_async(_process_in_worker, (c,)))
+            if len(pending) >= 2 * pool._processes:
+                yield pending.popleft().get()
         while pending:
-            n, res = pending.popleft()
-            yield n, res.get()
+            yield pending.popleft().get()
 
 
 def prepare(
@@ -602,15 +668,10 @@ def prepare(
     stats = Stats(strict=strict)
     sources = []
 
-    def documents():
+    def chunks(chunk_bytes):
         for path in paths:
-            sources.append({"path": path, "sha256": sha256_of(path)})
-            for record, where in iter_records(path, doc_separator, stats):
-                segs = record_segments(record, tmpl)
-                if isinstance(segs, str):
-                    stats.skip(segs, where)
-                else:
-                    yield segs
+            sources.append({"path": path, "sha256": None})
+            yield from raw_chunks(path, doc_separator, chunk_bytes, max(16, chunk_bytes // 512), sources[-1])
 
     dtype = token_dtype(tok.vocab_size)
     output = ShardedOutput(out, dtype, shard_tokens)
@@ -621,16 +682,20 @@ def prepare(
     n_docs = n_tokens = 0
     pool = None
     try:
-        pool = start_pool(tok, workers)
+        pool = start_pool(tok, tmpl, dtype, workers)
         if pool is not None and batch_chars is None:
-            batch_chars = 1 << 18  # smaller batches keep every worker busy from the start
-        for n, (tokens, sizes, mask) in _encoded_batches(tok, _batches(documents(), batch_chars or (1 << 20)), pool):
-            if tokens.size and int(tokens.max()) >= tok.vocab_size:
-                raise FinetuneError(f"token id {int(tokens.max())} >= vocab_size {tok.vocab_size} of {tok.name}")
-            output.add(tokens, sizes, mask)
-            n_docs += n
+            batch_chars = 1 << 18  # smaller chunks keep every worker busy from the start
+        for tokens, sizes, mask, max_id, events in _processed_chunks(chunks(batch_chars or (1 << 20)), pool, tok,
+                                                                      tmpl, dtype):
+            for reason, where in events:
+                stats.event(reason, where)
+            if max_id >= tok.vocab_size:
+                raise FinetuneError(f"token id {max_id} >= vocab_size {tok.vocab_size} of {tok.name}")
+            if sizes.size:
+                output.add(tokens, sizes, mask)
+            n_docs += sizes.size
             n_tokens += int(tokens.size)
-            bar.update(n)
+            bar.update(sizes.size)
             bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
         bar.close()
         seconds = time.perf_counter() - t0

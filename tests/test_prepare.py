@@ -240,3 +240,17 @@ def test_bundled_corpora(tmp_path):
                 template="world", progress=False)
     assert m["documents"] >= 300 and not m["skipped"] and m["has_mask"]
     assert os.path.getsize(os.path.join(ROOT, "data", "fables", "fables.txt")) > 60_000
+
+
+def test_worker_chunks_keep_positions_and_strict_order(tmp_path):
+    # .txt split on a separator: invalid UTF-8 is reported at the line where its document starts
+    (tmp_path / "t.txt").write_bytes(b"one\ntwo\n===\nthree\n===\nbad \xff\nbyte\n===\nend")
+    for workers in (1, 2):
+        m = prepare([str(tmp_path / "t.txt")], "world", str(tmp_path / f"t{workers}"), doc_separator="\n===\n",
+                    workers=workers, batch_chars=8, progress=False)
+        assert m["documents"] == 4 and m["invalid_utf8_examples"] == [f"{tmp_path / 't.txt'}:6"]
+    # --strict with several chunks in flight: the first bad record in input order is the one reported
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"record {i}"} for i in range(40)],
+                       ["{broken", '{"foo": 1}', "{broken"])
+    with pytest.raises(FinetuneError, match=r"d\.jsonl:41: malformed"):
+        prepare([path], "world", str(tmp_path / "s"), strict=True, workers=2, batch_chars=30, progress=False)
