@@ -91,7 +91,8 @@ def wkv_reference(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.T
 #   backward(w, u, k, v, state_in, gy[B,T,C] fp32, gstate_out[B,3,C]) -> (gw[C], gu[C], gk[B,T,C], gv[B,T,C],
 #                                                                         gstate_in[B,3,C])
 # gw is the gradient with respect to w; the chain rule to time_decay (times w) is applied here in Python.
-# k and v may be fp32 or bf16; gk and gv come back in fp32.
+# k and v may be fp32 or bf16; the CPU kernel returns gk and gv in their dtype, the CUDA kernel in fp32 (the .to() in
+# WKVKernel.backward is then a no-op on the CPU).
 
 _extensions: dict[str, object] = {}
 _warned: set[str] = set()
