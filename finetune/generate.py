@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
+from finetune.wkv import wkv_step
 
 CHAT_FORMATS = {"raven": ("Bob", "Alice"), "world": ("User", "Assistant")}
 
@@ -71,22 +72,11 @@ class RNNRunner:
             k = att.key(sx + amk * (xa - sx)).float()
             v = att.value(sx + amv * (xa - sx)).float()
             r = torch.sigmoid(att.receptance(sx + amr * (xa - sx)))
-            aa, bb, pp = s[:, 1], s[:, 2], s[:, 3]
-            ww = u + k
-            q = torch.maximum(pp, ww)
-            e1 = torch.exp(pp - q)
-            e2 = torch.exp(ww - q)
-            y = (e1 * aa + e2 * v) / (e1 * bb + e2)
-            ww = pp + w
-            q = torch.maximum(ww, k)
-            e1 = torch.exp(ww - q)
-            e2 = torch.exp(k - q)
-            new_a = e1 * aa + e2 * v
-            new_b = e1 * bb + e2
+            y, new_a, new_b, new_p = wkv_step(w, u, k, v, s[:, 1], s[:, 2], s[:, 3])
             s[:, 0] = xa
             s[:, 1] = new_a
             s[:, 2] = new_b
-            s[:, 3] = q
+            s[:, 3] = new_p
             x = x + att.output(r * y.to(r.dtype))
             xf = F.layer_norm(x, C, block.ln2.weight, block.ln2.bias)
             sx = s[:, 4].to(dtype)

@@ -48,6 +48,22 @@ def empty_wkv_state(batch: int, channels: int, device: torch.device | str = "cpu
 # Reference
 
 
+def wkv_step(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+             b: torch.Tensor, p: torch.Tensor):
+    """One step of the stable recurrence (w = -exp(time_decay), u = time_first; every tensor [..., C]):
+    returns (wkv_t, a, b, p) after the token. Shared by the reference and the one-token generation path."""
+    ww = u + k
+    q = torch.maximum(p, ww)
+    e1 = torch.exp(p - q)
+    e2 = torch.exp(ww - q)
+    y = (e1 * a + e2 * v) / (e1 * b + e2)
+    ww = p + w
+    q = torch.maximum(ww, k)
+    e1 = torch.exp(ww - q)
+    e2 = torch.exp(k - q)
+    return y, e1 * a + e2 * v, e1 * b + e2, q
+
+
 def wkv_reference(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """WKV by the stable recurrence, one time step at a time; differentiable through everything, state included.
@@ -67,18 +83,8 @@ def wkv_reference(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.T
     ys = []
     # unbind, not k[:, t]: the backward of T slices would build T full-size [B, T, C] gradients (quadratic in T)
     for kt, vt in zip(k.unbind(1), v.unbind(1)):
-        ww = u + kt
-        q = torch.maximum(p, ww)
-        e1 = torch.exp(p - q)
-        e2 = torch.exp(ww - q)
-        ys.append((e1 * a + e2 * vt) / (e1 * b + e2))
-        ww = p + w
-        q = torch.maximum(ww, kt)
-        e1 = torch.exp(ww - q)
-        e2 = torch.exp(kt - q)
-        a = e1 * a + e2 * vt
-        b = e1 * b + e2
-        p = q
+        y, a, b, p = wkv_step(w, u, kt, vt, a, b, p)
+        ys.append(y)
     y = torch.stack(ys, dim=1) if ys else k.new_zeros(B, 0, C)
     return y, torch.stack([a, b, p], dim=1)
 
