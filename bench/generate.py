@@ -38,7 +38,7 @@ def main() -> None:
     from finetune.adapters import LORA_PARTS, write_adapter_dir
     from finetune.checkpoint import fingerprint
     from finetune.generate import RNNRunner
-    from finetune.model import load_model
+    from finetune import load_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-layer", type=int, default=12)

@@ -25,8 +25,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from finetune import wkv as wkv_mod  # noqa: E402
-from finetune.wkv import empty_wkv_state, wkv, wkv_reference  # noqa: E402
+from finetune.ops import build as kernel_build  # noqa: E402
+from finetune.ops import wkv4 as wkv_mod  # noqa: E402
+from finetune.ops.wkv4 import empty_wkv_state, wkv, wkv_reference  # noqa: E402
 
 POISON_ENV = "RWKV_LORA_WKV_POISON"  # the CUDA binding pre-fills its outputs with NaN when set
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -259,7 +260,7 @@ def throughput(device, ext, shapes, bandwidth, reps) -> list[list]:
 def train_step_bench(device, shapes, steps, warmup) -> list[list]:
     from peft import LoraConfig, get_peft_model
 
-    from finetune.model import RWKV, RWKVConfig
+    from finetune.models.rwkv4 import RWKV, RWKVConfig
 
     rows = []
     for label, n_layer, n_embd, vocab, B, T in shapes:
@@ -327,9 +328,9 @@ def main(argv=None) -> int:
     if big:
         env += [["GPU", torch.cuda.get_device_name(device)],
                 ["capability", "sm_%d%d" % torch.cuda.get_device_capability(device)]]
-    env += [["nvcc", wkv_mod.find_nvcc()]]
+    env += [["nvcc", kernel_build.find_nvcc()]]
     if big:
-        env += [["nvcc flags", " ".join(wkv_mod.cuda_compile_flags(wkv_mod.find_nvcc()))]]
+        env += [["nvcc flags", " ".join(kernel_build.cuda_compile_flags(kernel_build.find_nvcc()))]]
 
     log(f"building the {device.type} WKV kernel ...")
     ext, build_s, note = build(device)

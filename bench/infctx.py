@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, {root!r})
-from finetune.model import RWKV, RWKVConfig
+from finetune.models.rwkv4 import RWKV, RWKVConfig
 from finetune.adapters import add_lora
 from finetune.infctx import chunked_loss
 from finetune.lora import lm_loss

@@ -56,8 +56,9 @@ def build(d: Path, n_layer: int, n_embd: int, vocab: int, r: int) -> tuple[Path,
     import torch
 
     from finetune.adapters import FULL_GROUPS, LORA_PARTS, write_adapter_dir
-    from finetune.checkpoint import expected_shapes, fingerprint
-    from finetune.model import RWKVConfig
+    from finetune.checkpoint import fingerprint
+    from finetune.models.rwkv4 import expected_shapes
+    from finetune.models.rwkv4 import RWKVConfig
 
     base, adapter = d / "base-fp16.pth", d / "adapter-r16"
     if base.exists() and adapter.exists():

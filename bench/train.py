@@ -27,7 +27,7 @@ def build_ours():
     import torch
 
     from finetune.adapters import add_lora
-    from finetune.model import RWKV, RWKVConfig, init_rwkv_lm_
+    from finetune.models.rwkv4 import RWKV, RWKVConfig, init_rwkv_lm_
 
     model = init_rwkv_lm_(RWKV(RWKVConfig(N_LAYER, N_EMBD, VOCAB)))
     for p in model.parameters():  # RWKV-LM zero-inits some matrices; give them values so all paths do real work

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from finetune import wkv as W  # noqa: E402
+from finetune.ops import wkv4 as W  # noqa: E402
 
 SHAPES = [(1, 1024, 768), (8, 512, 2048)]
 

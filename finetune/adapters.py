@@ -27,6 +27,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from finetune import checkpoint
 from finetune.atomic import atomic_dir, atomic_file
 from finetune.errors import FinetuneError
 
@@ -532,8 +533,6 @@ def attach_adapters(model: nn.Module, adapters: Iterable, force: bool = False) -
     replaced in place as a merge would (W + weight * (T - W)). Every adapter is checked against the model first
     (target keys, shapes, base fingerprint; see `check_adapter`). Returns the model in eval mode.
     """
-    from finetune.checkpoint import fingerprint
-
     specs = [parse_adapter_spec(s) for s in adapters]
     read = [(a if isinstance(a, Adapter) else read_adapter(a), w) for a, w in specs]
     if not read:
@@ -541,7 +540,7 @@ def attach_adapters(model: nn.Module, adapters: Iterable, force: bool = False) -
     base_fp = getattr(model, "base_fingerprint", None)
     sd = {k: v for k, v in model.state_dict().items() if not k.endswith(("lora_A", "lora_B"))}
     if base_fp is None:
-        base_fp = fingerprint(sd)
+        base_fp = checkpoint.fingerprint(sd)
         model.base_fingerprint = base_fp
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     for a, _ in read:
@@ -574,3 +573,13 @@ def attach_adapters(model: nn.Module, adapters: Iterable, force: bool = False) -
                 lin.add(A, B, w * a.scaling)
     model.adapters = getattr(model, "adapters", []) + [(str(a.path), w) for a, w in read]
     return model.eval()
+
+
+def load_model(path: str | Path, adapters: Iterable = (), dtype: torch.dtype | str | None = None,
+               device: str | torch.device = "cpu", force: bool = False) -> nn.Module:
+    """Load a BlinkDL RWKV checkpoint with adapters plugged in unmerged (see `attach_adapters`), in eval mode.
+
+    `adapters`: adapter directories or packed `.safetensors` files, or (path, weight) pairs.
+    """
+    model = checkpoint.load_model(path, dtype=dtype, device=device)
+    return attach_adapters(model, adapters, force=force) if adapters else model

@@ -1,4 +1,4 @@
-"""BlinkDL RWKV-4 checkpoint files: read safely, recognise, check, fingerprint, write atomically.
+"""BlinkDL RWKV checkpoint files: read safely, recognise the generation, check, build the model, fingerprint, write.
 
 Files are flat state dicts in RWKV-LM's raw layout (see RWKV4-FACTS: raw `time_decay`, `time_mix_*` of shape
 [1, 1, C], `blocks.0.ln0`). They are read with `torch.load(weights_only=True)` (never unpickling code) or with
@@ -8,22 +8,13 @@ safetensors, and written back in the same layout: never after an inference loade
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 
 import torch
 
 from finetune.atomic import atomic_file
-from finetune.errors import FinetuneError
-from finetune.model import RWKVConfig
-
-# keys that only newer RWKV generations have: (regex, version)
-NEWER_VERSIONS = [
-    (re.compile(r"\.att\.(x_r|w0|a0|v0|k_k|k_a|r_k)$"), "7"),
-    (re.compile(r"\.att\.time_maa"), "6"),
-    (re.compile(r"\.att\.ln_x\."), "5"),
-]
-
+from finetune.errors import FinetuneError, first_line
+from finetune.models import Family, detect, parse_dtype
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a {name: tensor} dict (CPU). Any problem is a one-line FinetuneError."""
@@ -36,12 +27,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             sd = load_file(str(path))
         except Exception as e:
-            raise FinetuneError(f"{path}: cannot read safetensors file ({_reason(e)})") from None
+            raise FinetuneError(f"{path}: cannot read safetensors file ({first_line(e)})") from None
     else:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_zipfile(path))
         except Exception as e:
-            reason = _reason(e)
+            reason = first_line(e)
             if "weights_only" in str(e) or "Unsupported global" in str(e):
                 reason = "it holds Python objects other than tensors, which are never unpickled here"
             raise FinetuneError(f"{path}: cannot read checkpoint ({reason}); is it truncated or not a "
@@ -59,81 +50,6 @@ def _zipfile(path: Path) -> bool:
     """mmap only works on the zip format (torch >= 1.6); memory-mapping keeps big checkpoints cheap to open."""
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
-
-
-def _reason(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:200]
-
-
-def rwkv_version(sd: dict[str, torch.Tensor]) -> str | None:
-    """'4' for RWKV-4, '5'/'6'/'7' for newer generations, None when this is not an RWKV state dict at all."""
-    if "emb.weight" not in sd or not any(k.startswith("blocks.0.att.") for k in sd):
-        return None
-    for pattern, version in NEWER_VERSIONS:
-        if any(pattern.search(k) for k in sd):
-            return version
-    return "4"
-
-
-def config_from_state_dict(sd: dict[str, torch.Tensor], path: str | Path = "<memory>") -> RWKVConfig:
-    """n_layer, n_embd, vocab and ffn width, read off the tensors (never typed by hand)."""
-    version = rwkv_version(sd)
-    if version is None:
-        raise FinetuneError(f"{path}: not an RWKV checkpoint (no emb.weight and blocks.N.att.* keys)")
-    if version != "4":
-        raise FinetuneError(f"{path}: this is an RWKV-{version} checkpoint; only RWKV-4 is supported")
-    try:
-        vocab, n_embd = sd["emb.weight"].shape
-        n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        dim_ffn = sd["blocks.0.ffn.key.weight"].shape[0]
-    except (KeyError, ValueError) as e:
-        raise FinetuneError(f"{path}: incomplete RWKV-4 checkpoint (missing or malformed {e})") from None
-    return RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab, dim_ffn=dim_ffn)
-
-
-def expected_shapes(config: RWKVConfig) -> dict[str, tuple[int, ...]]:
-    """Every key of an RWKV-4 checkpoint with its shape."""
-    C, V, F_ = config.n_embd, config.vocab_size, config.dim_ffn
-    shapes: dict[str, tuple[int, ...]] = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,),
-                                          "blocks.0.ln0.bias": (C,)}
-    for i in range(config.n_layer):
-        b = f"blocks.{i}."
-        for ln in ("ln1", "ln2"):
-            shapes[f"{b}{ln}.weight"] = (C,)
-            shapes[f"{b}{ln}.bias"] = (C,)
-        shapes[f"{b}att.time_decay"] = (C,)
-        shapes[f"{b}att.time_first"] = (C,)
-        for m in ("k", "v", "r"):
-            shapes[f"{b}att.time_mix_{m}"] = (1, 1, C)
-        for m in ("key", "value", "receptance", "output"):
-            shapes[f"{b}att.{m}.weight"] = (C, C)
-        shapes[f"{b}ffn.time_mix_k"] = (1, 1, C)
-        shapes[f"{b}ffn.time_mix_r"] = (1, 1, C)
-        shapes[f"{b}ffn.key.weight"] = (F_, C)
-        shapes[f"{b}ffn.receptance.weight"] = (C, C)
-        shapes[f"{b}ffn.value.weight"] = (C, F_)
-    shapes["ln_out.weight"] = (C,)
-    shapes["ln_out.bias"] = (C,)
-    shapes["head.weight"] = (V, C)
-    return shapes
-
-
-def check_keys(sd: dict[str, torch.Tensor], config: RWKVConfig, path: str | Path = "<memory>") -> None:
-    """Raise a one-line FinetuneError unless `sd` has exactly the RWKV-4 keys with the right shapes."""
-    expected = expected_shapes(config)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-        raise FinetuneError(f"{path}: not a complete RWKV-4 checkpoint ({'; '.join(parts)})")
-    for k, shape in expected.items():
-        if tuple(sd[k].shape) != shape:
-            raise FinetuneError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {shape}")
 
 
 def fingerprint(sd: dict[str, torch.Tensor]) -> str:
@@ -181,3 +97,54 @@ def describe_dtypes(sd: dict[str, torch.Tensor]) -> str:
         return next(iter(counts))
     total = sum(counts.values())
     return ", ".join(f"{k} {100 * n / total:.1f}%" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building a model from a checkpoint
+
+
+def check_keys(sd: dict[str, torch.Tensor], family: Family, config, path: str | Path = "<memory>") -> None:
+    """Raise a one-line FinetuneError unless `sd` has exactly the family's keys with the right shapes."""
+    expected = family.expected_shapes(config)
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        raise FinetuneError(f"{path}: not a complete {family.title} checkpoint ({'; '.join(parts)})")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            raise FinetuneError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {shape}")
+
+
+def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory>") -> torch.nn.Module:
+    """The model of the checkpoint's family whose parameters are the checkpoint's tensors (no copy, no random init:
+    built on the meta device). Keys and shapes are checked first."""
+    family = detect(state_dict, path)
+    config = family.config_from_state_dict(state_dict, path)
+    check_keys(state_dict, family, config, path)
+    with torch.device("meta"):
+        model = family.model_class(config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.checkpoint_dtypes = {k: v.dtype for k, v in state_dict.items()}
+    for name, p in model.named_parameters():  # decays always in fp32 (exact: bf16/fp16 -> fp32 loses nothing)
+        if name.endswith(family.fp32_params) and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
+               device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load a BlinkDL RWKV checkpoint (`.pth` or `.safetensors`) of any supported generation, in eval mode.
+
+    Every dimension comes from the tensors themselves. `dtype=None` keeps each tensor's stored dtype; otherwise
+    everything but the family's fp32 parameters (decays) is cast to it. Adapters are plugged in by
+    `finetune.adapters.attach_adapters` (or `finetune.load_model(path, adapters=[...])`).
+    """
+    model = build_from_state_dict(read_state_dict(path), path)
+    if dtype is not None:
+        model.cast(parse_dtype(dtype))
+    return model.to(device).eval()

@@ -33,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_init(args: argparse.Namespace) -> int:
     from finetune.checkpoint import save_checkpoint
-    from finetune.model import RWKV, RWKVConfig, init_rwkv_lm_, parse_dtype
+    from finetune.models import parse_dtype
+    from finetune.models.rwkv4 import RWKV, RWKVConfig, init_rwkv_lm_
 
     for name in ("n_layer", "n_embd", "vocab"):
         if getattr(args, name) < 1:
@@ -49,16 +50,18 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def describe_checkpoint(path: str | Path) -> str:
-    from finetune.checkpoint import config_from_state_dict, describe_dtypes, fingerprint, read_state_dict
+    from finetune.checkpoint import describe_dtypes, fingerprint, read_state_dict
+    from finetune.models import detect
 
     sd = read_state_dict(path)
-    cfg = config_from_state_dict(sd, path)
+    family = detect(sd, path)
+    cfg = family.config_from_state_dict(sd, path)
     n = sum(v.numel() for v in sd.values())
     lines = [
         f"file:        {path}",
-        "version:     RWKV-4",
+        f"version:     {family.title}",
         f"layers:      {cfg.n_layer}",
-        f"width:       {cfg.n_embd} (ffn {cfg.dim_ffn})",
+        *family.describe(cfg),
         f"vocab:       {cfg.vocab_size}",
         f"parameters:  {n:,} ({n / 1e6:.1f}M)",
         f"dtype:       {describe_dtypes(sd)}",

@@ -7,3 +7,10 @@ which file (or which setting) is wrong and why.
 
 class FinetuneError(Exception):
     """A user-facing error: bad input file, bad config, incompatible adapter, ..."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (its type name when the message is empty), for one-line
+    errors that wrap a library's exception."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:limit]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
-from finetune.wkv import wkv_step
+from finetune.ops.wkv4 import wkv_step
 
 CHAT_FORMATS = {"raven": ("Bob", "Alice"), "world": ("User", "Assistant")}
 
@@ -214,7 +214,7 @@ def resolve_tokenizer(arg: str | None, adapters: Sequence, vocab_size: int):
 
 def load_for_generation(args: argparse.Namespace):
     from finetune.adapters import attach_adapters
-    from finetune.model import load_model
+    from finetune.checkpoint import load_model
 
     model = load_model(args.model, dtype=args.dtype)
     if args.adapter:

@@ -380,8 +380,8 @@ def _device_count(devices) -> int:
 
 def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     """Check all inputs and build model and data. Raises FinetuneError (one line) before any training."""
-    from finetune.checkpoint import config_from_state_dict, fingerprint, read_state_dict
-    from finetune.model import build_from_state_dict
+    from finetune.checkpoint import build_from_state_dict, fingerprint, read_state_dict
+    from finetune.models import detect
 
     if not cfg.model:
         raise FinetuneError("model: required (path to a BlinkDL RWKV-4 .pth or .safetensors checkpoint)")
@@ -410,7 +410,8 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
         raise FinetuneError("val_every: set, but val_data is null")
 
     sd = read_state_dict(cfg.model)  # missing / unreadable checkpoint -> one-line error
-    mcfg = config_from_state_dict(sd, cfg.model)
+    family = detect(sd, cfg.model)
+    mcfg = family.config_from_state_dict(sd, cfg.model)
     tokenizer_name = None
     if cfg.tokenizer is not None:
         from finetune.tokenizer import load_tokenizer
@@ -435,7 +436,7 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
               file=sys.stderr)
 
     torch.manual_seed(cfg.seed)
-    base = build_from_state_dict(sd, mcfg, cfg.model)
+    base = build_from_state_dict(sd, cfg.model)
     del sd
     base.cast(torch.float32 if cfg.method == "full" else base_precision_dtype(cfg.precision))
     base.gradient_checkpointing = cfg.grad_checkpoint
@@ -474,7 +475,7 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     if not quiet:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
-        print(f"model: RWKV-4 {mcfg.n_layer} x {mcfg.n_embd}, vocab {mcfg.vocab_size} ({cfg.model}); training "
+        print(f"model: {family.title} {mcfg.n_layer} x {mcfg.n_embd}, vocab {mcfg.vocab_size} ({cfg.model}); training "
               f"{n_train:,} of {n_all:,} parameters ({100 * n_train / n_all:.2f}%, "
               f"{'state tuning' if cfg.train_type == 'state' else cfg.method}"
               f"{', infctx chunks of ' + str(cfg.chunk_len) if cfg.train_type == 'infctx' else ''})")

@@ -51,7 +51,8 @@ class LazyBase:
     tensor by tensor. `shapes`, `dtypes`, `get(name)`, `fingerprint`, `config`."""
 
     def __init__(self, path: str | Path) -> None:
-        from finetune.checkpoint import check_keys, config_from_state_dict, fingerprint, read_state_dict
+        from finetune.checkpoint import check_keys, fingerprint, read_state_dict
+        from finetune.models import detect
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -73,8 +74,9 @@ class LazyBase:
         else:
             self._sd = read_state_dict(self.path)  # mmap'd when the file is a zip checkpoint
             metas = self._sd
-        self.config = config_from_state_dict(metas, self.path)
-        check_keys(metas, self.config, self.path)
+        self.family = detect(metas, self.path)
+        self.config = self.family.config_from_state_dict(metas, self.path)
+        check_keys(metas, self.family, self.config, self.path)
         self.names = list(metas)
         self.shapes = {k: tuple(v.shape) for k, v in metas.items()}
         self.dtypes = {k: v.dtype for k, v in metas.items()}
@@ -124,7 +126,7 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
     import time
 
     from finetune.adapters import check_adapter, parse_adapter_spec, read_adapter
-    from finetune.model import parse_dtype
+    from finetune.models import parse_dtype
 
     t0 = time.perf_counter()
     out = Path(out)

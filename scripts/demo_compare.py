@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from finetune.lora import apply_adapter  # noqa: E402
-from finetune.model import load_model  # noqa: E402
+from finetune import load_model  # noqa: E402
 from finetune.tokenizer import load_tokenizer  # noqa: E402
 
 

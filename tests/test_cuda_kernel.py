@@ -18,7 +18,8 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from finetune.wkv import KERNEL_DIR, cuda_gencode_flags, empty_wkv_state, find_nvcc, nvcc_archs, wkv_reference
+from finetune.ops.build import KERNEL_DIR, cuda_gencode_flags, find_nvcc, nvcc_archs
+from finetune.ops.wkv4 import empty_wkv_state, wkv_reference
 
 CU = KERNEL_DIR / "wkv_cuda.cu"
 BIND = KERNEL_DIR / "wkv_cuda_bind.cpp"

@@ -13,7 +13,7 @@ from conftest import random_rwkv4_state_dict, write_checkpoint
 from finetune import cli
 from finetune.generate import RNNRunner, generate_text, generate_tokens, sample_logits
 from finetune.merge import merge_adapters
-from finetune.model import load_model
+from finetune import load_model
 from finetune.tokenizer import load_tokenizer
 from test_merge import make_adapter, make_char_tokenizer
 

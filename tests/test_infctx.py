@@ -54,7 +54,7 @@ def test_chunks_equal_one_window(tmp_path):
 MEMORY_WORKER = r"""
 import json, resource, sys, torch
 sys.path.insert(0, {root!r})
-from finetune.model import RWKV, RWKVConfig
+from finetune.models.rwkv4 import RWKV, RWKVConfig
 from finetune.infctx import chunked_loss
 import torch.nn.functional as F
 ctx, mode = int(sys.argv[1]), sys.argv[2]

@@ -154,7 +154,7 @@ def test_adapter_loads_with_peft_and_gives_the_same_logits(setup_dir):
     from peft import PeftModel
 
     from finetune.adapters import read_adapter
-    from finetune.model import load_model
+    from finetune import load_model
 
     tmp, ckpt, data, _ = setup_dir
     cfg = config(tmp, ckpt, data, max_steps=4, **{"lora.train": ["time"]})
@@ -182,7 +182,7 @@ def test_adapter_loads_with_peft_and_gives_the_same_logits(setup_dir):
 
 
 def test_full_finetune_saves_a_checkpoint(setup_dir):
-    from finetune.model import load_model
+    from finetune import load_model
 
     tmp, ckpt, data, _ = setup_dir
     res = lora.main(config(tmp, ckpt, data, method="full", max_steps=2, lr=1e-3), quiet=True)

@@ -14,9 +14,10 @@ import torch
 from conftest import random_rwkv4_state_dict, write_checkpoint
 from finetune import cli
 from finetune.adapters import add_lora, pack_adapter, read_adapter, save_adapter
-from finetune.checkpoint import config_from_state_dict, fingerprint
+from finetune.checkpoint import fingerprint
+from finetune.models.rwkv4 import config_from_state_dict
 from finetune.merge import merge_adapters
-from finetune.model import load_model
+from finetune import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = (2, 64, 128)  # n_layer, n_embd, vocab

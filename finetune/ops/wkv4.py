@@ -21,16 +21,12 @@ Backends:
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
-import warnings
-from pathlib import Path
 from typing import Literal
 
 import torch
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+from finetune.ops.build import load_extension
+
 P_EMPTY = -1e38  # the running max of an empty state: exp(P_EMPTY - anything) == 0 in fp32
 
 Backend = Literal["auto", "reference", "kernel"]
@@ -100,107 +96,12 @@ def wkv_reference(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.T
 # k and v may be fp32 or bf16; the CPU kernel returns gk and gv in their dtype, the CUDA kernel in fp32 (the .to() in
 # WKVKernel.backward is then a no-op on the CPU).
 
-_extensions: dict[str, object] = {}
-_warned: set[str] = set()
-
-# GPU generations the CUDA kernel is compiled for, when the installed nvcc still supports them (CUDA 13 dropped
-# sm_70): Volta, Ampere (A100; sm_86/89 run the sm_80 code), Hopper (H100/H200). The newest one also ships as PTX
-# so that later GPUs (Blackwell, ...) can JIT it.
-CUDA_ARCHS = (70, 80, 90)
-
-
-def find_nvcc() -> str | None:
-    """The nvcc torch's extension builder will use: $CUDA_HOME/bin/nvcc as torch sees it, else nvcc on PATH."""
-    from torch.utils import cpp_extension
-
-    home = getattr(cpp_extension, "CUDA_HOME", None)
-    if home and (Path(home) / "bin" / "nvcc").exists():
-        return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc") or (
-        "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
-
-
-def nvcc_archs(nvcc: str | None) -> set[int] | None:
-    """Compute capabilities this nvcc can compile for (`nvcc --list-gpu-arch`), or None when it cannot say."""
-    if not nvcc:
-        return None
-    try:
-        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    found = {int(m) for m in re.findall(r"compute_(\d+)", out.stdout)} if out.returncode == 0 else set()
-    return found or None
-
-
-def cuda_gencode_flags(nvcc: str | None = None) -> list[str]:
-    """`-gencode` flags: the archs of CUDA_ARCHS that nvcc supports (all of them when it cannot tell), the GPU in
-    this machine when nvcc supports it and it is not covered, and PTX of the newest arch."""
-    supported = nvcc_archs(nvcc)
-    archs = [a for a in CUDA_ARCHS if supported is None or a in supported] or list(CUDA_ARCHS[-2:])
-    try:
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            here = 10 * major + minor
-            covered = any(a // 10 == major and a <= here for a in archs)  # same major: binary compatible
-            if not covered and (supported is None or here in supported):
-                archs.append(here)
-    except Exception:  # no driver, no device: build for the list above
-        pass
-    archs = sorted(set(archs))
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
-    return flags
-
-
-def cuda_compile_flags(nvcc: str | None = None) -> list[str]:
-    """All nvcc flags for the CUDA kernel. No fast-math: expf / division stay IEEE so fp32 matches the reference to
-    ~1e-6. The .cu includes no torch headers, so C++17 works with any torch and nvcc."""
-    return ["-O3", "-std=c++17", *cuda_gencode_flags(nvcc)]
-
-
-def _build(kind: str):
-    """Compile (or load from torch's cache) the extension for `kind` ('cpu' or 'cuda'); None when that fails."""
-    if kind in _extensions:
-        return _extensions[kind]
-    from torch.utils import cpp_extension
-
-    ext = None
-    nvcc, cuda_flags = None, []
-    try:
-        if kind == "cpu":
-            ext = cpp_extension.load(
-                name="rwkv_lora_wkv_cpu",
-                sources=[str(KERNEL_DIR / "wkv_cpu.cpp")],
-                extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffast-math", "-fno-finite-math-only"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        else:
-            nvcc = find_nvcc()
-            cuda_flags = cuda_compile_flags(nvcc)
-            ext = cpp_extension.load(
-                name="rwkv_lora_wkv_cuda",
-                sources=[str(KERNEL_DIR / "wkv_cuda_bind.cpp"), str(KERNEL_DIR / "wkv_cuda.cu")],
-                extra_cuda_cflags=cuda_flags,
-                verbose=False,
-            )
-    except Exception as e:  # no compiler, no nvcc, a bad flag: say which and fall back
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        if kind == "cuda":
-            hint = (f"nvcc: {nvcc or 'not found (set CUDA_HOME or put nvcc on PATH)'}; "
-                    f"nvcc flags: {' '.join(cuda_flags)}; torch CUDA_HOME: {cpp_extension.CUDA_HOME}")
-        else:
-            hint = "check that a C++ compiler is installed"
-        warnings.warn(f"rwkv-lora: could not build the {kind} WKV kernel ({first}); using the slow reference WKV. "
-                      f"{hint}.", stacklevel=3)
-        _warned.add(kind)
-    _extensions[kind] = ext
-    return ext
-
-
 def kernel_for(device: torch.device):
     """The compiled extension for this device, or None (then the reference is used)."""
-    return _build("cuda" if device.type == "cuda" else "cpu") if device.type in ("cpu", "cuda") else None
+    if device.type not in ("cpu", "cuda"):
+        return None
+    return load_extension("wkv4", cpu_sources=["wkv_cpu.cpp"], cuda_sources=["wkv_cuda_bind.cpp", "wkv_cuda.cu"],
+                          device_type=device.type)
 
 
 class WKVKernel(torch.autograd.Function):

@@ -25,7 +25,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from finetune.wkv import P_EMPTY, wkv
+from finetune.errors import FinetuneError
+from finetune.models.family import Family
+from finetune.ops.wkv4 import P_EMPTY, wkv
 
 # parameters that stay float32 whatever dtype the rest of the model is cast to: the decays feed exp(exp(.))
 FP32_PARAMS = ("att.time_decay", "att.time_first")
@@ -264,57 +266,82 @@ def init_rwkv_lm_(model: RWKV, seed: int = 0, emb_scale: float = 1e-4) -> RWKV:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Loading
+# The checkpoint layout
 
 
-def load_model(path: str | Path, adapters: Sequence = (), dtype: torch.dtype | str | None = None,
-               device: str | torch.device = "cpu") -> RWKV:
-    """Load a BlinkDL RWKV-4 checkpoint (`.pth` or `.safetensors`), optionally with adapters plugged in.
-
-    n_layer, n_embd and vocab come from the tensors themselves. `dtype=None` keeps each tensor's stored dtype;
-    otherwise everything but time_decay/time_first (always fp32) is cast to it. `adapters`: adapter directories or
-    packed `.safetensors` files, or (path, weight) pairs; they are applied unmerged (see `finetune.adapters`).
-    Returns the model in eval mode.
-    """
-    from finetune.checkpoint import config_from_state_dict, read_state_dict
-
-    state_dict = read_state_dict(path)
-    config = config_from_state_dict(state_dict, path)
-    model = build_from_state_dict(state_dict, config, path)
-    if dtype is not None:
-        model.cast(parse_dtype(dtype))
-    model.to(device)
-    if adapters:
-        from finetune.adapters import attach_adapters
-
-        model = attach_adapters(model, adapters)
-    return model.eval()
-
-
-def build_from_state_dict(state_dict: dict[str, torch.Tensor], config: RWKVConfig, path: str | Path = "<memory>"
-                          ) -> RWKV:
-    """An RWKV whose parameters are the checkpoint's tensors (no copy, no random init: built on the meta device)."""
-    from finetune.checkpoint import check_keys
-
-    check_keys(state_dict, config, path)
-    with torch.device("meta"):
-        model = RWKV(config)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    model.checkpoint_dtypes = {k: v.dtype for k, v in state_dict.items()}
-    for name, p in model.named_parameters():  # decays always in fp32 (exact: bf16/fp16 -> fp32 loses nothing)
-        if name.endswith(FP32_PARAMS) and p.dtype != torch.float32:
-            p.data = p.data.float()
-    return model
-
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
-def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
+def config_from_state_dict(sd: dict[str, torch.Tensor], path: str | Path = "<memory>") -> RWKVConfig:
+    """n_layer, n_embd, vocab and ffn width, read off the tensors (never typed by hand)."""
     try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16") from None
+        vocab, n_embd = sd["emb.weight"].shape
+        n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        dim_ffn = sd["blocks.0.ffn.key.weight"].shape[0]
+    except (KeyError, ValueError) as e:
+        raise FinetuneError(f"{path}: incomplete RWKV-4 checkpoint (missing or malformed {e})") from None
+    return RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab, dim_ffn=dim_ffn)
+
+
+def expected_shapes(config: RWKVConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of an RWKV-4 checkpoint with its shape."""
+    C, V, F_ = config.n_embd, config.vocab_size, config.dim_ffn
+    shapes: dict[str, tuple[int, ...]] = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,),
+                                          "blocks.0.ln0.bias": (C,)}
+    for i in range(config.n_layer):
+        b = f"blocks.{i}."
+        for ln in ("ln1", "ln2"):
+            shapes[f"{b}{ln}.weight"] = (C,)
+            shapes[f"{b}{ln}.bias"] = (C,)
+        shapes[f"{b}att.time_decay"] = (C,)
+        shapes[f"{b}att.time_first"] = (C,)
+        for m in ("k", "v", "r"):
+            shapes[f"{b}att.time_mix_{m}"] = (1, 1, C)
+        for m in ("key", "value", "receptance", "output"):
+            shapes[f"{b}att.{m}.weight"] = (C, C)
+        shapes[f"{b}ffn.time_mix_k"] = (1, 1, C)
+        shapes[f"{b}ffn.time_mix_r"] = (1, 1, C)
+        shapes[f"{b}ffn.key.weight"] = (F_, C)
+        shapes[f"{b}ffn.receptance.weight"] = (C, C)
+        shapes[f"{b}ffn.value.weight"] = (C, F_)
+    shapes["ln_out.weight"] = (C,)
+    shapes["ln_out.bias"] = (C,)
+    shapes["head.weight"] = (V, C)
+    return shapes
+
+
+def check_keys(sd: dict[str, torch.Tensor], config: RWKVConfig, path: str | Path = "<memory>") -> None:
+    """Raise a one-line FinetuneError unless `sd` has exactly the RWKV-4 keys with the right shapes."""
+    expected = expected_shapes(config)
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        raise FinetuneError(f"{path}: not a complete RWKV-4 checkpoint ({'; '.join(parts)})")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            raise FinetuneError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {shape}")
+
+
+def _is_time(name: str) -> bool:
+    return ".att.time_" in name or ".ffn.time_" in name
+
+
+def _is_ln(name: str) -> bool:
+    return ".ln0." in name or ".ln1." in name or ".ln2." in name or name.startswith("ln_out.")
+
+
+FAMILY = Family(
+    name="rwkv4",
+    title="RWKV-4",
+    model_class=RWKV,
+    config_from_state_dict=config_from_state_dict,
+    expected_shapes=expected_shapes,
+    init=init_rwkv_lm_,
+    lora_parts={"att": ("key", "value", "receptance", "output"), "ffn": ("key", "value", "receptance")},
+    full_groups={"time": _is_time, "ln": _is_ln, "emb": lambda n: n == "emb.weight",
+                 "head": lambda n: n == "head.weight"},
+    fp32_params=FP32_PARAMS,
+    describe=lambda config: [f"width:       {config.n_embd} (ffn {config.dim_ffn})"],
+)

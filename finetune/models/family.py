@@ -1,0 +1,108 @@
+"""What the layers above ask of an RWKV generation: the `Family` record each model module exports.
+
+A family is one RWKV generation (RWKV-4, 5.2, 6, 7). Its module (`finetune/models/rwkvN.py`) holds a plain
+`nn.Module` whose module tree is the checkpoint's key layout, and exports one `FAMILY = Family(...)` describing it.
+The trainer, adapters, merge, generation, infctx and state tuning use only this record and the model's methods
+(`forward(idx, state, return_state)`, `empty_state(batch)`, `cast(dtype)`), never a tensor name of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class RNNState:
+    """The recurrent state of an RWKV model, batch first, float32: the same three pieces in every generation.
+
+    att_shift [B, L, C]   the last ln1 output each layer's time-mix saw (token shift)
+    wkv       [B, L, ...] the WKV state: RWKV-4 [B, L, 3, C] (numerator a, denominator b, running max p);
+                          RWKV-5/6/7 [B, L, H, N, N] (one N x N matrix per head, in the `rwkv` package's layout)
+    ffn_shift [B, L, C]   the last ln2 output each layer's channel-mix saw
+
+    Layer i of the `rwkv` package's state list is (att_shift[:, i], wkv[:, i], ffn_shift[:, i]) (RWKV-4's five rows
+    are att_shift, a, b, p, ffn_shift). Gradients flow through it (infctx, state tuning).
+    """
+
+    att_shift: torch.Tensor
+    wkv: torch.Tensor
+    ffn_shift: torch.Tensor
+
+    FIELDS = ("att_shift", "wkv", "ffn_shift")
+
+    @property
+    def batch_size(self) -> int:
+        return self.att_shift.shape[0]
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer i's (att_shift [B, C], wkv [B, ...], ffn_shift [B, C])."""
+        return self.att_shift[:, i], self.wkv[:, i], self.ffn_shift[:, i]
+
+    @classmethod
+    def stack(cls, layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> "RNNState":
+        """The inverse of `layer`: per-layer (att_shift, wkv, ffn_shift) triples -> one state (float32)."""
+        return cls(*(torch.stack([t[j].float() for t in layers], dim=1) for j in range(3)))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "RNNState":
+        return RNNState(fn(self.att_shift), fn(self.wkv), fn(self.ffn_shift))
+
+    def clone(self) -> "RNNState":
+        return self.map(torch.clone)
+
+    def detach(self) -> "RNNState":
+        return self.map(torch.Tensor.detach)
+
+    def to(self, *args, **kwargs) -> "RNNState":
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    def rows(self, index: torch.Tensor | list[int] | slice) -> "RNNState":
+        """A sub-batch (e.g. the streams of a server batch)."""
+        return self.map(lambda t: t[index])
+
+    @classmethod
+    def cat(cls, states: list["RNNState"]) -> "RNNState":
+        """Several states as one batch (rows in order)."""
+        return cls(*(torch.cat([getattr(s, f) for s in states], dim=0) for f in cls.FIELDS))
+
+    def expand(self, batch: int) -> "RNNState":
+        """A batch-1 state (or an unbatched one, [L, ...]) repeated as `batch` rows (a view)."""
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            t = t if t.shape[0] == 1 and t.dim() > 2 else t.unsqueeze(0)
+            return t.expand(batch, *t.shape[1:])
+        return self.map(grow)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """{field: tensor}, e.g. for a safetensors file."""
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One RWKV generation, as the rest of the toolkit sees it."""
+
+    name: str
+    """Short id recorded in adapters and state files: "rwkv4", "rwkv5", "rwkv6", "rwkv7"."""
+    title: str
+    """What `info` prints: "RWKV-4", "RWKV-5.2 (Eagle)", ..."""
+    model_class: type[nn.Module]
+    """The nn.Module, built as `model_class(config)`; its state_dict keys are the checkpoint's keys."""
+    config_from_state_dict: Callable[[dict[str, torch.Tensor], Any], Any]
+    """(state_dict, path) -> config: every dimension read off the tensors; one-line FinetuneError if malformed."""
+    expected_shapes: Callable[[Any], dict[str, tuple[int, ...]]]
+    """config -> every checkpoint key with its shape."""
+    init: Callable[..., nn.Module]
+    """(model, seed=0) -> the model initialised in place the way RWKV-LM does for this generation."""
+    lora_parts: dict[str, tuple[str, ...]]
+    """LoRA targets by part: {"att": ("receptance", "key", ...), "ffn": (...)}; names are submodules of
+    blocks.N.<part>."""
+    full_groups: dict[str, Callable[[str], bool]]
+    """Tensors trainable in full next to LoRA, by group ("time", "ln", "emb", "head"): a predicate on checkpoint
+    names."""
+    fp32_params: tuple[str, ...] = ()
+    """Name suffixes of parameters kept float32 whatever the model's dtype (decays and the like)."""
+    describe: Callable[[Any], list[str]] = field(default=lambda config: [])
+    """config -> extra `info` lines (heads, low-rank widths, ...)."""
