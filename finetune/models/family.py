@@ -9,7 +9,7 @@ The trainer, adapters, merge, generation, infctx and state tuning use only this 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -78,6 +78,68 @@ class RNNState:
     def tensors(self) -> dict[str, torch.Tensor]:
         """{field: tensor}, e.g. for a safetensors file."""
         return {f: getattr(self, f) for f in self.FIELDS}
+
+
+class RWKVModel(nn.Module):
+    """What every family's model shares around its own `forward`: RNN steps, chunked prefill, dtype casting.
+
+    A subclass defines `forward(idx [B, T], state: RNNState | None = None, return_state=False)` -> logits [B, T, V]
+    (and the new RNNState when asked) and `zero_state(batch, device)` -> the state before any token. Training,
+    prefill and single-token generation all call that one forward (a subclass may take a fast path when T == 1).
+    """
+
+    fp32_params: tuple[str, ...] = ()
+    """Name suffixes of parameters kept float32 by `cast` (decays and the like)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+        """Recompute each block in the backward pass instead of keeping its activations (training only)."""
+        self.checkpoint_dtypes: dict[str, torch.dtype] = {}
+        """The dtype each tensor had in the file it was loaded from; `save_checkpoint` writes them back so."""
+        self.initial_state: RNNState | None = None
+        """A learned start state (a state adapter; unbatched, [L, ...] per field) used instead of `zero_state`; a
+        plain attribute, not a parameter, so checkpoints keep exactly BlinkDL's keys."""
+
+    def zero_state(self, batch: int, device: torch.device | str) -> RNNState:
+        raise NotImplementedError
+
+    def empty_state(self, batch: int = 1, device: torch.device | str | None = None) -> RNNState:
+        """The state before any token (the learned `initial_state` when a state adapter is plugged in)."""
+        device = self.emb.weight.device if device is None else device
+        if self.initial_state is not None:
+            return self.initial_state.to(device=device, dtype=torch.float32).expand(batch)
+        return self.zero_state(batch, device)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor | Sequence[int], state: RNNState | None = None):
+        """One token per sequence: tokens [B] -> (logits [B, V], new state). The forward on a length-1 window."""
+        tokens = torch.as_tensor(tokens, device=self.emb.weight.device).reshape(-1, 1)
+        logits, state = self.forward(tokens, state, return_state=True)
+        return logits[:, -1], state
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor | Sequence[int], state: RNNState | None = None, chunk_len: int = 1024):
+        """Feed a prompt of any length chunk by chunk (memory stays flat): tokens [T] or [B, T] -> (logits of the
+        last position [B, V], state)."""
+        tokens = torch.as_tensor(tokens, device=self.emb.weight.device)
+        if tokens.dim() == 1:
+            tokens = tokens.unsqueeze(0)
+        if tokens.shape[1] == 0:
+            raise ValueError("prefill needs at least one token")
+        logits = None
+        for start in range(0, tokens.shape[1], chunk_len):
+            logits, state = self.forward(tokens[:, start:start + chunk_len], state, return_state=True)
+        return logits[:, -1], state
+
+    def cast(self, dtype: torch.dtype) -> "RWKVModel":
+        """Cast every weight to `dtype` except the `fp32_params`, which stay float32."""
+        for name, p in self.named_parameters():
+            p.data = p.data.float() if name.endswith(self.fp32_params) else p.data.to(dtype)
+        return self
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
 
 @dataclass(frozen=True)
