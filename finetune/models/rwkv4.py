@@ -72,10 +72,12 @@ class TimeMix(nn.Module):
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor):
         """x [B, T, C] (ln1 output), shift [B, C], wkv_state [B, 3, C] -> (out, new shift, new wkv_state)."""
+        # x * mix + xx * (1 - mix), written as xx + (x - xx) * mix: one subtraction shared by the three mixes
         xx = token_shift(x, shift)
-        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
-        xv = x * self.time_mix_v + xx * (1 - self.time_mix_v)
-        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
+        dx = x - xx
+        xk = xx + dx * self.time_mix_k
+        xv = xx + dx * self.time_mix_v
+        xr = xx + dx * self.time_mix_r
         k = self.key(xk)
         v = self.value(xv)
         r = torch.sigmoid(self.receptance(xr))
@@ -106,8 +108,9 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor):
         xx = token_shift(x, shift)
-        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
-        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
+        dx = x - xx
+        xk = xx + dx * self.time_mix_k
+        xr = xx + dx * self.time_mix_r
         k = torch.square(torch.relu(self.key(xk)))
         return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
 
