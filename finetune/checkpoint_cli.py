@@ -55,7 +55,7 @@ def run_init(args: argparse.Namespace) -> int:
         model = init_rwkv_lm_(RWKV(config), seed=args.seed)
         what = f"RWKV-4 {config.n_layer} x {config.n_embd}"
     dtype = parse_dtype(args.dtype)
-    sd = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    sd = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}  # row-major, as BlinkDL's files
     save_checkpoint(sd, args.out)
     print(f"wrote {args.out}: {what}, vocab {args.vocab}, {model.num_params() / 1e6:.2f}M parameters, {args.dtype}")
     return 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from finetune import FinetuneError, load_model
-from finetune.checkpoint import build_from_state_dict, read_state_dict
+from finetune.checkpoint import build_from_state_dict, read_state_dict, save_checkpoint
 from finetune.cli import main
 from finetune.models import FAMILIES, RNNState, detect, family_for, get_family
 from finetune.models.rwkv7 import FAMILY, RWKV7, RWKV7Config, expected_shapes, init_rwkv7_
@@ -210,6 +210,26 @@ def test_family_record_covers_every_tensor():
         assert isinstance(model.get_submodule(module_name), torch.nn.Linear)
 
 
+def test_column_major_tall_weights_are_invisible(tmp_path):
+    """The head and ffn.key are kept column-major in memory (faster one-token products); every reader sees the
+    file's values, casts and device moves keep the layout, and saved files are row-major again."""
+    case = CASES["L2-C64-H1-fp32"]
+    sd = case.state_dict()
+    path = tmp_path / "m.pth"
+    torch.save(sd, path)
+    model = load_model(path)
+    assert model.head.weight.stride() == (1, case.vocab) and model.blocks[1].ffn.key.weight.stride() == (1, 256)
+    assert model.blocks[1].ffn.value.weight.is_contiguous() and model.blocks[1].att.key.weight.is_contiguous()
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    model.cast(torch.bfloat16)
+    assert model.head.weight.stride() == (1, case.vocab)
+    out = save_checkpoint(model, tmp_path / "out.pth")
+    written = read_state_dict(out)
+    assert all(v.is_contiguous() for v in written.values())
+    assert written["head.weight"].dtype == torch.float32  # written back in the file's dtype
+    assert torch.equal(written["head.weight"], sd["head.weight"].to(torch.bfloat16).float())
+
+
 def run_cli(*args: object) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "finetune.cli", *map(str, args)], capture_output=True, text=True)
 
@@ -257,7 +277,7 @@ def test_init_arch7_writes_a_checkpoint_that_loads_and_info_describes(tmp_path, 
     config = RWKV7Config(n_layer=3, n_embd=128, vocab_size=300, head_size=32)
     assert {k: tuple(v.shape) for k, v in sd.items()} == expected_shapes(config)
     assert (config.d_decay, config.d_iclr, config.d_value, config.d_gate) == (32, 32, 32, 64)  # RWKV-LM at C=128
-    assert all(v.dtype == torch.bfloat16 for v in sd.values())
+    assert all(v.dtype == torch.bfloat16 and v.is_contiguous() for v in sd.values())
     # RWKV-LM's v7 scheme: blocks start as the identity, low-rank paths silent, decays spread over channels
     for i in range(3):
         b = f"blocks.{i}.att."
