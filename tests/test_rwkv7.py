@@ -203,7 +203,10 @@ def test_family_record_covers_every_tensor():
             for part, mods in FAMILY.lora_parts.items() for m in mods}
     for name in sd:
         groups = [g for g, pred in FAMILY.full_groups.items() if pred(name)]
-        assert len(groups) + (name in lora) == 1, (name, groups)
+        unused = name in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")  # stored, never used
+        assert len(groups) + (name in lora) == (0 if unused else 1), (name, groups)
+    assert "blocks.0.att.v1" in sd and not FAMILY.full_groups["time"]("blocks.0.att.v1")
+    assert FAMILY.full_groups["time"]("blocks.1.att.v1")
     assert FAMILY.full_groups["time"]("blocks.1.att.w0") and FAMILY.full_groups["time"]("blocks.0.ffn.x_k")
     assert FAMILY.full_groups["ln"]("blocks.1.att.ln_x.weight") and FAMILY.full_groups["ln"]("ln_out.bias")
     for module_name in (f"blocks.1.att.{m}" for m in ("receptance", "key", "value", "output")):

@@ -461,8 +461,13 @@ TIME_PARAMS = tuple(f".att.{p}" for p in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_
 LN_PARAMS = (".ln0.", ".ln1.", ".ln2.", ".att.ln_x.")
 
 
+UNUSED_PARAMS = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+"""Stored by RWKV-LM but never used (block 0 makes v_first): in no trainable group, since a tensor without a
+gradient would make DDP fail and waste AdamW state."""
+
+
 def _is_time(name: str) -> bool:
-    return name.endswith(TIME_PARAMS)
+    return name.endswith(TIME_PARAMS) and not name.endswith(UNUSED_PARAMS)
 
 
 def _is_ln(name: str) -> bool:
