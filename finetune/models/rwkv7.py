@@ -99,8 +99,8 @@ class RWKV7Config:
 def wkv7_one(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
              state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of WKV-7 (the T == 1 fast path of generation): r, w, k, v, a, b [B, H, N], state [B, H, N, N]
-    fp32, or float64 in tests (row = value index). The same recurrence as `finetune.ops.wkv7` as three batched
-    matrix products, without the operator's per-call set-up. Returns (y [B, H, N] in the state's dtype, new state)."""
+    fp32, or float64 in tests (row = value index). The same recurrence as `finetune.ops.wkv7` in two batched
+    matrix-vector products and two broadcast outer products, without the operator's per-call set-up. Returns (y [B, H, N] in the state's dtype, new state)."""
     B, H, N = r.shape
     col, row = (B, H, N, 1), (B, H, 1, N)  # a vector as a column or a row of each head's N x N matrix
     r, w, k, v, a, b = (t if t.dtype == state.dtype else t.to(state.dtype) for t in (r, w, k, v, a, b))
