@@ -13,6 +13,7 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.models import rwkv4
+from finetune.models import rwkv5, rwkv6
 from finetune.models.family import Family, RNNState
 
 __all__ = ["FAMILIES", "Family", "RNNState", "detect", "detect_version", "family_for", "get_family", "parse_dtype",
@@ -21,6 +22,8 @@ __all__ = ["FAMILIES", "Family", "RNNState", "detect", "detect_version", "family
 # generation (as `detect_version` names it) -> family; versions missing here are recognised but refused
 FAMILIES: dict[str, Family] = {
     "4": rwkv4.FAMILY,
+    "5.2": rwkv5.FAMILY,
+    "6": rwkv6.FAMILY,
 }
 
 # what the `rwkv` package and RWKV-LM call the versions we recognise but cannot load
