@@ -1,4 +1,4 @@
-"""`rwkv-lora init` (a random RWKV-4 in BlinkDL's layout) and `rwkv-lora info` (what a file holds)."""
+"""`rwkv-lora init` (a random RWKV-4/5.2/6 in BlinkDL's layout) and `rwkv-lora info` (what a file holds)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-layer", type=int, required=True, help="number of blocks")
     p.add_argument("--n-embd", type=int, required=True, help="width of the residual stream")
     p.add_argument("--vocab", type=int, required=True, help="vocabulary size (65536 World, 50277 Pile/Raven)")
+    p.add_argument("--arch", choices=["4", "5", "6"], default="4",
+                   help="RWKV generation: 4, 5 (RWKV-5.2 Eagle) or 6 (RWKV-6 Finch) (default 4)")
+    p.add_argument("--head-size", type=int, default=64, help="head size of RWKV-5/6 (default 64, as published)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="storage dtype (released models are bf16; default fp32)")
@@ -33,19 +36,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_init(args: argparse.Namespace) -> int:
     from finetune.checkpoint import save_checkpoint
-    from finetune.models import parse_dtype
+    from finetune.models import family_for, parse_dtype
     from finetune.models.rwkv4 import RWKV, RWKVConfig, init_rwkv_lm_
 
     for name in ("n_layer", "n_embd", "vocab"):
         if getattr(args, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be a positive integer")
-    config = RWKVConfig(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab)
-    model = init_rwkv_lm_(RWKV(config), seed=args.seed)
+    if args.arch in ("5", "6"):
+        from finetune.models import rwkv5, rwkv6
+
+        family, config_class = ((rwkv5.FAMILY, rwkv5.RWKV5Config) if args.arch == "5" else
+                                (rwkv6.FAMILY, rwkv6.RWKV6Config))
+        if args.head_size < 1 or args.n_embd % args.head_size:
+            raise FinetuneError(f"--n-embd {args.n_embd} must be a multiple of --head-size {args.head_size}")
+        config = config_class(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab,
+                              head_size=args.head_size)
+        model = family.init(family.model_class(config), seed=args.seed)
+    else:
+        config = RWKVConfig(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab)
+        model = init_rwkv_lm_(RWKV(config), seed=args.seed)
     dtype = parse_dtype(args.dtype)
     sd = {k: v.to(dtype) for k, v in model.state_dict().items()}
     save_checkpoint(sd, args.out)
-    print(f"wrote {args.out}: RWKV-4 {config.n_layer} x {config.n_embd}, vocab {config.vocab_size}, "
-          f"{model.num_params() / 1e6:.2f}M parameters, {args.dtype}")
+    print(f"wrote {args.out}: {family_for(model).title} {config.n_layer} x {config.n_embd}, "
+          f"vocab {config.vocab_size}, {model.num_params() / 1e6:.2f}M parameters, {args.dtype}")
     return 0
 
 
