@@ -136,8 +136,9 @@ class TimeMix(nn.Module):
             # generation: one step of the recurrence (the operator's formula) without the operator's dispatch
             r, k, v = r[:, 0].float(), k[:, 0].float(), v[:, 0].float()  # (B, H, N)
             kv = k.unsqueeze(-1) * v.unsqueeze(-2)  # (B, H, N, N): k^T v, rows = key index
-            y = (r.unsqueeze(-2) @ (u.unsqueeze(-1) * kv + wkv_state)).view(B, 1, C)  # r @ (u k^T v + S)
-            wkv_state = kv + torch.exp(log_decay[:, 0]).unsqueeze(-1) * wkv_state
+            # addcmul: one pass over each [N, N] matrix instead of two (this path is memory-bound)
+            y = (r.unsqueeze(-2) @ torch.addcmul(wkv_state, u.unsqueeze(-1), kv)).view(B, 1, C)  # r @ (S + u k^T v)
+            wkv_state = torch.addcmul(kv, torch.exp(log_decay[:, 0]).unsqueeze(-1), wkv_state)  # k^T v + decay * S
         else:
             y, wkv_state = wkv6(r, log_decay, k, v, u, wkv_state)  # y (B, T, H, N) fp32
             y = y.reshape(B, T, C)
