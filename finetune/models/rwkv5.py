@@ -110,10 +110,11 @@ class TimeMix(nn.Module):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         prev = token_shift(x, shift)
-        xk = x * self.time_mix_k + prev * (1 - self.time_mix_k)
-        xv = x * self.time_mix_v + prev * (1 - self.time_mix_v)
-        xr = x * self.time_mix_r + prev * (1 - self.time_mix_r)
-        xg = x * self.time_mix_g + prev * (1 - self.time_mix_g)
+        # lerp(prev, x, mix) = x * mix + prev * (1 - mix) in one op (fewer ops per generated token)
+        xk = torch.lerp(prev, x, self.time_mix_k)
+        xv = torch.lerp(prev, x, self.time_mix_v)
+        xr = torch.lerp(prev, x, self.time_mix_r)
+        xg = torch.lerp(prev, x, self.time_mix_g)
         # the WKV runs in fp32 (like the `rwkv` package, whose projections feeding it output fp32)
         r = self.receptance(xr).view(B, T, H, N)  # (B, T, H, N)
         k = self.key(xk).view(B, T, H, N)
@@ -153,8 +154,8 @@ class ChannelMix(nn.Module):
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, C] (ln2 output), shift [B, C] -> (dx [B, T, C], new shift)."""
         prev = token_shift(x, shift)
-        xk = x * self.time_mix_k + prev * (1 - self.time_mix_k)
-        xr = x * self.time_mix_r + prev * (1 - self.time_mix_r)
+        xk = torch.lerp(prev, x, self.time_mix_k)  # x * mix + prev * (1 - mix)
+        xr = torch.lerp(prev, x, self.time_mix_r)
         k = torch.square(torch.relu(self.key(xk)))
         return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
 
@@ -163,6 +164,7 @@ class Block(nn.Module):
     def __init__(self, config: RWKV5Config, layer_id: int) -> None:
         super().__init__()
         C = config.n_embd
+        self.layer_id = layer_id
         if layer_id == 0:
             self.ln0 = nn.LayerNorm(C)  # block 0 only: normalises the embedding
         self.ln1 = nn.LayerNorm(C)
@@ -173,7 +175,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, att_shift: torch.Tensor, wkv_state: torch.Tensor,
                 ffn_shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, C] and this layer's state -> (x, att_shift [B, C], wkv [B, H, N, N], ffn_shift [B, C])."""
-        if hasattr(self, "ln0"):
+        if self.layer_id == 0:
             x = self.ln0(x)
         dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state)
         x = x + dx
@@ -199,7 +201,8 @@ class RWKV5(RWKVModel):
         return RNNState(torch.zeros(batch, L, C, device=device), torch.zeros(batch, L, H, N, N, device=device),
                         torch.zeros(batch, L, C, device=device))
 
-    def forward(self, idx: torch.Tensor, state: RNNState | None = None, return_state: bool = False):
+    def forward(self, idx: torch.Tensor, state: RNNState | None = None,
+                return_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, RNNState]:
         """idx [B, T] token ids -> logits [B, T, V] (and the state after the last token when `return_state`).
 
         With `state` (e.g. from a previous call) the sequence continues from it; gradients flow through it.

@@ -113,15 +113,15 @@ class TimeMix(nn.Module):
         H, N = self.n_head, self.head_size
         xx = token_shift(x, shift) - x
         # the five mixes' data-dependent parts from one low-rank projection, in the order w, k, v, r, g
-        m = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1)  # (B, T, 5 * D)
+        m = torch.tanh(torch.addcmul(x, xx, self.time_maa_x) @ self.time_maa_w1)  # (B, T, 5 * D)
         m = m.view(B * T, 5, -1).transpose(0, 1)  # (5, B*T, D)
         m = torch.bmm(m, self.time_maa_w2).view(5, B, T, C)  # (5, B, T, C): chunk i times time_maa_w2[i]
         mw, mk, mv, mr, mg = m.unbind(0)
-        xw = x + xx * (self.time_maa_w + mw)
-        xk = x + xx * (self.time_maa_k + mk)
-        xv = x + xx * (self.time_maa_v + mv)
-        xr = x + xx * (self.time_maa_r + mr)
-        xg = x + xx * (self.time_maa_g + mg)
+        xw = torch.addcmul(x, xx, self.time_maa_w + mw)  # x + xx * (maa_w + m_w)
+        xk = torch.addcmul(x, xx, self.time_maa_k + mk)
+        xv = torch.addcmul(x, xx, self.time_maa_v + mv)
+        xr = torch.addcmul(x, xx, self.time_maa_r + mr)
+        xg = torch.addcmul(x, xx, self.time_maa_g + mg)
         r = self.receptance(xr).view(B, T, H, N)  # (B, T, H, N)
         k = self.key(xk).view(B, T, H, N)
         v = self.value(xv).view(B, T, H, N)
@@ -162,14 +162,15 @@ class ChannelMix(nn.Module):
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, C] (ln2 output), shift [B, C] -> (dx [B, T, C], new shift)."""
         xx = token_shift(x, shift) - x
-        k = torch.square(torch.relu(self.key(x + xx * self.time_maa_k)))
-        return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k), x[:, -1]
+        k = torch.square(torch.relu(self.key(torch.addcmul(x, xx, self.time_maa_k))))  # x + xx * maa_k
+        return torch.sigmoid(self.receptance(torch.addcmul(x, xx, self.time_maa_r))) * self.value(k), x[:, -1]
 
 
 class Block(nn.Module):
     def __init__(self, config: RWKV6Config, layer_id: int) -> None:
         super().__init__()
         C = config.n_embd
+        self.layer_id = layer_id
         if layer_id == 0:
             self.ln0 = nn.LayerNorm(C)  # block 0 only: normalises the embedding
         self.ln1 = nn.LayerNorm(C)
@@ -180,7 +181,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, att_shift: torch.Tensor, wkv_state: torch.Tensor,
                 ffn_shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, C] and this layer's state -> (x, att_shift [B, C], wkv [B, H, N, N], ffn_shift [B, C])."""
-        if hasattr(self, "ln0"):
+        if self.layer_id == 0:
             x = self.ln0(x)
         dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state)
         x = x + dx
@@ -206,7 +207,8 @@ class RWKV6(RWKVModel):
         return RNNState(torch.zeros(batch, L, C, device=device), torch.zeros(batch, L, H, N, N, device=device),
                         torch.zeros(batch, L, C, device=device))
 
-    def forward(self, idx: torch.Tensor, state: RNNState | None = None, return_state: bool = False):
+    def forward(self, idx: torch.Tensor, state: RNNState | None = None,
+                return_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, RNNState]:
         """idx [B, T] token ids -> logits [B, T, V] (and the state after the last token when `return_state`).
 
         With `state` (e.g. from a previous call) the sequence continues from it; gradients flow through it.
