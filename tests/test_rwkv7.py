@@ -313,7 +313,7 @@ def test_init_arch7_writes_a_checkpoint_that_loads_and_info_describes(tmp_path, 
 
     r = run_cli("init", "--arch", "7", "--n-layer", "2", "--n-embd", "100", "--vocab", "50", "--out",
                 tmp_path / "bad.pth")
-    assert r.returncode == 1 and "not a multiple of --head-size 64" in r.stderr
+    assert r.returncode == 1 and "must be a multiple of --head-size 64" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad.pth").exists()
 
 

@@ -300,6 +300,7 @@ FAMILY = Family(
     name="rwkv4",
     title="RWKV-4",
     model_class=RWKV,
+    config_class=RWKVConfig,
     config_from_state_dict=config_from_state_dict,
     expected_shapes=expected_shapes,
     init=init_rwkv_lm_,

@@ -486,6 +486,7 @@ FAMILY = Family(
     name="rwkv7",
     title="RWKV-7 (Goose)",
     model_class=RWKV7,
+    config_class=RWKV7Config,
     config_from_state_dict=config_from_state_dict,
     expected_shapes=expected_shapes,
     init=init_rwkv7_,
