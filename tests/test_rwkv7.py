@@ -275,7 +275,7 @@ def test_init_arch7_writes_a_checkpoint_that_loads_and_info_describes(tmp_path, 
     args = ["init", "--arch", "7", "--n-layer", "3", "--n-embd", "128", "--head-size", "32", "--vocab", "300",
             "--seed", "1", "--dtype", "bf16", "--out", str(out)]
     assert main(args) == 0
-    assert "RWKV-7 3 x 128 (4 heads x 32)" in capsys.readouterr().out
+    assert "RWKV-7 (Goose) 3 x 128, vocab 300" in capsys.readouterr().out
     sd = read_state_dict(out)
     config = RWKV7Config(n_layer=3, n_embd=128, vocab_size=300, head_size=32)
     assert {k: tuple(v.shape) for k, v in sd.items()} == expected_shapes(config)
