@@ -102,7 +102,7 @@ def reference_run(leaves, gy, gstate, grads: bool = True, segment: int = 256):
             y, s = W.wkv7_reference(*(x[:, t0:t1] for x in (r, w, k, v, a, b)), states[-1])
             ys.append(y)
             states.append(s)
-    y, state = torch.cat(ys, 1), states[-1]
+    y, state = (torch.cat(ys, 1) if ys else r[:, :0].clone()), states[-1]
     if not grads:
         return y, state, None
     out = [torch.zeros_like(x) for x in (r, w, k, v, a, b)]
