@@ -351,3 +351,24 @@ def test_bench_script_runs(capsys):
     _bench().main(["--repeats", "1", "--shapes", "1,8,2", "--ref-steps", "4", "--skip-chunked"])
     out = capsys.readouterr().out
     assert "| 1 | 8 | 2 | forward+backward |" in out
+
+
+def test_no_checkpoints_without_gradients(monkeypatch):
+    """Under torch.no_grad(), or with no input requiring a gradient, the forward keeps nothing for a backward."""
+    ext = W.kernel_for(torch.device("cpu"))
+    saves = []
+
+    class Spy:
+        def forward(self, *args):
+            saves.append(args[-1])
+            return ext.forward(*args)
+
+    monkeypatch.setattr(W, "kernel_for", lambda device: Spy())
+    leaves, _, _ = make_inputs(1, 5, 2, 8, seed=16)
+    xs = [x.float().requires_grad_() for x in leaves]
+    with torch.no_grad():
+        W.wkv7(*xs)
+    W.wkv7(*(x.detach() for x in xs))
+    W.wkv7(*xs[:6])
+    W.wkv7(*(x.detach() for x in xs[:6]), xs[6])  # state tuning: only the state needs a gradient
+    assert saves == [False, False, True, True]

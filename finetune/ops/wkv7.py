@@ -23,6 +23,7 @@ import math
 from typing import Literal
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from finetune.ops.build import load_extension
 
@@ -78,14 +79,15 @@ class WKV7Kernel(torch.autograd.Function):
     """Autograd wrapper around a compiled extension; gradients for r, w, k, v, a, b and the incoming state."""
 
     @staticmethod
-    def forward(ctx, ext, r, w, k, v, a, b, state):
+    def forward(ctx, ext, save, r, w, k, v, a, b, state):
+        """save: whether a backward will follow (then the checkpoints are kept). Decided by the caller, from the
+        grad mode outside this function: ctx.needs_input_grad says True under torch.no_grad() too."""
         # one compute dtype for r, k, v, a, b (bf16 only when all five are bf16; fp32 otherwise, exact for bf16);
         # w may stay fp32 beside bf16 inputs, so that a model keeping its decays in fp32 does not lose them
         dtype = torch.bfloat16 if all(x.dtype == torch.bfloat16 for x in (r, k, v, a, b)) else torch.float32
         wdtype = dtype if w.dtype == dtype else torch.float32
         ctx.dtypes = [x.dtype for x in (r, w, k, v, a, b)]
         xs = [x.to(wdtype if i == 1 else dtype).contiguous() for i, x in enumerate((r, w, k, v, a, b))]
-        save = any(ctx.needs_input_grad[1:])
         y, state_out, ckpt, sa = ext.forward(*xs, state.float().contiguous(), save)
         ctx.ext = ext
         if save:
@@ -93,6 +95,7 @@ class WKV7Kernel(torch.autograd.Function):
         return y, state_out
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable: say so rather than give zeros
     def backward(ctx, gy, gstate_out):
         *xs, ckpt, sa = ctx.saved_tensors
         B, T, H, N = xs[0].shape
@@ -100,7 +103,7 @@ class WKV7Kernel(torch.autograd.Function):
         gstate_out = (xs[0].new_zeros(B, H, N, N, dtype=torch.float32) if gstate_out is None
                       else gstate_out.float().contiguous())
         *grads, gstate = ctx.ext.backward(*xs, ckpt, sa, gy, gstate_out)
-        return None, *(g.to(dt) for g, dt in zip(grads, ctx.dtypes)), gstate
+        return None, None, *(g.to(dt) for g, dt in zip(grads, ctx.dtypes)), gstate
 
 
 def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -132,7 +135,8 @@ def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: 
         return wkv7_reference(r, w, k, v, a, b, state)
     if state is None:
         state = empty_wkv7_state(B, H, N, r.device)
-    return WKV7Kernel.apply(ext, r, w, k, v, a, b, state)
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in (*xs, state))
+    return WKV7Kernel.apply(ext, save, r, w, k, v, a, b, state)
 
 
 def checkpoint_bytes(batch: int, seq_len: int, heads: int, head_size: int, interval: int) -> int:
