@@ -28,7 +28,9 @@
 // into a small buffer and differentiates it. The scratch per thread is (ceil(T/K) + K) * N * cols floats, whatever
 // B and H; with K = 16 and N = 64 that is about as much as one head's own inputs.
 
+#ifndef WKV6_CORE_ONLY  // -DWKV6_CORE_ONLY: the maths alone, for a quick standalone build (no torch headers)
 #include <torch/extension.h>
+#endif
 
 #include <omp.h>
 
@@ -44,21 +46,56 @@ namespace {
 #define WKV6_K 16
 #endif
 constexpr int64_t K_DEFAULT = WKV6_K;  // backward: steps between two checkpoints of the state
+constexpr int64_t PREFETCH = 2;       // steps ahead that a tile asks for its input rows
 constexpr int64_t MIN_COLS = 16;       // narrowest column block worth a tile of its own (2 AVX2 / 1 AVX-512 vectors)
 
+// bf16 as raw bits (the core needs no torch header; the binding reinterprets at::BFloat16 storage)
+struct bf16 {
+  uint16_t bits;
+};
 inline float to_f(float x) { return x; }
-inline float to_f(at::BFloat16 x) {
-  uint16_t raw;
-  std::memcpy(&raw, &x, sizeof(raw));
-  const uint32_t bits = static_cast<uint32_t>(raw) << 16;
+inline float to_f(bf16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
 
-// exp(w) for the log decay w <= 0. Below -87 the true value is under 1.7e-38: flushed to 0 so that the state never
-// holds denormals (slow on many CPUs); the relative change to any output is below 1e-37.
-inline float decay_of(float w) { return w < -87.0f ? 0.0f : std::exp(w); }
+// 8 floats, GCC/Clang vector extension: the fast paths spell their loops in these so that accumulators stay in
+// registers (the compiler does not keep a runtime-length accumulator array there). memcpy = unaligned load/store.
+typedef float vf __attribute__((vector_size(32)));
+inline vf vload(const float* p) {
+  vf x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+inline void vstore(float* p, vf x) { std::memcpy(p, &x, sizeof(x)); }
+inline float hsum(vf x) { return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])); }
+
+// exp(w) for the log decay w <= 0, inline and branch-free so that the loops over keys vectorise (a call to expf per
+// key cost more than the whole state update). e^w = 2^n e^f with n = round(w / ln 2) and |f| <= ln(2) / 2, f taken
+// from w in two parts (ln 2 = hi + lo, hi with a short mantissa so n * hi is exact); e^f by its Taylor series to
+// f^7 (the next term is below 6e-9 relative, under 1 ulp); 2^n built in the exponent bits. Below -87 the true value
+// is under 1.7e-38: flushed to 0 so that the state never holds denormals (slow on many CPUs); the relative change
+// to any output is below 1e-37. w = -inf gives 0.
+inline float decay_of(float w) {
+  const float x = std::max(w, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // explicit fmas: -ffast-math would otherwise fold the two parts back into one rounded ln 2
+  const float f = std::fma(n, -1.428606820309417e-6f, std::fma(n, -0.693145751953125f, x));
+  float p = 1.0f / 5040.0f;
+  p = p * f + 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return w < -87.0f ? 0.0f : p * scale;
+}
 
 struct Shape {
   int64_t B, T, H, N;
@@ -70,13 +107,13 @@ struct Shape {
 
 // Per-thread buffers, sized once per call (never by B or H).
 struct Work {
-  std::vector<float> S, G, ckpt, buf, dec, rr, kk, vv, gg, acc, gu;
+  std::vector<float> S, G, ckpt, buf, dec, rr, kk, vv, gg, acc, gu, ar, ak, aw, P;
   Work(int64_t N, int64_t J, int64_t nck, int64_t K)
       : S(N * J), G(N * J), ckpt(nck * N * J), buf(K * N * J), dec(std::max<int64_t>(K, 1) * N), rr(N), kk(N),
-        vv(J), gg(J), acc(J), gu(N) {}
+        vv(J), gg(J), acc(J), gu(N), ar(N), ak(N), aw(N), P(8 * J) {}
 };
 
-// Loads r_t, k_t (full head) into work buffers and returns sum_i r_t[i] u[i] k_t[i] (the bonus coefficient).
+// r_t and k_t of the whole head into fp32 buffers; returns sum_i r_t[i] u[i] k_t[i] (the bonus coefficient).
 template <typename scalar_t>
 inline float load_rk(const scalar_t* __restrict r, const scalar_t* __restrict k, const float* __restrict u,
                      float* __restrict rr, float* __restrict kk, int64_t N) {
@@ -89,16 +126,72 @@ inline float load_rk(const scalar_t* __restrict r, const scalar_t* __restrict k,
   return ruk;
 }
 
-// dst <- d * src + k v^T on a tile of J columns (states [N][J] row-major, vv: the tile's J values of v_t);
-// dst may be src.
-inline void update_state(float* dst, const float* src, const float* __restrict d, const float* __restrict kk,
-                         const float* __restrict vv, int64_t N, int64_t J) {
+// Asks for the n elements at p ahead of their use. A tile walks [B, T, H, N] inputs with a stride of H*N elements
+// per step, which the hardware prefetchers (stopped at every 4 KiB page) do not follow: without this a step spends
+// more time waiting for its rows than computing.
+template <typename scalar_t>
+inline void prefetch(const scalar_t* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(scalar_t)); i += 64) __builtin_prefetch(c + i);
+}
+
+template <typename scalar_t>
+inline void load_vec(const scalar_t* __restrict x, float* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = to_f(x[i]);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Forward. The tile's state is kept as S[i][j] (key-major, the tile's J columns contiguous): y_t is then a sum of
+// rows, vectorised over j with no horizontal sums.
+
+// One step, any J: acc = y_t (starting from the bonus ruk * v), S <- d * S + k v^T.
+inline void forward_step_generic(float* __restrict S, int64_t N, int64_t J, const float* __restrict rr,
+                                 const float* __restrict kk, const float* __restrict d, const float* __restrict vv,
+                                 float ruk, float* __restrict acc) {
+  for (int64_t j = 0; j < J; ++j) acc[j] = ruk * vv[j];
   for (int64_t i = 0; i < N; ++i) {
-    const float di = d[i], ki = kk[i];
-    float* Di = dst + i * J;
-    const float* Si = src + i * J;
+    const float ri = rr[i], di = d[i], ki = kk[i];
+    float* __restrict Si = S + i * J;
 #pragma omp simd
-    for (int64_t j = 0; j < J; ++j) Di[j] = di * Si[j] + ki * vv[j];
+    for (int64_t j = 0; j < J; ++j) {
+      acc[j] += ri * Si[j];
+      Si[j] = di * Si[j] + ki * vv[j];
+    }
+  }
+}
+
+// The same for J % 16 == 0: 16 columns at a time, two rows per iteration into separate accumulators (four
+// independent FMA chains: one chain would wait on the FMA latency at every row).
+inline void forward_step_vec(float* __restrict S, int64_t N, int64_t J, const float* __restrict rr,
+                             const float* __restrict kk, const float* __restrict d, const float* __restrict vv,
+                             float ruk, float* __restrict y) {
+  for (int64_t c = 0; c < J; c += 16) {
+    const vf v0 = vload(vv + c), v1 = vload(vv + c + 8);
+    vf a0 = v0 * ruk, a1 = v1 * ruk, b0 = {}, b1 = {};
+    int64_t i = 0;
+    for (; i + 2 <= N; i += 2) {
+      float* p = S + i * J + c;
+      float* q = p + J;
+      const vf s0 = vload(p), s1 = vload(p + 8), t0 = vload(q), t1 = vload(q + 8);
+      a0 += rr[i] * s0;
+      a1 += rr[i] * s1;
+      b0 += rr[i + 1] * t0;
+      b1 += rr[i + 1] * t1;
+      vstore(p, d[i] * s0 + kk[i] * v0);
+      vstore(p + 8, d[i] * s1 + kk[i] * v1);
+      vstore(q, d[i + 1] * t0 + kk[i + 1] * v0);
+      vstore(q + 8, d[i + 1] * t1 + kk[i + 1] * v1);
+    }
+    if (i < N) {
+      float* p = S + i * J + c;
+      const vf s0 = vload(p), s1 = vload(p + 8);
+      a0 += rr[i] * s0;
+      a1 += rr[i] * s1;
+      vstore(p, d[i] * s0 + kk[i] * v0);
+      vstore(p + 8, d[i] * s1 + kk[i] * v1);
+    }
+    vstore(y + c, a0 + b0);
+    vstore(y + c + 8, a1 + b1);
   }
 }
 
@@ -107,37 +200,135 @@ void forward_tile(const Shape& s, int64_t b, int64_t h, int64_t j0, int64_t J, c
                   const scalar_t* k, const scalar_t* v, const float* u, const float* s_in, float* y, float* s_out,
                   Work& ws) {
   const int64_t N = s.N;
-  float* __restrict S = ws.S.data();
-  float* __restrict d = ws.dec.data();
-  float* __restrict rr = ws.rr.data();
-  float* __restrict kk = ws.kk.data();
-  float* __restrict vv = ws.vv.data();
-  float* __restrict acc = ws.acc.data();
+  float* S = ws.S.data();
+  float* d = ws.dec.data();
+  float* rr = ws.rr.data();
+  float* kk = ws.kk.data();
+  float* vv = ws.vv.data();
   const float* uh = u + h * N;
+  const bool vec = J % 16 == 0;
   const float* sp = s_in + s.state(b, h);
   for (int64_t i = 0; i < N; ++i) std::memcpy(S + i * J, sp + i * N + j0, J * sizeof(float));
   for (int64_t t = 0; t < s.T; ++t) {
     const int64_t o = s.at(b, t, h);
+    if (t + PREFETCH < s.T) {
+      const int64_t p = s.at(b, t + PREFETCH, h);
+      prefetch(r + p, N);
+      prefetch(w + p, N);
+      prefetch(k + p, N);
+      prefetch(v + p + j0, J);
+    }
     const float ruk = load_rk(r + o, k + o, uh, rr, kk, N);
     for (int64_t i = 0; i < N; ++i) d[i] = decay_of(w[o + i]);
-    for (int64_t j = 0; j < J; ++j) {
-      vv[j] = to_f(v[o + j0 + j]);
-      acc[j] = ruk * vv[j];
+    load_vec(v + o + j0, vv, J);
+    if (vec) {
+      forward_step_vec(S, N, J, rr, kk, d, vv, ruk, y + o + j0);
+    } else {
+      forward_step_generic(S, N, J, rr, kk, d, vv, ruk, ws.acc.data());
+      std::memcpy(y + o + j0, ws.acc.data(), J * sizeof(float));
     }
-    // y_t = r_t S_{t-1} + bonus, then S_t, in one sweep over the state
-    for (int64_t i = 0; i < N; ++i) {
-      const float ri = rr[i], di = d[i], ki = kk[i];
-      float* __restrict Si = S + i * J;
-#pragma omp simd
-      for (int64_t j = 0; j < J; ++j) {
-        acc[j] += ri * Si[j];
-        Si[j] = di * Si[j] + ki * vv[j];
-      }
-    }
-    std::memcpy(y + o + j0, acc, J * sizeof(float));
   }
   float* so = s_out + s.state(b, h);
   for (int64_t i = 0; i < N; ++i) std::memcpy(so + i * N + j0, S + i * J, J * sizeof(float));
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Backward. Here the tile's state and its gradient are kept transposed, ST[j][i] (value-major, the N keys
+// contiguous): of the four sums a step needs (gr, gk, gw over j; gv over i) three then accumulate as vectors over
+// i and only gv needs a horizontal sum, once per column.
+
+// dst <- d * src + k v^T in the transposed layout (dst may be src).
+inline void update_state_t(float* dst, const float* src, const float* __restrict d, const float* __restrict kk,
+                           const float* __restrict vv, int64_t N, int64_t J) {
+  for (int64_t j = 0; j < J; ++j) {
+    const float vj = vv[j];
+    float* Dj = dst + j * N;
+    const float* Sj = src + j * N;
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) Dj[i] = d[i] * Sj[i] + kk[i] * vj;
+  }
+}
+
+// Everything one backward step needs besides the states.
+struct StepIn {
+  const float *rr, *kk, *d, *uh, *vv, *gg;
+  float gyv, ruk;
+};
+// Where it writes: gr, gk, gw (N keys, this column block's partials), gv (J columns), gu_acc (N, accumulated).
+struct StepOut {
+  float *gr, *gk, *gw, *gv, *gu_acc;
+};
+
+// One step backwards, any N: Sp = S_{t-1}^T, G = G_t^T on entry and G_{t-1}^T on return (both [J][N]).
+inline void backward_step_generic(const float* __restrict Sp, float* __restrict G, int64_t N, int64_t J,
+                                  const StepIn& in, const StepOut& out, Work& ws) {
+  float* __restrict ar = ws.ar.data();
+  float* __restrict ak = ws.ak.data();
+  float* __restrict aw = ws.aw.data();
+  std::fill(ar, ar + N, 0.f);
+  std::fill(ak, ak + N, 0.f);
+  std::fill(aw, aw + N, 0.f);
+  for (int64_t j = 0; j < J; ++j) {
+    const float* __restrict s = Sp + j * N;
+    float* __restrict g = G + j * N;
+    const float gj = in.gg[j], vj = in.vv[j];
+    float pv = 0.f;
+#pragma omp simd reduction(+ : pv)
+    for (int64_t i = 0; i < N; ++i) {
+      const float gi = g[i];
+      ar[i] += s[i] * gj;
+      ak[i] += gi * vj;
+      aw[i] += gi * s[i];
+      pv += gi * in.kk[i];
+      g[i] = in.d[i] * gi + in.rr[i] * gj;
+    }
+    out.gv[j] = pv + in.ruk * gj;
+  }
+  for (int64_t i = 0; i < N; ++i) {
+    out.gr[i] = ar[i] + in.uh[i] * in.kk[i] * in.gyv;
+    out.gk[i] = ak[i] + in.rr[i] * in.uh[i] * in.gyv;
+    out.gw[i] = in.d[i] * aw[i];
+    out.gu_acc[i] += in.rr[i] * in.kk[i] * in.gyv;
+  }
+}
+
+// The same for N % 16 == 0: 16 keys at a time, every accumulator in registers; gv's per-column partial vectors go
+// to P [J][8] and are summed once at the end.
+inline void backward_step_vec(const float* __restrict Sp, float* __restrict G, int64_t N, int64_t J,
+                              const StepIn& in, const StepOut& out, Work& ws) {
+  float* __restrict P = ws.P.data();
+  std::fill(P, P + 8 * J, 0.f);
+  for (int64_t i0 = 0; i0 < N; i0 += 16) {
+    const vf d0 = vload(in.d + i0), d1 = vload(in.d + i0 + 8);
+    const vf r0 = vload(in.rr + i0), r1 = vload(in.rr + i0 + 8);
+    const vf k0 = vload(in.kk + i0), k1 = vload(in.kk + i0 + 8);
+    vf ar0 = {}, ar1 = {}, ak0 = {}, ak1 = {}, aw0 = {}, aw1 = {};
+    for (int64_t j = 0; j < J; ++j) {
+      const float* s = Sp + j * N + i0;
+      float* g = G + j * N + i0;
+      const vf s0 = vload(s), s1 = vload(s + 8), g0 = vload(g), g1 = vload(g + 8);
+      const float gj = in.gg[j], vj = in.vv[j];
+      ar0 += s0 * gj;
+      ar1 += s1 * gj;
+      ak0 += g0 * vj;
+      ak1 += g1 * vj;
+      aw0 += g0 * s0;
+      aw1 += g1 * s1;
+      vstore(P + 8 * j, vload(P + 8 * j) + (g0 * k0 + g1 * k1));
+      vstore(g, d0 * g0 + r0 * gj);
+      vstore(g + 8, d1 * g1 + r1 * gj);
+    }
+    const vf u0 = vload(in.uh + i0), u1 = vload(in.uh + i0 + 8);
+    vstore(out.gr + i0, ar0 + u0 * k0 * in.gyv);
+    vstore(out.gr + i0 + 8, ar1 + u1 * k1 * in.gyv);
+    vstore(out.gk + i0, ak0 + r0 * u0 * in.gyv);
+    vstore(out.gk + i0 + 8, ak1 + r1 * u1 * in.gyv);
+    vstore(out.gw + i0, d0 * aw0);
+    vstore(out.gw + i0 + 8, d1 * aw1);
+    vstore(out.gu_acc + i0, vload(out.gu_acc + i0) + r0 * k0 * in.gyv);
+    vstore(out.gu_acc + i0 + 8, vload(out.gu_acc + i0 + 8) + r1 * k1 * in.gyv);
+  }
+  for (int64_t j = 0; j < J; ++j) out.gv[j] = hsum(vload(P + 8 * j)) + in.ruk * in.gg[j];
 }
 
 // One tile of the backward, recomputation included. gr, gk, gw: this column block's partial sums [B,T,H,N];
@@ -149,87 +340,86 @@ void backward_tile(const Shape& s, int64_t b, int64_t h, int64_t j0, int64_t J, 
                    float* gs_in, Work& ws) {
   const int64_t N = s.N, T = s.T, NJ = N * J;
   const int64_t nck = (T + K - 1) / K;
-  float* __restrict S = ws.S.data();
-  float* __restrict G = ws.G.data();
-  float* __restrict rr = ws.rr.data();
-  float* __restrict kk = ws.kk.data();
-  float* __restrict vv = ws.vv.data();
-  float* __restrict gg = ws.gg.data();
-  float* __restrict acc = ws.acc.data();
-  float* __restrict gu_acc = ws.gu.data();
+  const bool vec = N % 16 == 0;
+  float* S = ws.S.data();
+  float* G = ws.G.data();
+  float* rr = ws.rr.data();
+  float* kk = ws.kk.data();
+  float* vv = ws.vv.data();
+  float* gg = ws.gg.data();
+  float* gu_acc = ws.gu.data();
   const float* uh = u + h * N;
 
   // pass 1: the state at the start of every block of K steps
   const float* sp = s_in + s.state(b, h);
-  for (int64_t i = 0; i < N; ++i) std::memcpy(S + i * J, sp + i * N + j0, J * sizeof(float));
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t j = 0; j < J; ++j) S[j * N + i] = sp[i * N + j0 + j];
   for (int64_t c = 0; c < nck; ++c) {
     std::memcpy(ws.ckpt.data() + c * NJ, S, NJ * sizeof(float));
     if (c + 1 == nck) break;  // the last block's own states are recomputed in pass 2
     for (int64_t t = c * K; t < (c + 1) * K; ++t) {
       const int64_t o = s.at(b, t, h);
-      for (int64_t i = 0; i < N; ++i) {
-        kk[i] = to_f(k[o + i]);
-        ws.dec[i] = decay_of(w[o + i]);
+      if (t + PREFETCH < T) {
+        const int64_t p = s.at(b, t + PREFETCH, h);
+        prefetch(w + p, N);
+        prefetch(k + p, N);
+        prefetch(v + p + j0, J);
       }
-      for (int64_t j = 0; j < J; ++j) vv[j] = to_f(v[o + j0 + j]);
-      update_state(S, S, ws.dec.data(), kk, vv, N, J);
+      load_vec(k + o, kk, N);
+      for (int64_t i = 0; i < N; ++i) ws.dec[i] = decay_of(w[o + i]);
+      load_vec(v + o + j0, vv, J);
+      update_state_t(S, S, ws.dec.data(), kk, vv, N, J);
     }
   }
 
   // pass 2: backwards, block by block
   const float* gp = gs_out + s.state(b, h);
-  for (int64_t i = 0; i < N; ++i) std::memcpy(G + i * J, gp + i * N + j0, J * sizeof(float));
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t j = 0; j < J; ++j) G[j * N + i] = gp[i * N + j0 + j];
   std::fill(gu_acc, gu_acc + N, 0.f);
   for (int64_t c = nck - 1; c >= 0; --c) {
     const int64_t t0 = c * K, t1 = std::min(T, t0 + K);
-    // buf[m] = S_{t0+m-1}, the state before step t0+m; dec[m] = that step's decays
+    // buf[m] = S_{t0+m-1}^T, the state before step t0+m; dec[m] = that step's decays
     float* buf = ws.buf.data();
     std::memcpy(buf, ws.ckpt.data() + c * NJ, NJ * sizeof(float));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t o = s.at(b, t, h), m = t - t0;
+      if (t + PREFETCH < t1) {
+        const int64_t p = s.at(b, t + PREFETCH, h);
+        prefetch(w + p, N);
+        prefetch(k + p, N);
+        prefetch(v + p + j0, J);
+      }
       float* d = ws.dec.data() + m * N;
       for (int64_t i = 0; i < N; ++i) d[i] = decay_of(w[o + i]);
       if (t + 1 == t1) break;
-      for (int64_t i = 0; i < N; ++i) kk[i] = to_f(k[o + i]);
-      for (int64_t j = 0; j < J; ++j) vv[j] = to_f(v[o + j0 + j]);
-      update_state(buf + (m + 1) * NJ, buf + m * NJ, d, kk, vv, N, J);
+      load_vec(k + o, kk, N);
+      load_vec(v + o + j0, vv, J);
+      update_state_t(buf + (m + 1) * NJ, buf + m * NJ, d, kk, vv, N, J);
     }
     for (int64_t t = t1 - 1; t >= t0; --t) {
       const int64_t o = s.at(b, t, h), m = t - t0;
-      const float* __restrict Sp = buf + m * NJ;  // S_{t-1}
-      const float* __restrict d = ws.dec.data() + m * N;
-      const float ruk = load_rk(r + o, k + o, uh, rr, kk, N);
-      float gyv = 0.f;
+      if (t - PREFETCH >= t0) {  // (the block's recomputation, just done, brought w, k, v of the block in)
+        const int64_t p = s.at(b, t - PREFETCH, h);
+        prefetch(r + p, N);
+        prefetch(gy + p + j0, J);
+      }
+      StepIn in{rr, kk, ws.dec.data() + m * N, uh, vv, gg, 0.f, load_rk(r + o, k + o, uh, rr, kk, N)};
+      load_vec(v + o + j0, vv, J);
       for (int64_t j = 0; j < J; ++j) {
-        vv[j] = to_f(v[o + j0 + j]);
         gg[j] = gy[o + j0 + j];
-        gyv += gg[j] * vv[j];
-        acc[j] = ruk * gg[j];  // gv_t, bonus part
+        in.gyv += gg[j] * vv[j];
       }
-      for (int64_t i = 0; i < N; ++i) {
-        const float ri = rr[i], ki = kk[i], di = d[i];
-        const float* __restrict Si = Sp + i * J;
-        float* __restrict Gi = G + i * J;
-        float sr = 0.f, sk = 0.f, sw = 0.f;
-#pragma omp simd reduction(+ : sr, sk, sw)
-        for (int64_t j = 0; j < J; ++j) {
-          const float gij = Gi[j];
-          sr += Si[j] * gg[j];
-          sk += gij * vv[j];
-          sw += gij * Si[j];
-          acc[j] += gij * ki;
-          Gi[j] = di * gij + ri * gg[j];  // G_{t-1}
-        }
-        gr[o + i] = sr + uh[i] * ki * gyv;
-        gk[o + i] = sk + ri * uh[i] * gyv;
-        gw[o + i] = di * sw;
-        gu_acc[i] += ri * ki * gyv;
-      }
-      std::memcpy(gv + o + j0, acc, J * sizeof(float));
+      const StepOut out{gr + o, gk + o, gw + o, gv + o + j0, gu_acc};
+      if (vec)
+        backward_step_vec(buf + m * NJ, G, N, J, in, out, ws);
+      else
+        backward_step_generic(buf + m * NJ, G, N, J, in, out, ws);
     }
   }
   float* gi = gs_in + s.state(b, h);
-  for (int64_t i = 0; i < N; ++i) std::memcpy(gi + i * N + j0, G + i * J, J * sizeof(float));
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t j = 0; j < J; ++j) gi[i * N + j0 + j] = G[j * N + i];
   std::memcpy(gu + h * N, gu_acc, N * sizeof(float));
 }
 
@@ -247,6 +437,10 @@ int64_t auto_col_blocks(int64_t BH, int64_t N, int64_t threads) {
   }
   return best;
 }
+
+#ifndef WKV6_CORE_ONLY
+
+const bf16* as_bf16(const torch::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
 
 Shape check_inputs(const torch::Tensor& r, const torch::Tensor& w, const torch::Tensor& k, const torch::Tensor& v,
                    const torch::Tensor& u, const torch::Tensor& s) {
@@ -300,7 +494,7 @@ std::vector<torch::Tensor> wkv6_forward(torch::Tensor r, torch::Tensor w, torch:
   if (r.scalar_type() == at::kFloat)
     run(r.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>());
   else
-    run(r.data_ptr<at::BFloat16>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
+    run(as_bf16(r), as_bf16(k), as_bf16(v));
   return {y, s_out};
 }
 
@@ -347,14 +541,17 @@ std::vector<torch::Tensor> wkv6_backward(torch::Tensor r, torch::Tensor w, torch
     if (r.scalar_type() == at::kFloat)
       run(r.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>());
     else
-      run(r.data_ptr<at::BFloat16>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
+      run(as_bf16(r), as_bf16(k), as_bf16(v));
   }
   auto reduce = [&](const torch::Tensor& p) { return nb == 1 ? p[0] : p.sum(0); };
   return {reduce(gr), reduce(gw), reduce(gk), gv, gu.sum({0, 1}), gs_in};
 }
 
+#endif  // WKV6_CORE_ONLY
+
 }  // namespace
 
+#ifndef WKV6_CORE_ONLY
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &wkv6_forward, "WKV-5/6 forward (CPU)", py::arg("r"), py::arg("w"), py::arg("k"), py::arg("v"),
         py::arg("u"), py::arg("state_in"), py::arg("col_blocks") = 0);
@@ -362,3 +559,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("u"), py::arg("state_in"), py::arg("gy"), py::arg("gstate_out"), py::arg("col_blocks") = 0,
         py::arg("ckpt_every") = 0);
 }
+#endif  // WKV6_CORE_ONLY
