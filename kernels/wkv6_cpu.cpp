@@ -37,7 +37,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
 namespace {
@@ -105,12 +107,33 @@ struct Shape {
   int64_t state(int64_t b, int64_t h) const { return (b * H + h) * N * N; }
 };
 
-// Per-thread buffers, sized once per call (never by B or H).
+// Row length (in floats) of a state buffer whose rows hold n numbers. A row of 64 floats is 4 cache lines: walking
+// down a column of such rows touches only every 4th set of the L1 cache, and the state and its gradient (16 KiB
+// each) then evict each other; one line of padding (an odd number of lines per row) spreads them over every set.
+inline int64_t row_stride(int64_t n) { return n % 16 == 0 && (n / 16) % 2 == 0 ? n + 16 : n; }
+
+// A float buffer aligned to the 64-byte cache line (rows then start on a line, and a 16-float chunk is one line).
+class Buf {
+ public:
+  explicit Buf(int64_t n) : p_(static_cast<float*>(std::aligned_alloc(64, std::max<int64_t>(64, (4 * n + 63) / 64 * 64)))) {
+    if (p_ == nullptr) throw std::bad_alloc();
+  }
+  ~Buf() { std::free(p_); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  float* data() const { return p_; }
+  float& operator[](int64_t i) const { return p_[i]; }
+
+ private:
+  float* p_;
+};
+
+// Per-thread buffers, sized once per call (never by B or H). M: floats of one tile's state (rows x padded stride).
 struct Work {
-  std::vector<float> S, G, ckpt, buf, dec, rr, kk, vv, gg, acc, gu, ar, ak, aw, P;
-  Work(int64_t N, int64_t J, int64_t nck, int64_t K)
-      : S(N * J), G(N * J), ckpt(nck * N * J), buf(K * N * J), dec(std::max<int64_t>(K, 1) * N), rr(N), kk(N),
-        vv(J), gg(J), acc(J), gu(N), ar(N), ak(N), aw(N), P(8 * J) {}
+  Buf S, G, ckpt, buf, dec, rr, kk, vv, gg, acc, gu, ar, ak, aw, P;
+  Work(int64_t N, int64_t J, int64_t M, int64_t nck, int64_t K)
+      : S(M), G(M), ckpt(nck * M), buf(K * M), dec(std::max<int64_t>(K, 1) * N), rr(N), kk(N), vv(J), gg(J), acc(J),
+        gu(N), ar(N), ak(N), aw(N), P(8 * J) {}
 };
 
 // r_t and k_t of the whole head into fp32 buffers; returns sum_i r_t[i] u[i] k_t[i] (the bonus coefficient).
@@ -145,13 +168,13 @@ inline void load_vec(const scalar_t* __restrict x, float* __restrict out, int64_
 // rows, vectorised over j with no horizontal sums.
 
 // One step, any J: acc = y_t (starting from the bonus ruk * v), S <- d * S + k v^T.
-inline void forward_step_generic(float* __restrict S, int64_t N, int64_t J, const float* __restrict rr,
+inline void forward_step_generic(float* __restrict S, int64_t N, int64_t J, int64_t L, const float* __restrict rr,
                                  const float* __restrict kk, const float* __restrict d, const float* __restrict vv,
                                  float ruk, float* __restrict acc) {
   for (int64_t j = 0; j < J; ++j) acc[j] = ruk * vv[j];
   for (int64_t i = 0; i < N; ++i) {
     const float ri = rr[i], di = d[i], ki = kk[i];
-    float* __restrict Si = S + i * J;
+    float* __restrict Si = S + i * L;
 #pragma omp simd
     for (int64_t j = 0; j < J; ++j) {
       acc[j] += ri * Si[j];
@@ -162,7 +185,7 @@ inline void forward_step_generic(float* __restrict S, int64_t N, int64_t J, cons
 
 // The same for J % 16 == 0: 16 columns at a time, two rows per iteration into separate accumulators (four
 // independent FMA chains: one chain would wait on the FMA latency at every row).
-inline void forward_step_vec(float* __restrict S, int64_t N, int64_t J, const float* __restrict rr,
+inline void forward_step_vec(float* __restrict S, int64_t N, int64_t J, int64_t L, const float* __restrict rr,
                              const float* __restrict kk, const float* __restrict d, const float* __restrict vv,
                              float ruk, float* __restrict y) {
   for (int64_t c = 0; c < J; c += 16) {
@@ -170,8 +193,8 @@ inline void forward_step_vec(float* __restrict S, int64_t N, int64_t J, const fl
     vf a0 = v0 * ruk, a1 = v1 * ruk, b0 = {}, b1 = {};
     int64_t i = 0;
     for (; i + 2 <= N; i += 2) {
-      float* p = S + i * J + c;
-      float* q = p + J;
+      float* p = S + i * L + c;
+      float* q = p + L;
       const vf s0 = vload(p), s1 = vload(p + 8), t0 = vload(q), t1 = vload(q + 8);
       a0 += rr[i] * s0;
       a1 += rr[i] * s1;
@@ -183,7 +206,7 @@ inline void forward_step_vec(float* __restrict S, int64_t N, int64_t J, const fl
       vstore(q + 8, d[i + 1] * t1 + kk[i + 1] * v1);
     }
     if (i < N) {
-      float* p = S + i * J + c;
+      float* p = S + i * L + c;
       const vf s0 = vload(p), s1 = vload(p + 8);
       a0 += rr[i] * s0;
       a1 += rr[i] * s1;
@@ -207,8 +230,9 @@ void forward_tile(const Shape& s, int64_t b, int64_t h, int64_t j0, int64_t J, c
   float* vv = ws.vv.data();
   const float* uh = u + h * N;
   const bool vec = J % 16 == 0;
+  const int64_t L = row_stride(J);
   const float* sp = s_in + s.state(b, h);
-  for (int64_t i = 0; i < N; ++i) std::memcpy(S + i * J, sp + i * N + j0, J * sizeof(float));
+  for (int64_t i = 0; i < N; ++i) std::memcpy(S + i * L, sp + i * N + j0, J * sizeof(float));
   for (int64_t t = 0; t < s.T; ++t) {
     const int64_t o = s.at(b, t, h);
     if (t + PREFETCH < s.T) {
@@ -222,14 +246,14 @@ void forward_tile(const Shape& s, int64_t b, int64_t h, int64_t j0, int64_t J, c
     for (int64_t i = 0; i < N; ++i) d[i] = decay_of(w[o + i]);
     load_vec(v + o + j0, vv, J);
     if (vec) {
-      forward_step_vec(S, N, J, rr, kk, d, vv, ruk, y + o + j0);
+      forward_step_vec(S, N, J, L, rr, kk, d, vv, ruk, y + o + j0);
     } else {
-      forward_step_generic(S, N, J, rr, kk, d, vv, ruk, ws.acc.data());
+      forward_step_generic(S, N, J, L, rr, kk, d, vv, ruk, ws.acc.data());
       std::memcpy(y + o + j0, ws.acc.data(), J * sizeof(float));
     }
   }
   float* so = s_out + s.state(b, h);
-  for (int64_t i = 0; i < N; ++i) std::memcpy(so + i * N + j0, S + i * J, J * sizeof(float));
+  for (int64_t i = 0; i < N; ++i) std::memcpy(so + i * N + j0, S + i * L, J * sizeof(float));
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -239,11 +263,11 @@ void forward_tile(const Shape& s, int64_t b, int64_t h, int64_t j0, int64_t J, c
 
 // dst <- d * src + k v^T in the transposed layout (dst may be src).
 inline void update_state_t(float* dst, const float* src, const float* __restrict d, const float* __restrict kk,
-                           const float* __restrict vv, int64_t N, int64_t J) {
+                           const float* __restrict vv, int64_t N, int64_t J, int64_t L) {
   for (int64_t j = 0; j < J; ++j) {
     const float vj = vv[j];
-    float* Dj = dst + j * N;
-    const float* Sj = src + j * N;
+    float* Dj = dst + j * L;
+    const float* Sj = src + j * L;
 #pragma omp simd
     for (int64_t i = 0; i < N; ++i) Dj[i] = d[i] * Sj[i] + kk[i] * vj;
   }
@@ -260,7 +284,7 @@ struct StepOut {
 };
 
 // One step backwards, any N: Sp = S_{t-1}^T, G = G_t^T on entry and G_{t-1}^T on return (both [J][N]).
-inline void backward_step_generic(const float* __restrict Sp, float* __restrict G, int64_t N, int64_t J,
+inline void backward_step_generic(const float* __restrict Sp, float* __restrict G, int64_t N, int64_t J, int64_t L,
                                   const StepIn& in, const StepOut& out, Work& ws) {
   float* __restrict ar = ws.ar.data();
   float* __restrict ak = ws.ak.data();
@@ -269,8 +293,8 @@ inline void backward_step_generic(const float* __restrict Sp, float* __restrict 
   std::fill(ak, ak + N, 0.f);
   std::fill(aw, aw + N, 0.f);
   for (int64_t j = 0; j < J; ++j) {
-    const float* __restrict s = Sp + j * N;
-    float* __restrict g = G + j * N;
+    const float* __restrict s = Sp + j * L;
+    float* __restrict g = G + j * L;
     const float gj = in.gg[j], vj = in.vv[j];
     float pv = 0.f;
 #pragma omp simd reduction(+ : pv)
@@ -294,7 +318,7 @@ inline void backward_step_generic(const float* __restrict Sp, float* __restrict 
 
 // The same for N % 16 == 0: 16 keys at a time, every accumulator in registers; gv's per-column partial vectors go
 // to P [J][8] and are summed once at the end.
-inline void backward_step_vec(const float* __restrict Sp, float* __restrict G, int64_t N, int64_t J,
+inline void backward_step_vec(const float* __restrict Sp, float* __restrict G, int64_t N, int64_t J, int64_t L,
                               const StepIn& in, const StepOut& out, Work& ws) {
   float* __restrict P = ws.P.data();
   std::fill(P, P + 8 * J, 0.f);
@@ -304,8 +328,8 @@ inline void backward_step_vec(const float* __restrict Sp, float* __restrict G, i
     const vf k0 = vload(in.kk + i0), k1 = vload(in.kk + i0 + 8);
     vf ar0 = {}, ar1 = {}, ak0 = {}, ak1 = {}, aw0 = {}, aw1 = {};
     for (int64_t j = 0; j < J; ++j) {
-      const float* s = Sp + j * N + i0;
-      float* g = G + j * N + i0;
+      const float* s = Sp + j * L + i0;
+      float* g = G + j * L + i0;
       const vf s0 = vload(s), s1 = vload(s + 8), g0 = vload(g), g1 = vload(g + 8);
       const float gj = in.gg[j], vj = in.vv[j];
       ar0 += s0 * gj;
@@ -338,7 +362,7 @@ void backward_tile(const Shape& s, int64_t b, int64_t h, int64_t j0, int64_t J, 
                    const float* w, const scalar_t* k, const scalar_t* v, const float* u, const float* s_in,
                    const float* gy, const float* gs_out, float* gr, float* gw, float* gk, float* gv, float* gu,
                    float* gs_in, Work& ws) {
-  const int64_t N = s.N, T = s.T, NJ = N * J;
+  const int64_t N = s.N, T = s.T, L = row_stride(N), NJ = J * L;
   const int64_t nck = (T + K - 1) / K;
   const bool vec = N % 16 == 0;
   float* S = ws.S.data();
@@ -353,7 +377,7 @@ void backward_tile(const Shape& s, int64_t b, int64_t h, int64_t j0, int64_t J, 
   // pass 1: the state at the start of every block of K steps
   const float* sp = s_in + s.state(b, h);
   for (int64_t i = 0; i < N; ++i)
-    for (int64_t j = 0; j < J; ++j) S[j * N + i] = sp[i * N + j0 + j];
+    for (int64_t j = 0; j < J; ++j) S[j * L + i] = sp[i * N + j0 + j];
   for (int64_t c = 0; c < nck; ++c) {
     std::memcpy(ws.ckpt.data() + c * NJ, S, NJ * sizeof(float));
     if (c + 1 == nck) break;  // the last block's own states are recomputed in pass 2
@@ -368,14 +392,14 @@ void backward_tile(const Shape& s, int64_t b, int64_t h, int64_t j0, int64_t J, 
       load_vec(k + o, kk, N);
       for (int64_t i = 0; i < N; ++i) ws.dec[i] = decay_of(w[o + i]);
       load_vec(v + o + j0, vv, J);
-      update_state_t(S, S, ws.dec.data(), kk, vv, N, J);
+      update_state_t(S, S, ws.dec.data(), kk, vv, N, J, L);
     }
   }
 
   // pass 2: backwards, block by block
   const float* gp = gs_out + s.state(b, h);
   for (int64_t i = 0; i < N; ++i)
-    for (int64_t j = 0; j < J; ++j) G[j * N + i] = gp[i * N + j0 + j];
+    for (int64_t j = 0; j < J; ++j) G[j * L + i] = gp[i * N + j0 + j];
   std::fill(gu_acc, gu_acc + N, 0.f);
   for (int64_t c = nck - 1; c >= 0; --c) {
     const int64_t t0 = c * K, t1 = std::min(T, t0 + K);
@@ -395,7 +419,7 @@ void backward_tile(const Shape& s, int64_t b, int64_t h, int64_t j0, int64_t J, 
       if (t + 1 == t1) break;
       load_vec(k + o, kk, N);
       load_vec(v + o + j0, vv, J);
-      update_state_t(buf + (m + 1) * NJ, buf + m * NJ, d, kk, vv, N, J);
+      update_state_t(buf + (m + 1) * NJ, buf + m * NJ, d, kk, vv, N, J, L);
     }
     for (int64_t t = t1 - 1; t >= t0; --t) {
       const int64_t o = s.at(b, t, h), m = t - t0;
@@ -412,14 +436,14 @@ void backward_tile(const Shape& s, int64_t b, int64_t h, int64_t j0, int64_t J, 
       }
       const StepOut out{gr + o, gk + o, gw + o, gv + o + j0, gu_acc};
       if (vec)
-        backward_step_vec(buf + m * NJ, G, N, J, in, out, ws);
+        backward_step_vec(buf + m * NJ, G, N, J, L, in, out, ws);
       else
-        backward_step_generic(buf + m * NJ, G, N, J, in, out, ws);
+        backward_step_generic(buf + m * NJ, G, N, J, L, in, out, ws);
     }
   }
   float* gi = gs_in + s.state(b, h);
   for (int64_t i = 0; i < N; ++i)
-    for (int64_t j = 0; j < J; ++j) gi[i * N + j0 + j] = G[j * N + i];
+    for (int64_t j = 0; j < J; ++j) gi[i * N + j0 + j] = G[j * L + i];
   std::memcpy(gu + h * N, gu_acc, N * sizeof(float));
 }
 
@@ -483,7 +507,7 @@ std::vector<torch::Tensor> wkv6_forward(torch::Tensor r, torch::Tensor w, torch:
   auto run = [&](const auto* rp, const auto* kp, const auto* vp) {
 #pragma omp parallel
     {
-      Work ws(sh.N, J, 0, 0);
+      Work ws(sh.N, J, sh.N * row_stride(J), 0, 0);
 #pragma omp for schedule(static)
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t jb = tile % nb, bh = tile / nb;
@@ -528,7 +552,7 @@ std::vector<torch::Tensor> wkv6_backward(torch::Tensor r, torch::Tensor w, torch
   auto run = [&](const auto* rp, const auto* kp, const auto* vp) {
 #pragma omp parallel
     {
-      Work ws(sh.N, J, nck, K);
+      Work ws(sh.N, J, J * row_stride(sh.N), nck, K);
 #pragma omp for schedule(static)
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t jb = tile % nb, bh = tile / nb, b = bh / sh.H;
