@@ -4,7 +4,8 @@ and against the matmuls of the RWKV-6 layer around it.
     python bench/wkv6.py                # prints Markdown tables
     python bench/wkv6.py --threads 1    # one thread (torch.set_num_threads)
 
-Times are the median of several runs after a warm-up (the reference, a Python loop over time, gets fewer runs).
+Times are the median of several runs after warm-up runs (the reference, a Python loop over time that takes minutes
+here, is timed once without a warm-up).
 The last table times the projections of one 12 x 768 RWKV-6 layer (att receptance/key/value/gate/output, ffn
 key/value/receptance; the LoRA and elementwise work left out) forward + backward on the same tokens: the WKV's share
 of that is what decides how much it costs a training step (issue 13: within 1.3x of the step without it).
@@ -81,7 +82,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--ref-repeats", type=int, default=2)
+    ap.add_argument("--ref-repeats", type=int, default=1, help="timed runs of the reference (no warm-up)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,7 +99,7 @@ def main(argv=None):
             leaves16, _ = make(B, T, H, N, torch.bfloat16, backward)
             ref = None
             if ref_bwd or not backward:
-                ref = median_seconds(lambda: step("reference", leaves32, gy, backward), 1, args.ref_repeats)
+                ref = median_seconds(lambda: step("reference", leaves32, gy, backward), 0, args.ref_repeats)
             k32 = median_seconds(lambda: step("kernel", leaves32, gy, backward), args.warmup, args.repeats)
             k16 = median_seconds(lambda: step("kernel", leaves16, gy, backward), args.warmup, args.repeats)
             if backward:
