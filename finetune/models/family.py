@@ -168,3 +168,6 @@ class Family:
     """Name suffixes of parameters kept float32 whatever the model's dtype (decays and the like)."""
     describe: Callable[[Any], list[str]] = field(default=lambda config: [])
     """config -> extra `info` lines (heads, low-rank widths, ...)."""
+    state_tune: Callable[[Any], nn.Module] | None = None
+    """config -> a module whose forward() gives the trainable unbatched WKV start state [L, ...] for state tuning;
+    None: the WKV state itself is the parameter (starting from the empty state)."""
