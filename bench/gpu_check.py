@@ -1,6 +1,7 @@
 """One-shot GPU check of the CUDA WKV kernels: build, correctness against a float64 reference, kernel throughput
-against the memory-bandwidth floor, and a LoRA training step of a 169M- and a 1.5B-shaped RWKV-4 in bf16; then the
-same for the RWKV-7 WKV kernel (build, float64 comparison at several T including T not a multiple of 16, timing).
+against the memory-bandwidth floor (RWKV-4), timings (WKV-5/6), and a LoRA training step of a 169M- and a 1.5B-shaped
+RWKV-4 in bf16; then the same for the RWKV-7 WKV kernel (build, float64 comparison at several T including T not a
+multiple of 16, timing).
 
     python bench/gpu_check.py                 # on a CUDA machine (a few minutes; prints Markdown tables)
     python bench/gpu_check.py --wkv7-only     # only the WKV-7 sections (a minute or two)
@@ -31,6 +32,8 @@ from finetune.ops import build as kernel_build  # noqa: E402
 from finetune.ops import wkv4 as wkv_mod  # noqa: E402
 from finetune.ops import wkv7 as wkv7_mod  # noqa: E402
 from finetune.ops.wkv4 import empty_wkv_state, wkv, wkv_reference  # noqa: E402
+from finetune.ops.wkv6 import kernel_for as wkv6_kernel_for  # noqa: E402
+from finetune.ops.wkv6 import wkv6, wkv6_reference  # noqa: E402
 
 POISON_ENV = "RWKV_LORA_WKV_POISON"  # the CUDA binding pre-fills its outputs with NaN when set
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -254,6 +257,122 @@ def throughput(device, ext, shapes, bandwidth, reps) -> list[list]:
                              f"{n / sec / 1e6:.0f}"])
             del td, tf, k, v, state, gy, gstate
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# WKV-5/6 (finetune/ops/wkv6.py): build, float64 comparison over several T, timing
+
+WKV6_NAMES = ["y", "state_out", "g_r", "g_w", "g_k", "g_v", "g_u", "g_state_in"]
+
+
+def wkv6_inputs(B, T, H, N, dtype, with_state, seed):
+    """float64 CPU leaves (r, w, k, v, u, state) and output gradients. r, k, v are rounded to `dtype` once, so the
+    reference and the kernel see the same values; per-token log decays span w = -exp(-20) .. -exp(5), i.e. decays
+    from 1 - 2e-9 (long memory) to e^-148 (none)."""
+    g = torch.Generator().manual_seed(seed)
+    r, k, v = (torch.randn(B, T, H, N, generator=g, dtype=torch.float64).to(dtype).double() for _ in range(3))
+    w = -torch.exp(torch.rand(B, T, H, N, generator=g, dtype=torch.float64) * 25 - 20)
+    u = torch.randn(H, N, generator=g, dtype=torch.float64) * 0.5
+    state = torch.randn(B, H, N, N, generator=g, dtype=torch.float64) * float(with_state)
+    gy = torch.randn(B, T, H, N, generator=g, dtype=torch.float64)
+    gstate = torch.randn(B, H, N, N, generator=g, dtype=torch.float64)
+    return [r, w, k, v, u, state], gy, gstate
+
+
+def wkv6_outputs(fn, leaves, gy, gstate):
+    """y, state_out and the gradients of sum(y*gy) + sum(state_out*gstate) for the six leaves."""
+    xs = [x.detach().clone().requires_grad_() for x in leaves]
+    y, s = fn(*xs)
+    loss = (y.double() * gy.to(y.device, torch.float64)).sum() + (s.double() * gstate.to(s.device, torch.float64)).sum()
+    return [y.detach(), s.detach(), *torch.autograd.grad(loss, xs)]
+
+
+def wkv6_correctness(device, cases) -> tuple[list[list], bool]:
+    rows, ok_all = [], True
+    os.environ[POISON_ENV] = "1"  # the CUDA binding pre-fills outputs and scratch with NaN
+    try:
+        for B, T, H, N, dtype, with_state in cases:
+            t0 = time.perf_counter()
+            leaves, gy, gstate = wkv6_inputs(B, T, H, N, dtype, with_state, seed=T * 7 + B + N)
+            want = wkv6_outputs(wkv6_reference, leaves, gy, gstate)
+            dev = [x.to(device, dtype if i in (0, 2, 3) else torch.float32) for i, x in enumerate(leaves)]
+            got = wkv6_outputs(lambda *a: wkv6(*a, backend="kernel"), dev, gy.to(device), gstate.to(device))
+            sync(device)
+            errs = [rel_err(a, b) for a, b in zip(got, want)]
+            # gradients come back in their input's dtype: bf16 ones carry one bf16 rounding (2^-9 relative)
+            tols = [4e-3 if g.dtype == torch.bfloat16 else 1e-5 for g in got]
+            nan = any(not torch.isfinite(x).all() for x in got)
+            ok = not nan and all(e < t for e, t in zip(errs, tols))
+            ok_all &= ok
+            rows.append([f"B={B} T={T} H={H} N={N}", str(dtype).replace("torch.", ""), "yes" if with_state else "zero",
+                         *[f"{e:.1e}" for e in errs], "NaN!" if nan else "none", "PASS" if ok else "FAIL",
+                         f"{time.perf_counter() - t0:.1f}"])
+            log(f"  checked WKV-5/6 B={B} T={T} H={H} N={N} {dtype}: worst {max(errs):.1e} {'PASS' if ok else 'FAIL'}")
+    finally:
+        os.environ.pop(POISON_ENV, None)
+    return rows, ok_all
+
+
+def wkv6_timing(device, ext, shapes, reps) -> list[list]:
+    rows = []
+    for B, T, H, N in shapes:
+        for dtype in (torch.bfloat16, torch.float32):
+            g = torch.Generator().manual_seed(1)
+            r, k, v = (torch.randn(B, T, H, N, generator=g).to(device, dtype) for _ in range(3))
+            w = -torch.exp(torch.rand(B, T, H, N, generator=g) * 9 - 8).to(device)
+            u = (torch.randn(H, N, generator=g) * 0.5).to(device)
+            state = torch.zeros(B, H, N, N, device=device)
+            gy = torch.randn(B, T, H, N, generator=g).to(device)
+            gstate = torch.zeros(B, H, N, N, device=device)
+            fwd = timeit(lambda: ext.forward(r, w, k, v, u, state), device, reps)
+            bwd = timeit(lambda: ext.backward(r, w, k, v, u, state, gy, gstate), device, reps)
+            rows.append([f"B={B} T={T} H={H} N={N}", str(dtype).replace("torch.", ""), f"{fwd * 1e3:.3f}",
+                         f"{(fwd + bwd) * 1e3:.3f}", f"{B * T / fwd:,.0f}", f"{B * T / (fwd + bwd):,.0f}"])
+            del r, k, v, w, gy
+    return rows
+
+
+def wkv6_section(device, big) -> tuple[list[str], bool]:
+    """The WKV-5/6 part of the report (Markdown sections) and whether its correctness checks passed."""
+    import warnings
+
+    parts = []
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ext = wkv6_kernel_for(device)
+    note = "; ".join(str(w.message) for w in caught)
+    parts.append("## WKV-5/6 kernel build\n\n" + table(["", ""], [
+        ["build / load (s)", f"{time.perf_counter() - t0:.1f}"], ["kernel", "compiled" if ext else f"NONE: {note}"]]))
+    log(parts[-1])
+    if ext is None:
+        return parts, False
+    # T = 1, T not a multiple of the checkpoint interval (K = ceil(sqrt(T))), long T; N = 48 takes the kernels' path
+    # for head sizes other than 64 (rows in global memory rather than registers)
+    if big:
+        cases = [(2, 1, 2, 64, torch.float32, False), (2, 1, 2, 64, torch.bfloat16, True),
+                 (2, 333, 3, 64, torch.float32, True), (2, 333, 3, 64, torch.bfloat16, False),
+                 (1, 2048, 2, 64, torch.float32, True), (1, 2048, 2, 64, torch.bfloat16, True),
+                 (2, 100, 3, 48, torch.float32, True)]
+    else:
+        cases = [(2, 1, 2, 64, torch.float32, False), (1, 17, 2, 64, torch.bfloat16, True),
+                 (2, 9, 2, 5, torch.float32, True)]
+    log("\nWKV-5/6 correctness (kernel vs the float64 reference, outputs poisoned with NaN) ...")
+    rows, ok = wkv6_correctness(device, cases)
+    parts.append("## WKV-5/6 correctness (relative error: max |diff| / max |ref|; tol 1e-5, 4e-3 for bf16 "
+                 "gradients)\n\n" + table(["shape", "r/k/v dtype", "state in", *WKV6_NAMES, "NaN", "result", "s"],
+                                            rows))
+    log(parts[-1])
+    log("\nWKV-5/6 kernel time ...")
+    shapes = [(1, 1024, 12, 64), (8, 1024, 32, 64), (8, 4096, 32, 64)] if big else [(1, 16, 2, 64)]
+    try:
+        rows = wkv6_timing(device, ext, shapes, reps=10 if big else 2)
+        parts.append("## WKV-5/6 kernel time\n\n" + table(
+            ["shape", "dtype", "fwd ms", "fwd+bwd ms", "fwd tok/s", "fwd+bwd tok/s"], rows))
+    except Exception:
+        parts.append("## WKV-5/6 kernel time\n\nFAILED:\n```\n" + traceback.format_exc() + "```")
+    log(parts[-1])
+    return parts, ok
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -540,6 +659,11 @@ def main(argv=None) -> int:
     except Exception:
         report.append("## Kernel throughput\n\nFAILED:\n```\n" + traceback.format_exc() + "```")
     log(report[-1])
+
+    # --- WKV-5/6
+    parts, ok6 = wkv6_section(device, big)
+    report += parts
+    ok &= ok6
 
     # --- WKV-7 (before the training step: a crash there must not hide it)
     if not args.skip_wkv7:
