@@ -522,7 +522,10 @@ class Run:
                 from finetune.checkpoint import save_checkpoint
 
                 path = self.out_dir / name / "model.pth"
-                save_checkpoint(self.base, path)
+                try:
+                    save_checkpoint(self.base, path)
+                except RuntimeError as e:  # how torch's zip writer reports a short write (full disk, size limit)
+                    raise write_error(path, e) from None
                 return path
             from finetune.adapters import save_adapter
 
