@@ -1,10 +1,10 @@
-"""finetune.config: recipes, dotted overrides, YAML scalars, unknown keys."""
+"""finetune.train.config: recipes, dotted overrides, YAML scalars, unknown keys."""
 
 from pathlib import Path
 
 import pytest
 
-from finetune.config import LoRASettings, TrainConfig, load_config, parse_overrides, valid_keys
+from finetune.train.config import LoRASettings, TrainConfig, load_config, parse_overrides, valid_keys
 from finetune.errors import FinetuneError
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))

@@ -21,9 +21,10 @@ import yaml
 
 from conftest import random_rwkv4_state_dict, write_checkpoint
 from finetune import load_model
-from finetune import lora
 from finetune.cli import main as cli
 from finetune.errors import FinetuneError
+from finetune.train.main import main, setup
+from finetune.train.run import OutDirLock
 from test_lora import VOCAB, config, make_corpus, pattern_tokens, setup_dir  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +132,7 @@ def test_sigterm_and_sigint_stop_with_a_resumable_checkpoint(tmp_path, capsys):
     n = stopped[signal.SIGTERM]
     assert cli(["train", "--config", str(recipe), "--resume", "true", "--max_steps", str(n + 2)]) == 0
     assert train_steps(out) == list(range(1, n + 3)) and (out / "final" / "rwkv_lora.json").is_file()
-    ref = lora.main(config(tmp_path, ckpt, data, out_dir=str(tmp_path / "ref"), **dict(common, max_steps=n + 2)),
+    ref = main(config(tmp_path, ckpt, data, out_dir=str(tmp_path / "ref"), **dict(common, max_steps=n + 2)),
                     quiet=True)["losses"]
     resumed = {int(r["step"]): float(r["train_loss"]) for r in metric_rows(out) if r["train_loss"]}
     for s in (n + 1, n + 2):
@@ -142,12 +143,12 @@ def test_a_locked_out_dir_is_refused_at_once(setup_dir, capsys):
     tmp, ckpt, data, _ = setup_dir
     out = tmp / "run"
     args = ["train", "--model", str(ckpt), "--data", str(data), "--out_dir", str(out), "--max_steps", "1"]
-    with lora.OutDirLock(out):
+    with OutDirLock(out):
         assert cli(args) == 1
         err = capsys.readouterr().err
         assert err == (f"rwkv-lora train: error: {out}: another training run (pid {os.getpid()}) is using this "
                        f"out_dir; wait for it to finish or choose another out_dir\n")
-    with lora.OutDirLock(out):  # released when the run holding it ends
+    with OutDirLock(out):  # released when the run holding it ends
         pass
 
 
@@ -158,7 +159,7 @@ def test_a_finished_run_continues_to_a_larger_max_steps(setup_dir, capsys):
     tmp, ckpt, data, _ = setup_dir
     out = tmp / "run"
     cfg = dict(schedule="constant", max_steps=4)
-    lora.main(config(tmp, ckpt, data, **cfg), quiet=True)
+    main(config(tmp, ckpt, data, **cfg), quiet=True)
     assert checkpoint_step(out / "last.ckpt") == 4 and (out / "final").is_dir()
     kill_inside_a_save(out)
     stale = sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp"))
@@ -188,7 +189,7 @@ def test_a_finished_run_continues_to_a_larger_max_steps(setup_dir, capsys):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # the killed save's leftovers are gone
     assert checkpoint_step(out / "last.ckpt") == 6 and train_steps(out) == [1, 2, 3, 4, 5, 6]
     resumed = {int(r["step"]): float(r["train_loss"]) for r in metric_rows(out) if r["train_loss"]}
-    ref = lora.main(config(tmp, ckpt, data, out_dir=str(tmp / "ref"), **dict(cfg, max_steps=6)), quiet=True)["losses"]
+    ref = main(config(tmp, ckpt, data, out_dir=str(tmp / "ref"), **dict(cfg, max_steps=6)), quiet=True)["losses"]
     for s in (5, 6):
         assert resumed[s] == pytest.approx(ref[s], rel=1e-5), s
 
@@ -199,11 +200,11 @@ def test_out_dirs_holding_other_data_are_refused(setup_dir):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(FinetuneError, match=r"run: holds files a training run did not write \(notes.txt\)"):
-        lora.setup(config(tmp, ckpt, data), quiet=True)
+        setup(config(tmp, ckpt, data), quiet=True)
     (out / "notes.txt").unlink()
     (out / "final").mkdir()
     with pytest.raises(FinetuneError, match=r"run: holds trained weights of an earlier run \(final\)"):
-        lora.setup(config(tmp, ckpt, data), quiet=True)
+        setup(config(tmp, ckpt, data), quiet=True)
 
 
 # ---- a full disk -----------------------------------------------------------------------------------------------------
@@ -239,7 +240,7 @@ def test_full_disk_at_metrics_csv_keeps_whole_rows(setup_dir):
     resource.setrlimit(resource.RLIMIT_FSIZE, (1500, hard))  # config.json fits; metrics.csv fills up after ~10 rows
     try:
         with pytest.raises(FinetuneError, match=r"metrics.csv: cannot write \(File too large"):
-            lora.main(config(tmp, ckpt, data, max_steps=60, lr=1e-3), quiet=True)
+            main(config(tmp, ckpt, data, max_steps=60, lr=1e-3), quiet=True)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
@@ -279,7 +280,7 @@ def test_weights_giving_non_finite_logits_are_never_kept(setup_dir):
     with pytest.raises(FinetuneError, match=r"training stopped: the weights after step 3 give non-finite outputs "
                                             r"\(not saved\); the last good weights \(step 2\) are in .*step-2\. To "
                                             r"avoid it: lower lr or set grad_clip$"):
-        lora.main(cfg, quiet=True, callbacks=[OverflowAfterStep(3)])
+        main(cfg, quiet=True, callbacks=[OverflowAfterStep(3)])
     out = Path(cfg.out_dir)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("step-", "final"))) == ["step-1", "step-2"]
     assert checkpoint_step(out / "last.ckpt") == 2
@@ -290,7 +291,7 @@ def test_weights_giving_non_finite_logits_are_never_kept(setup_dir):
     cfg = config(tmp, ckpt, data, out_dir=str(tmp / "run2"), **{"lora.train": ["ln"]})
     with pytest.raises(FinetuneError, match=r"training stopped: loss is nan at step 4; the weights after step 3 give "
                                             r"non-finite outputs \(not saved\); no earlier weights were saved"):
-        lora.main(cfg, quiet=True, callbacks=[OverflowAfterStep(3)])
+        main(cfg, quiet=True, callbacks=[OverflowAfterStep(3)])
     assert not [p for p in (tmp / "run2").iterdir() if p.name.startswith(("step-", "final", "last"))]
 
 
@@ -301,7 +302,7 @@ def test_a_base_with_non_finite_weights_is_refused_by_name(tmp_path):
     data = make_corpus(tmp_path / "train", pattern_tokens())
     with pytest.raises(FinetuneError, match=r"nan.pth: the base checkpoint has non-finite weights "
                                             r"\(blocks.1.ffn.key.weight holds NaN or inf\)") as e:
-        lora.setup(config(tmp_path, ckpt, data), quiet=True)
+        setup(config(tmp_path, ckpt, data), quiet=True)
     assert "lr" not in str(e.value)
 
 
@@ -310,7 +311,7 @@ def test_magic_prime_error_names_the_sampling_setting(setup_dir):
     data = make_corpus(tmp / "short", np.arange(1, 31))
     with pytest.raises(FinetuneError, match=r"short.json: too short for sampling: magic_prime at ctx_len 16 .*use "
                                             r"sampling: random"):
-        lora.setup(config(tmp, ckpt, data, sampling="magic_prime"), quiet=True)
+        setup(config(tmp, ckpt, data, sampling="magic_prime"), quiet=True)
 
 
 def test_cli_refuses_an_infinite_learning_rate(setup_dir, capsys):

@@ -9,8 +9,11 @@ Overrides are `--key value` (or `--key=value`), dotted for sections (`--lora.r 1
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -141,12 +144,8 @@ class TrainConfig:
 SECTIONS = {"lora": LoRASettings}
 
 
-def field_docs(cls) -> dict[str, str]:
+def field_docs(cls: type) -> dict[str, str]:
     """Field name -> its docstring (read from the source, litgpt style); used by `--help`."""
-    import ast
-    import inspect
-    import textwrap
-
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {}
