@@ -32,6 +32,7 @@ class RunCallback(pl.Callback):
         self.t_step: float | None = None
         self.tok_s: float | None = None
         self.history: dict[int, float] = {}
+        self.step_lr = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: LitRWKV) -> None:
         if self.run.signals is not None:
@@ -44,6 +45,8 @@ class RunCallback(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: LitRWKV,
                                  optimizer: torch.optim.Optimizer) -> None:
+        # the rate this step uses (Lightning moves the scheduler on before on_train_batch_end)
+        self.step_lr = float(optimizer.param_groups[0]["lr"])
         step = trainer.global_step + 1
         if pl_module.nonfinite_loss is not None:
             what = f"loss is {pl_module.nonfinite_loss} at step {step}"
@@ -70,7 +73,7 @@ class RunCallback(pl.Callback):
         tok = cfg.micro_bsz * cfg.ctx_len * cfg.grad_accum * trainer.world_size
         rate = tok / max(dt, 1e-9)
         self.tok_s = rate if self.tok_s is None else 0.8 * self.tok_s + 0.2 * rate
-        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        lr = self.step_lr
         pl_module.log_dict({"loss": loss, "tok/s": self.tok_s, "lr": lr}, prog_bar=True, logger=False)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             self.run.log_metrics({"train_loss": loss, "lr": lr, "tokens_per_s": rate, "tokens": step * tok}, step)
