@@ -24,7 +24,7 @@ from finetune import load_model
 from finetune.cli import main as cli
 from finetune.errors import FinetuneError
 from finetune.train.main import main, setup
-from finetune.train.run import OutDirLock
+from finetune.train.run import OutDirLock, checkpoint_step as read_checkpoint_step
 from test_lora import VOCAB, config, make_corpus, pattern_tokens, setup_dir  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -320,3 +320,34 @@ def test_cli_refuses_an_infinite_learning_rate(setup_dir, capsys):
     assert cli(args) == 1
     assert capsys.readouterr().err == "rwkv-lora train: error: lr: must be a finite number > 0, got inf\n"
     assert not (tmp / "run").exists()  # nothing is created for a refused config
+
+
+class Payload:
+    """Unpickling this would write a marker file: what a malicious pickle in a checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_deepspeed_checkpoints_are_read_without_unpickling_code(tmp_path):
+    """DeepSpeed's last.ckpt is a directory; its step is read from the model-states file with weights_only=True:
+    a Python object in it is refused in one line (and never run), a damaged directory is named, not ignored."""
+    ds = tmp_path / "last.ckpt"
+    (ds / "checkpoint").mkdir(parents=True)
+    states = ds / "checkpoint" / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.zeros(2)}, "global_step": 7, "ds_version": "0.14"}, states)
+    assert read_checkpoint_step(ds) == 7
+    marker = tmp_path / "marker"
+    torch.save({"global_step": 7, "extra": Payload(marker)}, states)
+    with pytest.raises(FinetuneError, match=r"mp_rank_00_model_states.pt: cannot read the resumable checkpoint"):
+        read_checkpoint_step(ds)
+    assert not marker.exists()
+    states.write_bytes(b"")
+    with pytest.raises(FinetuneError, match=r"mp_rank_00_model_states.pt: cannot read the resumable checkpoint"):
+        read_checkpoint_step(ds)
+    states.unlink()
+    with pytest.raises(FinetuneError, match=r"last.ckpt: a DeepSpeed checkpoint without a model-states file"):
+        read_checkpoint_step(ds)
