@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sys
 import time
 import warnings
@@ -21,6 +22,7 @@ from typing import Any, Sequence
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from finetune.adapters import add_lora, unwrap
 from finetune.atomic import atomic_file, remove_stale_temps
@@ -212,7 +214,14 @@ def main(cfg: TrainConfig, quiet: bool = False, callbacks: Sequence[pl.Callback]
             write_config(cfg, run.out_dir)
         run.signals = stack.enter_context(StopSignals())
         t0 = time.perf_counter()
-        callback = fit(run, quiet=quiet, callbacks=callbacks)
+        try:
+            callback = fit(run, quiet=quiet, callbacks=callbacks)
+        except SIGTERMException:
+            # Lightning's own SIGTERM stop (a SystemExit with status 0): only possible before on_train_start takes
+            # the signal back, so no step ran since the start or the restored checkpoint
+            last = run.out_dir / LAST_CKPT
+            step = run.trainer.global_step if run.trainer is not None else run.resume_step
+            raise RunStopped(signal.SIGTERM, step, last if last.exists() else None) from None
         seconds = time.perf_counter() - t0
         _stop_if_signalled(run)  # last.ckpt is at the final step: resuming writes final/
         final = run.save_weights("final")
