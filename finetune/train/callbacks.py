@@ -3,6 +3,7 @@ signals) and ProgressBar (Lightning's tqdm bar, named after the job)."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from typing import Any
@@ -96,6 +97,11 @@ class RunCallback(pl.Callback):
 class ProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar (steps done / total, elapsed < ETA, it/s) named after the job, not 'Epoch 0'."""
 
+    def init_train_tqdm(self) -> Any:
+        bar = super().init_train_tqdm()
+        bar.set_description("train")  # a resumed run starts mid-epoch: on_train_epoch_start is not called
+        return bar
+
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description("train")
@@ -104,6 +110,11 @@ class ProgressBar(TQDMProgressBar):
         bar = super().init_validation_tqdm()
         bar.disable = True  # a validation pass is a few windows; its loss shows on the training bar
         return bar
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # close the bar now: left open, its last refresh is written at exit, after the CLI's one-line message
+        with contextlib.suppress(TypeError):  # no bar yet
+            self.train_progress_bar.close()
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
