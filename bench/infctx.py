@@ -27,7 +27,7 @@ sys.path.insert(0, {root!r})
 from finetune.models.rwkv4 import RWKV, RWKVConfig
 from finetune.adapters import add_lora
 from finetune.infctx import chunked_loss
-from finetune.lora import lm_loss
+from finetune.train.loss import lm_loss
 ctx, mode, layers, width, vocab, chunk, steps = sys.argv[1:8]
 ctx, layers, width, vocab, chunk, steps = map(int, (ctx, layers, width, vocab, chunk, steps))
 torch.manual_seed(0)

@@ -16,7 +16,7 @@ from finetune.errors import FinetuneError
 COMMANDS = [
     "finetune.checkpoint_cli",  # init, info
     "finetune.prepare",  # prepare
-    "finetune.lora",  # train
+    "finetune.train.command",  # train
     "finetune.merge",  # merge, pack, import-lora, export-lora
     "finetune.generate",  # generate, chat
 ]

@@ -16,7 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from finetune.lora import apply_adapter  # noqa: E402
 from finetune import load_model  # noqa: E402
 from finetune.tokenizer import load_tokenizer  # noqa: E402
 
@@ -51,8 +50,7 @@ def main() -> None:
     ids = tok.encode(args.prompt)
     with torch.no_grad():
         base = sample(load_model(args.base), ids, args.tokens, seed=args.seed)
-        tuned = sample(apply_adapter(load_model(args.base), args.adapter).get_base_model(), ids, args.tokens,
-                       seed=args.seed)
+        tuned = sample(load_model(args.base, adapters=[args.adapter]), ids, args.tokens, seed=args.seed)
     width = 58
     left = textwrap.wrap((args.prompt + tok.decode(base)).replace("\n", " / "), width)
     right = textwrap.wrap((args.prompt + tok.decode(tuned)).replace("\n", " / "), width)

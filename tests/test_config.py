@@ -1,10 +1,10 @@
-"""finetune.config: recipes, dotted overrides, YAML scalars, unknown keys."""
+"""finetune.train.config: recipes, dotted overrides, YAML scalars, unknown keys."""
 
 from pathlib import Path
 
 import pytest
 
-from finetune.config import LoRASettings, TrainConfig, load_config, parse_overrides, valid_keys
+from finetune.train.config import LoRASettings, TrainConfig, load_config, parse_overrides, valid_keys
 from finetune.errors import FinetuneError
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
@@ -49,6 +49,24 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     (["--lora.train", "[bias]"], "lora.train"),
     (["--logger", "tensorboard"], "logger"),
     (["--lr"], "--lr needs a value"),
+    # non-finite or nonsensical numbers fail here, not as NaN weights later
+    (["--lr", "inf"], r"lr: must be a finite number > 0, got inf"),
+    (["--lr", "nan"], r"lr: must be a finite number > 0, got nan"),
+    (["--lr", "1e309"], r"lr: must be a finite number > 0, got inf"),
+    (["--lr", "0"], r"lr: must be a finite number > 0, got 0"),
+    (["--lr_final", "-1e-5"], r"lr_final: must be a finite number >= 0"),
+    (["--lr_final", ".inf"], r"lr_final: must be a finite number >= 0, got inf"),
+    (["--eps", "0"], r"eps: must be a finite number > 0"),
+    (["--weight_decay", "nan"], r"weight_decay: must be a finite number >= 0, got nan"),
+    (["--grad_clip", "inf"], r"grad_clip: must be a finite number > 0 or null, got inf"),
+    (["--grad_clip", "0"], r"grad_clip: must be a finite number > 0 or null"),
+    (["--betas", "[0.9, .nan]"], r"betas: must be a finite number >= 0 and < 1, got nan"),
+    (["--betas", "[0.9, 1.0]"], r"betas: must be a finite number >= 0 and < 1, got 1.0"),
+    (["--lora.alpha", "inf"], r"lora.alpha: must be a finite number > 0, got inf"),
+    (["--lora.dropout", "nan"], r"lora.dropout: must be a finite number >= 0 and < 1"),
+    (["--log_every", "true"], r"log_every: must be a positive integer, got True"),
+    (["--val_samples", "0"], r"val_samples: must be a positive integer, got 0"),
+    (["--max_steps", "1e3"], r"max_steps: must be a positive integer, got 1000.0"),
     (["model"], "expected --key value"),
 ])
 def test_bad_values(args, msg):

@@ -1,4 +1,4 @@
-"""finetune.lora: the training loop on tiny models and tiny corpora (reference WKV is fine at this size)."""
+"""The trainer (finetune.train): the training loop on tiny models and tiny corpora."""
 
 from __future__ import annotations
 
@@ -10,10 +10,14 @@ import pytest
 import torch
 
 from conftest import random_rwkv4_state_dict, write_checkpoint
-from finetune import lora
 from finetune.binidx import BinidxWriter
-from finetune.config import load_config
+from finetune.data import WindowDataset, open_corpus
 from finetune.errors import FinetuneError
+from finetune.train import loss as train_loss
+from finetune.train.config import load_config
+from finetune.train.loss import lm_loss
+from finetune.train.main import fit, main, setup
+from train_helpers import KilledForTest, StopAfter, apply_adapter
 
 VOCAB = 97
 
@@ -61,7 +65,7 @@ def config(tmp_path, ckpt, data, **over):
 def test_loss_falls_and_outputs(setup_dir):
     tmp, ckpt, data, val = setup_dir
     cfg = config(tmp, ckpt, data, max_steps=25, val_data=str(val), val_every=25, warmup_steps=2)
-    res = lora.main(cfg, quiet=True)
+    res = main(cfg, quiet=True)
     losses = [res["losses"][s] for s in sorted(res["losses"])]
     assert len(losses) == 25
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
@@ -81,9 +85,9 @@ def test_loss_falls_and_outputs(setup_dir):
 def test_only_chosen_parameters_train_and_base_is_untouched(setup_dir):
     tmp, ckpt, data, _ = setup_dir
     cfg = config(tmp, ckpt, data, **{"lora.parts": ["att"], "lora.train": ["ln"]})
-    run = lora.setup(cfg, quiet=True)
+    run = setup(cfg, quiet=True)
     batch = torch.utils.data.default_collate([run.train_data[i] for i in range(2)])
-    loss = lora.lm_loss(run.model(batch["input_ids"]), batch["targets"], batch["loss_mask"])
+    loss = lm_loss(run.model(batch["input_ids"]), batch["targets"], batch["loss_mask"])
     loss.backward()
     for name, p in run.model.named_parameters():
         chosen = ("lora_" in name and ".att." in name) or any(f".{ln}." in name or name.endswith(f"{ln}.weight")
@@ -94,8 +98,8 @@ def test_only_chosen_parameters_train_and_base_is_untouched(setup_dir):
 
     sd = torch.load(ckpt, weights_only=True)
     cfg = config(tmp, ckpt, data, max_steps=3, out_dir=str(tmp / "run2"))
-    run = lora.setup(cfg, quiet=True)
-    lora.fit(run)
+    run = setup(cfg, quiet=True)
+    fit(run)
     base = {k.replace(".base_layer", ""): v for k, v in run.base.state_dict().items() if "lora_" not in k}
     assert set(base) == set(sd)
     for k, v in sd.items():
@@ -110,25 +114,25 @@ def test_masked_targets_do_not_reach_the_loss():
     mask = torch.ones(2, 8)
     mask[0, :5] = 0
     mask[1, 3] = 0
-    loss = lora.lm_loss(logits, targets, mask)
+    loss = lm_loss(logits, targets, mask)
     (grad,) = torch.autograd.grad(loss, logits)
     changed = targets.clone()
     changed[0, :5] = (changed[0, :5] + 1) % VOCAB
     changed[1, 3] = (changed[1, 3] + 7) % VOCAB
-    loss2 = lora.lm_loss(logits, changed, mask)
+    loss2 = lm_loss(logits, changed, mask)
     (grad2,) = torch.autograd.grad(loss2, logits)
     assert torch.equal(loss, loss2) and torch.equal(grad, grad2)
     assert grad[0, :5].abs().sum() == 0
     # an all-masked batch gives zero, not nan
-    assert lora.lm_loss(logits, targets, torch.zeros(2, 8)).item() == 0.0
+    assert lm_loss(logits, targets, torch.zeros(2, 8)).item() == 0.0
 
 
 def test_mask_file_reaches_the_batches(tmp_path):
     tokens = pattern_tokens(10)
     mask = np.zeros(tokens.size, dtype=np.uint8)
     mask[::2] = 1
-    corpus = lora.open_corpus(str(make_corpus(tmp_path / "m", tokens, mask=mask)))
-    ds = lora.window_dataset(corpus, 16, "random", 0)
+    corpus = open_corpus(str(make_corpus(tmp_path / "m", tokens, mask=mask)))
+    ds = WindowDataset(corpus, 16, schedule="random", seed=0)
     item = ds[0]
     assert item["loss_mask"].shape == (16,) and 0 < item["loss_mask"].sum() < 16
     assert torch.equal(item["input_ids"][1:], item["targets"][:-1])
@@ -136,12 +140,12 @@ def test_mask_file_reaches_the_batches(tmp_path):
 
 def test_resume_gives_the_same_losses(setup_dir):
     tmp, ckpt, data, _ = setup_dir
-    full = lora.main(config(tmp, ckpt, data, out_dir=str(tmp / "full"), save_every=2), quiet=True)["losses"]
+    full = main(config(tmp, ckpt, data, out_dir=str(tmp / "full"), save_every=2), quiet=True)["losses"]
     cfg = config(tmp, ckpt, data, out_dir=str(tmp / "killed"), save_every=2)
-    with pytest.raises(lora.KilledForTest):
-        lora.main(cfg, stop_after=5, quiet=True)  # killed after step 5: the last checkpoint is step 4
+    with pytest.raises(KilledForTest):
+        main(cfg, quiet=True, callbacks=[StopAfter(5)])  # killed after step 5: the last checkpoint is step 4
     assert (tmp / "killed" / "last.ckpt").is_file() and (tmp / "killed" / "step-4").is_dir()
-    resumed = lora.main(config(tmp, ckpt, data, out_dir=str(tmp / "killed"), save_every=2, resume=True),
+    resumed = main(config(tmp, ckpt, data, out_dir=str(tmp / "killed"), save_every=2, resume=True),
                         quiet=True)["losses"]
     assert sorted(resumed) == [5, 6]
     for s in (5, 6):
@@ -158,10 +162,10 @@ def test_adapter_loads_with_peft_and_gives_the_same_logits(setup_dir):
 
     tmp, ckpt, data, _ = setup_dir
     cfg = config(tmp, ckpt, data, max_steps=4, **{"lora.train": ["time"]})
-    final = lora.main(cfg, quiet=True)["final"]
+    final = main(cfg, quiet=True)["final"]
     idx = torch.randint(1, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        plugged = lora.apply_adapter(load_model(ckpt), final)(idx)
+        plugged = apply_adapter(load_model(ckpt), final)(idx)
         # peft's own loader, then the fully trained tensors by hand
         peft_model = PeftModel.from_pretrained(load_model(ckpt), final).eval()
         a = read_adapter(final)
@@ -185,7 +189,7 @@ def test_full_finetune_saves_a_checkpoint(setup_dir):
     from finetune import load_model
 
     tmp, ckpt, data, _ = setup_dir
-    res = lora.main(config(tmp, ckpt, data, method="full", max_steps=2, lr=1e-3), quiet=True)
+    res = main(config(tmp, ckpt, data, method="full", max_steps=2, lr=1e-3), quiet=True)
     model = load_model(res["final"])
     assert model.config.n_layer == 2
     assert not torch.equal(model.head.weight, torch.load(ckpt, weights_only=True)["head.weight"])
@@ -197,53 +201,53 @@ def test_full_finetune_saves_a_checkpoint(setup_dir):
 def test_missing_checkpoint(setup_dir):
     tmp, _, data, _ = setup_dir
     with pytest.raises(FinetuneError, match="nope.pth: no such checkpoint file"):
-        lora.setup(config(tmp, tmp / "nope.pth", data), quiet=True)
+        setup(config(tmp, tmp / "nope.pth", data), quiet=True)
 
 
 def test_token_ids_beyond_the_vocab(setup_dir):
     tmp, ckpt, _, _ = setup_dir
     data = make_corpus(tmp / "big", np.arange(200) % 150, vocab=150)
     with pytest.raises(FinetuneError, match=r"big.json: token id 149 >= the model's vocab_size 97"):
-        lora.setup(config(tmp, ckpt, data), quiet=True)
+        setup(config(tmp, ckpt, data), quiet=True)
 
 
 def test_tokenizer_other_than_the_data_was_made_with(setup_dir):
     tmp, ckpt, data, _ = setup_dir
     with pytest.raises(FinetuneError, match=r"prepared with tokenizer 'test-tokenizer', but tokenizer is 'world'"):
-        lora.setup(config(tmp, ckpt, data, tokenizer="world"), quiet=True)
+        setup(config(tmp, ckpt, data, tokenizer="world"), quiet=True)
 
 
 def test_data_shorter_than_one_window(setup_dir):
     tmp, ckpt, _, _ = setup_dir
     data = make_corpus(tmp / "short", np.arange(1, 11))
     with pytest.raises(FinetuneError, match=r"short.json: 10 tokens, fewer than one window of ctx_len \+ 1 = 17"):
-        lora.setup(config(tmp, ckpt, data), quiet=True)
+        setup(config(tmp, ckpt, data), quiet=True)
 
 
 def test_resume_without_checkpoint_and_reused_out_dir(setup_dir):
     tmp, ckpt, data, _ = setup_dir
     with pytest.raises(FinetuneError, match="nothing to resume"):
-        lora.setup(config(tmp, ckpt, data, resume=True), quiet=True)
+        setup(config(tmp, ckpt, data, resume=True), quiet=True)
     (tmp / "run").mkdir()
     (tmp / "run" / "last.ckpt").write_bytes(b"x")
     with pytest.raises(FinetuneError, match="holds a run already"):
-        lora.setup(config(tmp, ckpt, data), quiet=True)
+        setup(config(tmp, ckpt, data), quiet=True)
 
 
 def test_cli_reports_one_line(setup_dir, capsys):
-    from finetune.cli import main
+    from finetune.cli import main as cli
 
     tmp, ckpt, data, _ = setup_dir
-    assert main(["train", "--model", str(ckpt), "--data", str(data), "--lora.rank", "4"]) == 1
+    assert cli(["train", "--model", str(ckpt), "--data", str(data), "--lora.rank", "4"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown config key 'lora.rank'" in err and "lora.r," in err
-    assert main(["train", "--model", str(tmp / "missing.pth"), "--data", str(data)]) == 1
+    assert cli(["train", "--model", str(tmp / "missing.pth"), "--data", str(data)]) == 1
     assert "missing.pth: no such checkpoint file" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_adapter(setup_dir, monkeypatch):
     tmp, ckpt, data, _ = setup_dir
-    real = lora.lm_loss
+    real = train_loss.lm_loss
     calls = {"n": 0}
 
     def flaky(*args):
@@ -251,8 +255,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_adapter(setup_dir, monkeypatch):
         loss = real(*args)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(lora, "lm_loss", flaky)
+    monkeypatch.setattr(train_loss, "lm_loss", flaky)
     with pytest.raises(FinetuneError, match=r"loss is nan at step 3.*step 2\) are in .*step-2"):
-        lora.main(config(tmp, ckpt, data), quiet=True)
+        main(config(tmp, ckpt, data), quiet=True)
     assert (tmp / "run" / "step-2" / "rwkv_lora.json").is_file()
     assert not (tmp / "run" / "final").exists()

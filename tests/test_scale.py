@@ -17,11 +17,13 @@ from safetensors.torch import load_file
 from finetune.models import RNNState
 
 from conftest import random_rwkv4_state_dict, write_checkpoint
-from finetune import lora
 from finetune.adapters import read_adapter
-from finetune.config import load_config
 from finetune.errors import FinetuneError
+from finetune.train.config import load_config
+from finetune.train.distributed import lightning_strategy, strategy_spec
+from finetune.train.main import main, setup
 from test_lora import VOCAB, config, make_corpus, pattern_tokens, setup_dir  # noqa: F401
+from train_helpers import apply_adapter, fake_deepspeed, shard, simulate_zero3, unshard
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,8 +76,6 @@ def test_ddp_two_processes_equal_one_with_grad_accum(setup_dir):
     ("deepspeed_stage_3_offload", "deepspeed", {"stage": 3, "offload_optimizer": True, "offload_parameters": True}),
 ])
 def test_strategy_configs_map_to_lightning(name, kind, kwargs):
-    from finetune.distributed import lightning_strategy, strategy_spec
-
     cfg = load_config(None, {"strategy": name, "num_nodes": 2})
     assert cfg.num_nodes == 2 and strategy_spec(cfg.strategy) == (kind, kwargs)
     if kind != "deepspeed":
@@ -103,23 +103,24 @@ def test_setup_refuses_deepspeed_without_cuda(setup_dir):
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
     with pytest.raises(FinetuneError, match="strategy: deepspeed_stage_3 needs"):
-        lora.setup(config(tmp, ckpt, data, strategy="deepspeed_stage_3"), quiet=True)
+        setup(config(tmp, ckpt, data, strategy="deepspeed_stage_3"), quiet=True)
 
 
-def test_zero3_gathered_save_equals_unsharded(setup_dir):
-    """Trained tensors split into per-rank flat shards (ZeRO-3's layout, data emptied) are gathered before saving:
-    the adapter equals the one saved from whole tensors and loads with read_adapter and peft."""
+def test_zero3_gathered_save_equals_unsharded(setup_dir, monkeypatch):
+    """Trained tensors split into per-rank flat shards (ZeRO-3's layout, data emptied) are gathered before saving
+    (through deepspeed.zero.GatheredParameters, here a stand-in: DeepSpeed needs CUDA): the adapter equals the one
+    saved from whole tensors and loads with read_adapter and peft."""
     from peft import PeftModel
 
     from finetune import load_model
-    from finetune.distributed import shard, simulate_zero3, unshard
 
+    monkeypatch.setitem(sys.modules, "deepspeed", fake_deepspeed())
     t = torch.arange(10.0).reshape(2, 5)
     parts = shard(t, 3)
     assert [p.numel() for p in parts] == [4, 4, 4] and torch.equal(unshard(parts, (2, 5)), t)
 
     tmp, ckpt, data, _ = setup_dir
-    run = lora.setup(config(tmp, ckpt, data, **{"lora.train": ["time"]}), quiet=True)
+    run = setup(config(tmp, ckpt, data, **{"lora.train": ["time"]}), quiet=True)
     torch.manual_seed(0)
     with torch.no_grad():
         for n, p in run.model.named_parameters():
@@ -139,7 +140,7 @@ def test_zero3_gathered_save_equals_unsharded(setup_dir):
     ids = torch.tensor([[1, 2, 3, 4]])
     plugged = load_model(ckpt, adapters=[sharded])
     with torch.no_grad():
-        torch.testing.assert_close(lora.apply_adapter(load_model(ckpt), sharded)(ids), plugged(ids))
+        torch.testing.assert_close(apply_adapter(load_model(ckpt), sharded)(ids), plugged(ids))
         assert peft_model(ids).shape == (1, 4, VOCAB)
 
 
@@ -154,7 +155,7 @@ def test_infctx_trainer_loss_equals_window(tmp_path):
     for mode in ("window", "infctx"):
         cfg = config(tmp_path, ckpt, data, train_type=mode, chunk_len=512, ctx_len=2048, micro_bsz=1, max_steps=2,
                      out_dir=str(tmp_path / mode), logger="none", **{"lora.train": ["time"]})
-        results[mode] = lora.main(cfg, quiet=True)
+        results[mode] = main(cfg, quiet=True)
     for step in (1, 2):
         assert results["infctx"]["losses"][step] == pytest.approx(results["window"]["losses"][step], rel=1e-5)
     assert_same_adapter(tmp_path / "window" / "final", tmp_path / "infctx" / "final", rtol=1e-4)
@@ -170,7 +171,7 @@ def test_state_tuning_trains_saves_and_plugs_into_generation(tmp_path, capsys):
     data = make_corpus(tmp_path / "train", pattern_tokens())
     cfg = config(tmp_path, ckpt, data, train_type="state", lr=0.2, lr_final=0.2, max_steps=30, ctx_len=8,
                  micro_bsz=4, logger="none")
-    res = lora.main(cfg, quiet=True)
+    res = main(cfg, quiet=True)
     losses = [res["losses"][s] for s in sorted(res["losses"])]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses[::5]
     final = Path(res["final"])

@@ -69,11 +69,8 @@ class RNNState:
         return cls(*(torch.cat([getattr(s, f) for s in states], dim=0) for f in cls.FIELDS))
 
     def expand(self, batch: int) -> "RNNState":
-        """A batch-1 state (or an unbatched one, [L, ...]) repeated as `batch` rows (a view)."""
-        def grow(t: torch.Tensor) -> torch.Tensor:
-            t = t if t.shape[0] == 1 and t.dim() > 2 else t.unsqueeze(0)
-            return t.expand(batch, *t.shape[1:])
-        return self.map(grow)
+        """An unbatched state ([L, ...] per field, e.g. a learned start state) repeated as `batch` rows (a view)."""
+        return self.map(lambda t: t.unsqueeze(0).expand(batch, *t.shape))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """{field: tensor}, e.g. for a safetensors file."""
@@ -111,14 +108,14 @@ class RWKVModel(nn.Module):
             return self.initial_state.to(device=device, dtype=torch.float32).expand(batch)
         return self.zero_state(batch, device)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # generation only: cheaper than no_grad (no version counters)
     def step(self, tokens: torch.Tensor | Sequence[int], state: RNNState | None = None):
         """One token per sequence: tokens [B] -> (logits [B, V], new state). The forward on a length-1 window."""
         tokens = torch.as_tensor(tokens, device=self.emb.weight.device).reshape(-1, 1)
         logits, state = self.forward(tokens, state, return_state=True)
         return logits[:, -1], state
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor | Sequence[int], state: RNNState | None = None, chunk_len: int = 1024):
         """Feed a prompt of any length chunk by chunk (memory stays flat): tokens [T] or [B, T] -> (logits of the
         last position [B, V], state)."""

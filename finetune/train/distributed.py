@@ -8,19 +8,20 @@ checking, with one-line errors, that deepspeed is installed and CUDA is present:
 
 Under ZeRO-3 every rank holds a flat 1/world slice of each parameter (`param.ds_tensor`; `param.data` is empty), so a
 state dict taken as-is is empty. `gathered(params)` makes the full tensors visible for the duration of a `with` block
-(deepspeed.zero.GatheredParameters on a real ZeRO-3 model; `unshard` on the simulated layout the tests use); every
-rank must enter it (it is a collective), and only rank 0 writes.
+(deepspeed.zero.GatheredParameters on the parameters DeepSpeed partitioned, those with a `ds_id`); every rank must
+enter it (it is a collective), and only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Any, Iterable, Sequence
+import os
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.train.config import TrainConfig
 
 # Lightning's registered DeepSpeed names -> DeepSpeedStrategy arguments (the same as its registry)
 DEEPSPEED_ARGS: dict[str, dict[str, Any]] = {
@@ -29,6 +30,14 @@ DEEPSPEED_ARGS: dict[str, dict[str, Any]] = {
     "deepspeed_stage_3": {"stage": 3},
     "deepspeed_stage_3_offload": {"stage": 3, "offload_optimizer": True, "offload_parameters": True},
 }
+
+
+def env_rank_zero() -> bool:
+    """Rank 0 as the launcher's environment says (torchrun / Lightning set RANK or NODE_RANK + LOCAL_RANK); what a
+    process knows before Lightning has started."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
 def strategy_spec(name: str) -> tuple[str, dict[str, Any]]:
@@ -48,7 +57,8 @@ def deepspeed_available() -> bool:
     return True
 
 
-def lightning_strategy(cfg, cuda_available: bool | None = None, have_deepspeed: bool | None = None):
+def lightning_strategy(cfg: TrainConfig, cuda_available: bool | None = None,
+                       have_deepspeed: bool | None = None) -> Any:
     """What to pass as `pl.Trainer(strategy=...)` for cfg.strategy; one-line FinetuneError when it cannot run."""
     kind, kwargs = strategy_spec(cfg.strategy)
     if kind != "deepspeed":
@@ -66,56 +76,15 @@ def lightning_strategy(cfg, cuda_available: bool | None = None, have_deepspeed: 
     return DeepSpeedStrategy(**kwargs)
 
 
-def is_zero3(strategy) -> bool:
-    return type(strategy).__name__ == "DeepSpeedStrategy" and bool(getattr(strategy, "zero_stage_3", False))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# ZeRO-3 layout: each parameter flattened, padded to a multiple of world, rank r holding elements [r*n, (r+1)*n)
-
-
-def shard(t: torch.Tensor, world: int) -> list[torch.Tensor]:
-    """A tensor as ZeRO-3 partitions it: `world` flat slices of equal length (the last one zero-padded)."""
-    flat = t.detach().reshape(-1)
-    per = math.ceil(flat.numel() / world)
-    padded = torch.zeros(per * world, dtype=flat.dtype)
-    padded[:flat.numel()] = flat
-    return [padded[r * per:(r + 1) * per].clone() for r in range(world)]
-
-
-def unshard(shards: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
-    """The full tensor from the per-rank flat slices of `shard` (the padding dropped)."""
-    flat = torch.cat([s.reshape(-1) for s in shards])
-    numel = math.prod(shape)
-    if flat.numel() < numel:
-        raise ValueError(f"shards hold {flat.numel()} elements, fewer than the {numel} of shape {tuple(shape)}")
-    return flat[:numel].reshape(tuple(shape)).clone()
-
-
-def simulate_zero3(params: Iterable[torch.nn.Parameter], world: int) -> None:
-    """Put parameters into the simulated ZeRO-3 layout: `p.ds_shards` per-rank slices, `p.ds_shape`, empty data."""
-    for p in params:
-        p.ds_shards = shard(p.data, world)
-        p.ds_shape = tuple(p.shape)
-        p.data = torch.empty(0, dtype=p.dtype)
-
-
 @contextlib.contextmanager
-def gathered(params: Iterable[torch.nn.Parameter]):
-    """Full tensors inside the block: DeepSpeed's gather for real ZeRO-3 parameters (`ds_id`), `unshard` for the
-    simulated layout (`ds_shards`), nothing for ordinary ones. Parameters are re-partitioned on exit."""
-    params = list(params)
-    real = [p for p in params if hasattr(p, "ds_id")]
-    simulated = [p for p in params if hasattr(p, "ds_shards")]
-    with contextlib.ExitStack() as stack:
-        if real:
-            import deepspeed
+def gathered(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Full tensors inside the block: DeepSpeed's gather for ZeRO-3 parameters (`ds_id`), nothing for ordinary
+    ones. Parameters are re-partitioned on exit."""
+    sharded = [p for p in params if hasattr(p, "ds_id")]
+    if not sharded:
+        yield
+        return
+    import deepspeed  # only ever installed on CUDA machines; a ZeRO-3 parameter means it is there
 
-            stack.enter_context(deepspeed.zero.GatheredParameters(real, modifier_rank=None))
-        for p in simulated:
-            p.data = unshard(p.ds_shards, p.ds_shape).to(p.dtype)
-        try:
-            yield
-        finally:
-            for p in simulated:
-                p.data = torch.empty(0, dtype=p.dtype)
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
+        yield

@@ -9,7 +9,11 @@ Overrides are `--key value` (or `--key=value`), dotted for sections (`--lora.r 1
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -50,7 +54,7 @@ class LoRASettings:
 @dataclass
 class TrainConfig:
     model: str | None = None
-    """Base checkpoint: a BlinkDL RWKV-4 `.pth` or `.safetensors` (required)."""
+    """Base checkpoint: a BlinkDL RWKV (4, 5.2, 6 or 7) `.pth` or `.safetensors` (required)."""
     data: str | None = None
     """Training data: a binidx prefix, its `.bin`/`.idx`, or the `PREFIX.json` manifest that `rwkv-lora prepare`
     writes (required)."""
@@ -140,12 +144,8 @@ class TrainConfig:
 SECTIONS = {"lora": LoRASettings}
 
 
-def field_docs(cls) -> dict[str, str]:
+def field_docs(cls: type) -> dict[str, str]:
     """Field name -> its docstring (read from the source, litgpt style); used by `--help`."""
-    import ast
-    import inspect
-    import textwrap
-
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {}
@@ -282,6 +282,30 @@ def _require(cond: bool, msg: str) -> None:
         raise FinetuneError(msg)
 
 
+def _require_int(name: str, v: Any, minimum: int) -> None:
+    """An int (not a bool, not 1e3) >= minimum."""
+    kind = "a positive" if minimum == 1 else "a non-negative"
+    _require(isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
+             f"{name}: must be {kind} integer, got {v!r}")
+
+
+def _require_real(name: str, v: Any, minimum: float, inclusive: bool = True, below: float | None = None,
+                  null_ok: bool = False) -> float:
+    """A finite number (YAML may hand over '1e-4' as a string) >= minimum (> with inclusive=False) and < below;
+    returned as a float. NaN and inf never pass: they fail every comparison or the isfinite test."""
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+    low = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+    what = f"a finite number {low}" + (f" and < {below:g}" if below is not None else "") + (" or null" if null_ok else "")
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v >= minimum if inclusive else v > minimum) and (below is None or v < below)
+    _require(ok, f"{name}: must be {what}, got {v!r}")
+    return float(v)
+
+
 def _as_list(v: Any) -> list:
     if v is None:
         return []
@@ -296,50 +320,35 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     _require(cfg.precision in PRECISIONS, f"precision: {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
     if cfg.precision == "32-true":
         cfg.precision = "32"
-    for name in ("max_steps", "ctx_len", "micro_bsz", "grad_accum"):
-        v = getattr(cfg, name)
-        _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name}: must be a positive integer, got {v!r}")
-    for name in ("chunk_len", "num_nodes"):
-        v = getattr(cfg, name)
-        _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name}: must be a positive integer, got {v!r}")
+    for name in ("max_steps", "ctx_len", "micro_bsz", "grad_accum", "chunk_len", "num_nodes", "log_every",
+                 "val_samples"):
+        _require_int(name, getattr(cfg, name), minimum=1)
     _require(cfg.train_type in TRAIN_TYPES, f"train_type: {cfg.train_type!r} is not one of {', '.join(TRAIN_TYPES)}")
     _require(cfg.strategy in STRATEGIES, f"strategy: {cfg.strategy!r} is not one of {', '.join(STRATEGIES)}")
     _require(not (cfg.train_type == "state" and cfg.method == "full"),
              "train_type: state trains only the start state; it cannot be combined with method: full")
-    for name in ("warmup_steps", "save_every", "val_every", "val_samples", "num_workers", "seed"):
-        v = getattr(cfg, name)
-        _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                 f"{name}: must be a non-negative integer, got {v!r}")
-    _require(isinstance(cfg.log_every, int) and cfg.log_every >= 1, "log_every: must be a positive integer")
-    for name in ("lr", "lr_final", "weight_decay", "eps", "grad_clip"):
-        v = getattr(cfg, name)
-        if isinstance(v, str):
-            try:
-                setattr(cfg, name, float(v))
-            except ValueError:
-                pass
-    for name in ("lr", "lr_final", "weight_decay", "eps"):
-        v = getattr(cfg, name)
-        _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
-                 f"{name}: must be a non-negative number, got {v!r}")
-        setattr(cfg, name, float(v))
-    _require(cfg.grad_clip is None or (isinstance(cfg.grad_clip, (int, float)) and cfg.grad_clip > 0),
-             f"grad_clip: must be a positive number or null, got {cfg.grad_clip!r}")
-    betas = _as_list(cfg.betas)
-    _require(len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas),
-             f"betas: must be two numbers in [0, 1), got {cfg.betas!r}")
-    cfg.betas = [float(b) for b in betas]
+    for name in ("warmup_steps", "save_every", "val_every", "num_workers", "seed"):
+        _require_int(name, getattr(cfg, name), minimum=0)
     _require(cfg.schedule in SCHEDULES, f"schedule: {cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    # a non-finite rate or epsilon turns every weight into NaN at the first step: refuse it here, not 1000 steps in
+    cfg.lr = _require_real("lr", cfg.lr, minimum=0.0, inclusive=False)
+    cfg.lr_final = _require_real("lr_final", cfg.lr_final, minimum=0.0)
+    cfg.weight_decay = _require_real("weight_decay", cfg.weight_decay, minimum=0.0)
+    cfg.eps = _require_real("eps", cfg.eps, minimum=0.0, inclusive=False)
+    if cfg.grad_clip is not None:
+        cfg.grad_clip = _require_real("grad_clip", cfg.grad_clip, minimum=0.0, inclusive=False, null_ok=True)
+    betas = _as_list(cfg.betas)
+    _require(len(betas) == 2, f"betas: must be two numbers in [0, 1), got {cfg.betas!r}")
+    cfg.betas = [_require_real("betas", b, minimum=0.0, below=1.0) for b in betas]
     _require(cfg.logger in LOGGERS, f"logger: {cfg.logger!r} is not one of {', '.join(LOGGERS)}")
     _require(cfg.method in METHODS, f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
     _require(cfg.sampling in SAMPLINGS, f"sampling: {cfg.sampling!r} is not one of {', '.join(SAMPLINGS)}")
     _require(isinstance(cfg.resume, bool), f"resume: must be true or false, got {cfg.resume!r}")
     _require(isinstance(cfg.grad_checkpoint, bool), "grad_checkpoint: must be true or false")
     lo = cfg.lora
-    _require(isinstance(lo.r, int) and lo.r >= 1, f"lora.r: must be a positive integer, got {lo.r!r}")
-    _require(isinstance(lo.alpha, (int, float)) and lo.alpha > 0, "lora.alpha: must be a positive number")
-    lo.alpha = float(lo.alpha)
-    _require(isinstance(lo.dropout, (int, float)) and 0 <= lo.dropout < 1, "lora.dropout: must be in [0, 1)")
+    _require_int("lora.r", lo.r, minimum=1)
+    lo.alpha = _require_real("lora.alpha", lo.alpha, minimum=0.0, inclusive=False)
+    lo.dropout = _require_real("lora.dropout", lo.dropout, minimum=0.0, below=1.0)
     lo.parts = _as_list(lo.parts)
     lo.train = _as_list(lo.train)
     bad = [p for p in lo.parts if p not in ("att", "ffn")]

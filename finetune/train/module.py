@@ -1,0 +1,74 @@
+"""LitRWKV: the LightningModule. A thin wrapper: the plain RWKV (inside peft for LoRA) does the work; this adds the
+loss, the optimizer and schedule, the validation loss, and what last.ckpt holds (only the trained tensors)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+
+from finetune.train.config import TrainConfig
+from finetune.train.loss import Batch, batch_loss, tensors_finite, window_totals
+from finetune.train.optim import build_optimizer
+
+
+class LitRWKV(pl.LightningModule):
+    """A non-finite loss does not raise in `training_step`: it is recorded (with its micro-batch) and the guard in
+    RunCallback stops the run before the optimizer step, on every rank at once, so that no rank waits forever in a
+    collective."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.strict_loading = False  # checkpoints hold only the trained tensors
+        self.check_grads = cfg.precision != "16-mixed"  # the fp16 grad scaler skips inf steps by itself
+        self.step_losses: list[float] = []
+        self.nonfinite_loss: float | None = None
+        self.bad_batch: Batch | None = None  # the micro-batch that gave the non-finite loss
+        self.last_batch: Batch | None = None
+        self.last_val_loss: float | None = None
+        self._val = [0.0, 0.0]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = batch_loss(self.model, batch, self.cfg)
+        self.last_batch = batch
+        value = loss.detach().item()
+        if math.isfinite(value):
+            self.step_losses.append(value)
+        elif self.nonfinite_loss is None:
+            self.nonfinite_loss, self.bad_batch = value, batch
+        return loss
+
+    def grads_finite(self) -> bool:
+        return tensors_finite([p.grad for p in self.trainable() if p.grad is not None])
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        total, count = window_totals(self.model, batch, self.cfg)
+        self._val[0] += total.item()
+        self._val[1] += count.item()
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = [0.0, 0.0]
+
+    def on_validation_epoch_end(self) -> None:
+        val = self._val[0] / max(self._val[1], 1.0)
+        self.last_val_loss = val
+        self.log("val_loss", val, prog_bar=True, logger=False, sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt, sched = build_optimizer(self.trainable(), self.cfg)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}

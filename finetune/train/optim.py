@@ -1,0 +1,61 @@
+"""AdamW over the trained tensors and the learning-rate schedule.
+
+Weight decay applies to matrices only (LoRA A and B, and emb / head when trained in full), never to the decays,
+bonuses, token-shift mixes, layer norms or a learned state: decaying those toward 0 changes what the model computes,
+not just its scale.
+
+The schedule, for optimizer step k = 1 .. max_steps (W = warmup_steps, N = max_steps):
+    k <= W              lr * k / W                                  (warmup from the first step: step 1 trains)
+    constant            lr
+    cosine (k > W)      lr_final + (lr - lr_final) * (1 + cos(pi * t)) / 2,   t = (k - W - 1) / max(N - W - 1, 1)
+    linear (k > W)      lr + (lr_final - lr) * t
+so the first step after warmup runs at lr and the last one at lr_final.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+
+from finetune.train.config import TrainConfig
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The multiplier of `lr` at 0-based optimizer step `step` (torch's LambdaLR counts from 0)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    floor = cfg.lr_final / cfg.lr
+    t = min((step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps - 1, 1), 1.0)
+    if cfg.schedule == "linear":
+        return 1.0 + (floor - 1.0) * t
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """`lr_factor` for LambdaLR. A closure, not a callable object: LambdaLR saves a callable object's attributes in
+    the checkpoint and restores them on resume, which would bring back the old max_steps."""
+
+    def factor(step: int) -> float:
+        return lr_factor(cfg, step)
+
+    return factor
+
+
+def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices with `weight_decay`, everything else (vectors, the [1, 1, C] mixes, the state) with 0;
+    empty groups left out."""
+    decay, no_decay = [], []
+    for p in params:
+        (decay if p.dim() == 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig
+                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    opt = torch.optim.AdamW(param_groups(params, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
