@@ -92,13 +92,12 @@ def _device_count(devices: Any) -> int:
     return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
 
 
-def _build_model(cfg: TrainConfig, base: nn.Module, n_layer: int, n_embd: int
-                 ) -> tuple[nn.Module, nn.Module, StateTune | None]:
+def _build_model(cfg: TrainConfig, base: nn.Module) -> tuple[nn.Module, nn.Module, StateTune | None]:
     """(the model the trainer optimises, the RWKV inside it, the StateTune for train_type state)."""
     if cfg.train_type == "state":
         for p in base.parameters():
             p.requires_grad_(False)
-        tune = StateTune(n_layer, n_embd)
+        tune = StateTune(base)  # the state layout is the family's
         return StateTuned(base, tune), base, tune
     if cfg.method == "full":
         for p in base.parameters():
@@ -153,11 +152,12 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     base_info = {"fingerprint": fingerprint(sd), "n_layer": mcfg.n_layer, "n_embd": mcfg.n_embd,
                  "vocab_size": mcfg.vocab_size, "dim_ffn": mcfg.dim_ffn, "path": str(cfg.model)}
     if cfg.train_type == "state":
-        meta = {"base": base_info, "tokenizer": cfg.tokenizer or meta_tok, "kind": "state", "recipe": cfg.to_dict()}
-    else:
-        meta = {"base": base_info, "tokenizer": cfg.tokenizer or meta_tok, "r": cfg.lora.r, "alpha": cfg.lora.alpha,
-                "dropout": cfg.lora.dropout, "parts": list(cfg.lora.parts), "train": list(cfg.lora.train),
+        meta = {"family": family.name, "base": base_info, "tokenizer": cfg.tokenizer or meta_tok, "kind": "state",
                 "recipe": cfg.to_dict()}
+    else:
+        meta = {"family": family.name, "base": base_info, "tokenizer": cfg.tokenizer or meta_tok, "r": cfg.lora.r,
+                "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout, "parts": list(cfg.lora.parts),
+                "train": list(cfg.lora.train), "recipe": cfg.to_dict()}
         if cfg.method == "full":
             meta["kind"] = "full"
     if cfg.tokenizer is None and meta_tok is None and not quiet:
@@ -169,7 +169,7 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     del sd
     base.cast(torch.float32 if cfg.method == "full" else base_precision_dtype(cfg.precision))
     base.gradient_checkpointing = cfg.grad_checkpoint
-    model, base, tune = _build_model(cfg, base, mcfg.n_layer, mcfg.n_embd)
+    model, base, tune = _build_model(cfg, base)
     model.train()
     resume_step = 0
     if resume_from is not None:  # the checkpoint must fit this model: checked now, with a one-line error

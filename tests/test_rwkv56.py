@@ -1,0 +1,287 @@
+"""RWKV-5.2 and RWKV-6 against BlinkDL's own inference code (the `rwkv` pip package, `cpu fp32`, which detects both
+versions by itself) and against themselves (parallel vs one-token steps, chunks, checkpointing, casts); the checkpoint
+layout, `init --arch 5|6`, `info`, the refusal of v5.0/5.1 and the `time_state` files RWKV-Runner loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import write_checkpoint
+from finetune import FinetuneError, load_model
+from finetune.checkpoint import model_state_dict, read_state_dict
+from finetune.cli import main
+from finetune.models import FAMILIES, RNNState, detect, detect_version, rwkv5, rwkv6
+from rwkv56_checkpoints import random_rwkv5_state_dict, random_rwkv6_state_dict
+
+MAKERS = {"5.2": random_rwkv5_state_dict, "6": random_rwkv6_state_dict}
+
+CASES = [
+    # (version, n_layer, n_embd, vocab, head_size, storage dtype): 1, 2 and 4 heads, vocabularies that are not powers
+    # of two, fp16 and bf16 storage
+    ("5.2", 2, 64, 1000, 16, torch.float32),
+    ("5.2", 3, 48, 97, 48, torch.float16),
+    ("5.2", 2, 64, 301, 32, torch.bfloat16),
+    ("6", 2, 64, 1000, 16, torch.float32),
+    ("6", 3, 48, 97, 48, torch.float16),
+    ("6", 2, 64, 301, 32, torch.bfloat16),
+]
+
+
+def rwkv_package(path):
+    from rwkv.model import RWKV as BlinkRWKV
+
+    return BlinkRWKV(str(path), strategy="cpu fp32", verbose=False)
+
+
+def package_state_to_ours(state: list[torch.Tensor]) -> RNNState:
+    """The package's list (att_xx [C], wkv [H, N, N], ffn_xx [C] per layer) as a batch-1 RNNState."""
+    n_layer = len(state) // 3
+    return RNNState.stack([tuple(state[3 * i + j].unsqueeze(0) for j in range(3)) for i in range(n_layer)])
+
+
+def tokens_for(vocab: int, n: int, seed: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"v{c[0]}-{c[1]}x{c[2]}-V{c[3]}-N{c[4]}-{str(c[5])[6:]}")
+def test_logits_and_state_match_rwkv_package(tmp_path, case):
+    version, n_layer, n_embd, vocab, head_size, dtype = case
+    sd = MAKERS[version](n_layer, n_embd, vocab, head_size, seed=7, dtype=dtype)
+    ours_path = write_checkpoint(tmp_path / "model.pth", sd)
+    # the rwkv package applies ln0 to the embedding in the stored dtype (which rounds): give it an fp32 copy
+    ref_path = write_checkpoint(tmp_path / "model-fp32.pth", {k: v.float() for k, v in sd.items()})
+    tokens, more = tokens_for(vocab, 40, 3), tokens_for(vocab, 9, 4)
+
+    ref = rwkv_package(ref_path)
+    assert ref.version == float(version)  # the package reads it as the version we test
+    ref_logits, ref_state = ref.forward(tokens, None, full_output=True)
+    ref_state = package_state_to_ours(ref_state)  # (taken before the package continues in place)
+    ref_more, _ = ref.forward(more, [s.clone() for s in _as_list(ref_state)], full_output=True)
+
+    model = load_model(ours_path, dtype="fp32")
+    assert type(model) is FAMILIES[version].model_class
+    with torch.no_grad():
+        logits, state = model(torch.tensor([tokens]), return_state=True)
+        # continuing from the package's own state: the layouts are the same, not merely our own round trip
+        logits_more = model(torch.tensor([more]), ref_state)
+    assert logits.shape == (1, len(tokens), vocab)
+    torch.testing.assert_close(logits[0], ref_logits.float(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits_more[0], ref_more.float(), rtol=0, atol=1e-4)
+    H, N = n_embd // head_size, head_size
+    assert state.wkv.shape == (1, n_layer, H, N, N) and state.wkv.abs().max() > 1  # a state worth comparing
+    for field in RNNState.FIELDS:
+        torch.testing.assert_close(getattr(state, field), getattr(ref_state, field), rtol=1e-5, atol=1e-4)
+
+
+def _as_list(state: RNNState) -> list[torch.Tensor]:
+    """A batch-1 RNNState as the package's state list."""
+    return [t for i in range(state.wkv.shape[1]) for t in (f[0] for f in state.layer(i))]
+
+
+def small_model(version: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    from finetune.checkpoint import build_from_state_dict
+
+    return build_from_state_dict(MAKERS[version](2, 64, 211, 16, seed=seed, dtype=dtype)).eval()
+
+
+@pytest.mark.parametrize("version", ["5.2", "6"])
+def test_step_equals_parallel_and_chunks_continue(version):
+    model = small_model(version, seed=1)
+    tokens = torch.randint(0, 211, (2, 25), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole, whole_state = model(tokens, return_state=True)
+        first, state = model(tokens[:, :11], return_state=True)
+        second, chunk_state = model(tokens[:, 11:], state, return_state=True)
+        last, prefill_state = model.prefill(tokens, chunk_len=7)
+    torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(last, whole[:, -1], rtol=0, atol=1e-5)
+    state = None
+    for t in range(tokens.shape[1]):
+        logits, state = model.step(tokens[:, t], state)
+        torch.testing.assert_close(logits, whole[:, t], rtol=0, atol=1e-5)
+    for s in (state, chunk_state, prefill_state):
+        for field in RNNState.FIELDS:
+            torch.testing.assert_close(getattr(s, field), getattr(whole_state, field), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("version", ["5.2", "6"])
+def test_gradient_checkpointing_and_state_gradients(version):
+    """Checkpointed blocks give the same loss and gradients (weights and the incoming state) as plain ones."""
+    model = small_model(version, seed=2).train()
+    tokens = torch.randint(0, 211, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, start = model(tokens[:, :5], return_state=True)
+
+    def grads(checkpointing: bool):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        state = start.clone().map(lambda t: t.requires_grad_())
+        loss = torch.nn.functional.cross_entropy(model(tokens[:, 5:-1], state).flatten(0, 1), tokens[:, 6:].flatten())
+        loss.backward()
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters()}, state.wkv.grad
+
+    loss0, g0, s0 = grads(False)
+    loss1, g1, s1 = grads(True)
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=1e-6)
+    assert s0.abs().max() > 0 and all(g.abs().max() > 0 for n, g in g0.items() if n != "emb.weight")
+    torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("version", ["5.2", "6"])
+def test_low_precision_keeps_the_decay_path_fp32(tmp_path, version):
+    sd = MAKERS[version](2, 64, 211, 32, seed=3, dtype=torch.bfloat16)
+    path = write_checkpoint(tmp_path / "bf16.pth", sd)
+    model = load_model(path)
+    att = model.blocks[1].att
+    kept = [att.time_decay, att.time_faaaa, att.ln_x.weight]
+    if version == "6":
+        kept += [att.time_decay_w1, att.time_decay_w2]
+        assert att.time_maa_w1.dtype == torch.bfloat16  # the mixes follow the model's dtype
+    assert all(p.dtype == torch.float32 for p in kept)
+    assert att.key.weight.dtype == torch.bfloat16 and model.head.weight.dtype == torch.bfloat16
+    tokens = torch.tensor([tokens_for(211, 20, 5)])
+    with torch.no_grad():
+        low = model(tokens).float()
+        full = load_model(path, dtype="fp32")(tokens)
+        model.cast(torch.float16)
+        half = model(tokens).float()
+    assert model.blocks[1].att.time_faaaa.dtype == torch.float32
+    assert (low - full).abs().max() < 0.2 and (half - full).abs().max() < 0.05  # rounding, not a different model
+    # saved back in the dtypes it was loaded with: the file's exact tensors
+    saved = model_state_dict(load_model(path))
+    assert saved.keys() == sd.keys() and all(torch.equal(saved[k], v) for k, v in sd.items())
+
+
+def test_v50_and_v51_are_refused_by_name_with_the_packages_rule(tmp_path):
+    """5.0 (no att.gate) and 5.1 (per-head time_decay) are recognised as the package recognises them, and refused."""
+    sd = random_rwkv5_state_dict(2, 64, 100, 16, seed=1)
+    v51 = {k: (v[:, 0].contiguous() if k.endswith("att.time_decay") else v) for k, v in sd.items()}
+    v50 = {k: v for k, v in v51.items() if ".att.gate." not in k and "time_mix_g" not in k}
+    for version, state_dict in (("5.2", sd), ("5.1", v51), ("5.0", v50)):
+        path = write_checkpoint(tmp_path / f"v{version}.pth", state_dict)
+        assert detect_version(state_dict) == version
+        assert rwkv_package(path).version == float(version)
+        if version != "5.2":
+            with pytest.raises(FinetuneError, match=rf"v{version}\.pth: this is an RWKV-{version} "):
+                load_model(path)
+    assert detect(sd) is rwkv5.FAMILY and detect(random_rwkv6_state_dict(1, 32, 10, 16)) is rwkv6.FAMILY
+
+
+@pytest.mark.parametrize("version", ["5.2", "6"])
+def test_config_is_read_from_shapes(version):
+    sd = MAKERS[version](3, 96, 123, 32, seed=0, dim_ffn=320)
+    metas = {k: torch.empty(v.shape, device="meta") for k, v in sd.items()}  # merge reads configs off meta tensors
+    family = FAMILIES[version]
+    cfg = family.config_from_state_dict(metas)
+    assert (cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.n_head, cfg.head_size, cfg.dim_ffn) == (3, 96, 123, 3, 32,
+                                                                                                  320)
+    if version == "6":
+        assert (cfg.d_mix, cfg.d_decay) == (8, 16)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == family.expected_shapes(cfg)
+    bad = dict(sd, **{"blocks.0.att.time_faaaa": torch.zeros(2, 32)})
+    with pytest.raises(FinetuneError, match="time_faaaa is \\[2, 32\\] but the width is 96"):
+        family.config_from_state_dict(bad, "x.pth")
+
+
+@pytest.mark.parametrize("version", ["5.2", "6"])
+def test_lora_targets_and_full_groups_name_the_checkpoint(version):
+    family = FAMILIES[version]
+    model = small_model(version)
+    names = dict(model.named_modules())
+    for part, targets in family.lora_parts.items():
+        for t in targets:
+            assert isinstance(names[f"blocks.1.{part}.{t}"], torch.nn.Linear)
+    keys = list(model.state_dict())
+    groups = {g: [k for k in keys if pred(k)] for g, pred in family.full_groups.items()}
+    assert set(groups["time"]) == {k for k in keys if ".time_" in k}
+    assert "blocks.1.att.ln_x.weight" in groups["ln"] and "blocks.0.ln0.bias" in groups["ln"]
+    assert "ln_out.weight" in groups["ln"] and groups["emb"] == ["emb.weight"] and groups["head"] == ["head.weight"]
+    if version == "6":
+        assert {"blocks.0.att.time_maa_w1", "blocks.0.att.time_maa_w2", "blocks.0.att.time_decay_w1",
+                "blocks.0.ffn.time_maa_k"} <= set(groups["time"])
+
+
+@pytest.mark.parametrize("arch", ["5", "6"])
+def test_init_arch_loads_and_info_describes(tmp_path, capsys, arch):
+    out = tmp_path / f"init{arch}.pth"
+    assert main(["init", "--arch", arch, "--n-layer", "3", "--n-embd", "64", "--vocab", "300", "--head-size", "32",
+                 "--seed", "1", "--dtype", "bf16", "--out", str(out)]) == 0
+    sd = read_state_dict(out)
+    family = FAMILIES["5.2" if arch == "5" else "6"]
+    assert detect(sd, out) is family
+    assert all(v.dtype == torch.bfloat16 for v in sd.values())
+    assert sd["blocks.0.att.time_faaaa"].shape == (2, 32)
+    decay = sd["blocks.2.att.time_decay"].float().flatten()
+    assert decay[0] == pytest.approx(-6, abs=0.05) and decay[-1] == pytest.approx(-1, abs=0.05)
+    assert sd["blocks.1.att.output.weight"].abs().sum() == 0  # blocks start as the identity
+    assert sd["blocks.2.att.ln_x.weight"].float().mean() > sd["blocks.0.att.ln_x.weight"].float().mean()
+    if arch == "6":
+        assert sd["blocks.0.att.time_maa_w1"].abs().sum() == 0 and sd["blocks.0.att.time_maa_w2"].abs().sum() > 0
+        assert sd["blocks.0.att.time_maa_w1"].shape == (64, 5 * 32)
+    model = load_model(out, dtype="fp32")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+    r = subprocess.run([sys.executable, "-m", "finetune.cli", "info", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for expected in (family.title, "layers:      3", "heads:       2 x 32", "vocab:       300", "bf16"):
+        assert expected in r.stdout
+    assert main(["init", "--arch", arch, "--n-layer", "1", "--n-embd", "48", "--vocab", "10",
+                 "--out", str(tmp_path / "bad.pth")]) == 1
+    assert "--n-embd 48 must be a multiple of --head-size 64" in capsys.readouterr().err
+    assert not (tmp_path / "bad.pth").exists()
+
+
+@pytest.mark.parametrize("version", ["5.2", "6"])
+def test_time_state_files_through_rwkv_package(tmp_path, version):
+    """A `blocks.N.att.time_state` file (RWKV-Runner / RWKV-PEFT) gives the package and our model the same logits:
+    fed to the package as RWKV-Runner's loader does (last two axes transposed for v5/v6 files), and embedded in a
+    model file, which the package transposes the same way."""
+    n_layer, n_embd, vocab, head_size = 2, 64, 300, 32
+    H, N = n_embd // head_size, head_size
+    sd = MAKERS[version](n_layer, n_embd, vocab, head_size, seed=4)
+    g = torch.Generator().manual_seed(5)
+    # a non-symmetric state, so that a missed (or doubled) transpose changes the logits
+    time_state = {f"blocks.{i}.att.time_state": torch.randn(H, N, N, generator=g) * 0.5 for i in range(n_layer)}
+    state_path = write_checkpoint(tmp_path / "state.pth", time_state)
+    tokens = tokens_for(vocab, 12, 6)
+
+    ref = rwkv_package(write_checkpoint(tmp_path / "model.pth", sd))
+    runner_state = []  # RWKV-Runner's load_rwkv_state for version < 7
+    for i in range(n_layer):
+        runner_state += [torch.zeros(n_embd), time_state[f"blocks.{i}.att.time_state"].transpose(1, 2).float(),
+                         torch.zeros(n_embd)]
+    ref_logits, _ = ref.forward(tokens, runner_state, full_output=True)
+    embedded = rwkv_package(write_checkpoint(tmp_path / "tuned.pth", {**sd, **time_state}))
+    embedded_logits, _ = embedded.forward(tokens, None, full_output=True)
+    plain_logits, _ = ref.forward(tokens, None, full_output=True)
+    torch.testing.assert_close(embedded_logits, ref_logits, rtol=0, atol=1e-5)
+    assert (plain_logits - ref_logits).abs().max() > 1e-2  # the state matters
+
+    module = rwkv5 if version == "5.2" else rwkv6
+    model = load_model(tmp_path / "model.pth", dtype="fp32")
+    state = module.time_state_to_state(read_state_dict(state_path), model.config, state_path)
+    assert state.wkv.shape == (n_layer, H, N, N)
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens]), state.expand(1))
+        model.initial_state = state  # as a state adapter: used whenever no state is given
+        adapter_logits = model(torch.tensor([tokens]))
+        wrong = model(torch.tensor([tokens]), state.map(lambda t: t.transpose(-1, -2) if t.dim() == 4 else t)
+                      .expand(1))
+    torch.testing.assert_close(logits[0], ref_logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(adapter_logits, logits, rtol=0, atol=0)
+    assert (wrong[0] - ref_logits).abs().max() > 1e-2  # the transpose is not a no-op here
+    back = module.state_to_time_state(state.expand(1))
+    assert back.keys() == time_state.keys() and all(torch.equal(back[k], v) for k, v in time_state.items())
+
+    with pytest.raises(FinetuneError, match="blocks.1.att.time_state has shape"):
+        module.time_state_to_state({**time_state, "blocks.1.att.time_state": torch.zeros(N, H, N)}, model.config)
+    with pytest.raises(FinetuneError, match="holds exactly"):
+        module.time_state_to_state({"blocks.0.att.time_state": time_state["blocks.0.att.time_state"]}, model.config)
+    with pytest.raises(FinetuneError, match="batch of 2"):
+        module.state_to_time_state(state.expand(2))
