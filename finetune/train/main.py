@@ -98,7 +98,7 @@ def _build_model(cfg: TrainConfig, base: nn.Module) -> tuple[nn.Module, nn.Modul
     if cfg.train_type == "state":
         for p in base.parameters():
             p.requires_grad_(False)
-        tune = StateTune(base)
+        tune = StateTune(base)  # the state layout is the family's
         return StateTuned(base, tune), base, tune
     if cfg.method == "full":
         for p in base.parameters():
@@ -152,11 +152,12 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     meta_tok = _data_tokenizer(train_corpus)
     base_info = {"fingerprint": fingerprint(sd), **dataclasses.asdict(mcfg), "path": str(cfg.model)}
     if cfg.train_type == "state":
-        meta = {"family": family.name, "base": base_info, "tokenizer": cfg.tokenizer or meta_tok, "kind": "state", "recipe": cfg.to_dict()}
-    else:
-        meta = {"family": family.name, "base": base_info, "tokenizer": cfg.tokenizer or meta_tok, "r": cfg.lora.r, "alpha": cfg.lora.alpha,
-                "dropout": cfg.lora.dropout, "parts": list(cfg.lora.parts), "train": list(cfg.lora.train),
+        meta = {"family": family.name, "base": base_info, "tokenizer": cfg.tokenizer or meta_tok, "kind": "state",
                 "recipe": cfg.to_dict()}
+    else:
+        meta = {"family": family.name, "base": base_info, "tokenizer": cfg.tokenizer or meta_tok, "r": cfg.lora.r,
+                "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout, "parts": list(cfg.lora.parts),
+                "train": list(cfg.lora.train), "recipe": cfg.to_dict()}
         if cfg.method == "full":
             meta["kind"] = "full"
     if cfg.tokenizer is None and meta_tok is None and not quiet:
