@@ -3,7 +3,7 @@
     python bench/generate.py [--n-layer 12 --n-embd 768 --vocab 65536] [--tokens 48]
 
 A random fp32 RWKV-4 (12 x 768, vocab 65536) is written once. Measured one token at a time, batch 1, after a short
-warm-up: the rwkv package's `model.forward([token], state)`, ours without an adapter (`RNNRunner.step`), and ours
+warm-up: the rwkv package's `model.forward([token], state)`, ours without an adapter (`model.step`, the model's own forward), and ours
 with an r=16 att+ffn adapter plugged in unmerged (`attach_adapters`). Writes bench/RESULTS-generate.md.
 """
 
@@ -37,7 +37,6 @@ def main() -> None:
     from conftest import random_rwkv4_state_dict
     from finetune.adapters import LORA_PARTS, write_adapter_dir
     from finetune.checkpoint import fingerprint
-    from finetune.generate import RNNRunner
     from finetune import load_model
 
     ap = argparse.ArgumentParser()
@@ -71,12 +70,12 @@ def main() -> None:
     from rwkv.model import RWKV as BlinkRWKV
 
     blink = BlinkRWKV(str(base), strategy="cpu fp32", verbose=False)
-    runner = RNNRunner(load_model(base, dtype="fp32"))
-    runner2 = RNNRunner(load_model(base, adapters=[adapter], dtype="fp32"))
+    plain = load_model(base, dtype="fp32")
+    plugged = load_model(base, adapters=[adapter], dtype="fp32")
     engines = {
         "rwkv package 0.8.32 (cpu fp32)": lambda t, s: blink.forward([t], s)[1],
-        "rwkv-lora RNNRunner, no adapter": lambda t, s: runner.step([t], s)[1],
-        f"rwkv-lora RNNRunner, r={args.r} att+ffn adapter unmerged": lambda t, s: runner2.step([t], s)[1],
+        "rwkv-lora model.step, no adapter": lambda t, s: plain.step([t], s)[1],
+        f"rwkv-lora model.step, r={args.r} att+ffn adapter unmerged": lambda t, s: plugged.step([t], s)[1],
     }
     # interleaved rounds, best of each: the machine is shared, so any one run can be slowed by other jobs
     runs: dict[str, list[float]] = {k: [] for k in engines}

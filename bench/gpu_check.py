@@ -1,7 +1,10 @@
-"""One-shot GPU check of the CUDA WKV kernel: build, correctness against a float64 reference, kernel throughput
-against the memory-bandwidth floor, and a LoRA training step of a 169M- and a 1.5B-shaped RWKV-4 in bf16.
+"""One-shot GPU check of the CUDA WKV kernels: build, correctness against a float64 reference, kernel throughput
+against the memory-bandwidth floor (RWKV-4), timings (WKV-5/6), and a LoRA training step of a 169M- and a 1.5B-shaped
+RWKV-4 in bf16; then the same for the RWKV-7 WKV kernel (build, float64 comparison at several T including T not a
+multiple of 16, timing).
 
     python bench/gpu_check.py                 # on a CUDA machine (a few minutes; prints Markdown tables)
+    python bench/gpu_check.py --wkv7-only     # only the WKV-7 sections (a minute or two)
     python bench/gpu_check.py --device cpu    # the same checks on tiny sizes on the CPU (checks the script itself)
 
 Needs no network and no `pip install -e .` (the repo root is put on sys.path). Exit status 1 when a correctness
@@ -27,7 +30,10 @@ import torch  # noqa: E402
 
 from finetune.ops import build as kernel_build  # noqa: E402
 from finetune.ops import wkv4 as wkv_mod  # noqa: E402
+from finetune.ops import wkv7 as wkv7_mod  # noqa: E402
 from finetune.ops.wkv4 import empty_wkv_state, wkv, wkv_reference  # noqa: E402
+from finetune.ops.wkv6 import kernel_for as wkv6_kernel_for  # noqa: E402
+from finetune.ops.wkv6 import wkv6, wkv6_reference  # noqa: E402
 
 POISON_ENV = "RWKV_LORA_WKV_POISON"  # the CUDA binding pre-fills its outputs with NaN when set
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -254,6 +260,122 @@ def throughput(device, ext, shapes, bandwidth, reps) -> list[list]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# WKV-5/6 (finetune/ops/wkv6.py): build, float64 comparison over several T, timing
+
+WKV6_NAMES = ["y", "state_out", "g_r", "g_w", "g_k", "g_v", "g_u", "g_state_in"]
+
+
+def wkv6_inputs(B, T, H, N, dtype, with_state, seed):
+    """float64 CPU leaves (r, w, k, v, u, state) and output gradients. r, k, v are rounded to `dtype` once, so the
+    reference and the kernel see the same values; per-token log decays span w = -exp(-20) .. -exp(5), i.e. decays
+    from 1 - 2e-9 (long memory) to e^-148 (none)."""
+    g = torch.Generator().manual_seed(seed)
+    r, k, v = (torch.randn(B, T, H, N, generator=g, dtype=torch.float64).to(dtype).double() for _ in range(3))
+    w = -torch.exp(torch.rand(B, T, H, N, generator=g, dtype=torch.float64) * 25 - 20)
+    u = torch.randn(H, N, generator=g, dtype=torch.float64) * 0.5
+    state = torch.randn(B, H, N, N, generator=g, dtype=torch.float64) * float(with_state)
+    gy = torch.randn(B, T, H, N, generator=g, dtype=torch.float64)
+    gstate = torch.randn(B, H, N, N, generator=g, dtype=torch.float64)
+    return [r, w, k, v, u, state], gy, gstate
+
+
+def wkv6_outputs(fn, leaves, gy, gstate):
+    """y, state_out and the gradients of sum(y*gy) + sum(state_out*gstate) for the six leaves."""
+    xs = [x.detach().clone().requires_grad_() for x in leaves]
+    y, s = fn(*xs)
+    loss = (y.double() * gy.to(y.device, torch.float64)).sum() + (s.double() * gstate.to(s.device, torch.float64)).sum()
+    return [y.detach(), s.detach(), *torch.autograd.grad(loss, xs)]
+
+
+def wkv6_correctness(device, cases) -> tuple[list[list], bool]:
+    rows, ok_all = [], True
+    os.environ[POISON_ENV] = "1"  # the CUDA binding pre-fills outputs and scratch with NaN
+    try:
+        for B, T, H, N, dtype, with_state in cases:
+            t0 = time.perf_counter()
+            leaves, gy, gstate = wkv6_inputs(B, T, H, N, dtype, with_state, seed=T * 7 + B + N)
+            want = wkv6_outputs(wkv6_reference, leaves, gy, gstate)
+            dev = [x.to(device, dtype if i in (0, 2, 3) else torch.float32) for i, x in enumerate(leaves)]
+            got = wkv6_outputs(lambda *a: wkv6(*a, backend="kernel"), dev, gy.to(device), gstate.to(device))
+            sync(device)
+            errs = [rel_err(a, b) for a, b in zip(got, want)]
+            # gradients come back in their input's dtype: bf16 ones carry one bf16 rounding (2^-9 relative)
+            tols = [4e-3 if g.dtype == torch.bfloat16 else 1e-5 for g in got]
+            nan = any(not torch.isfinite(x).all() for x in got)
+            ok = not nan and all(e < t for e, t in zip(errs, tols))
+            ok_all &= ok
+            rows.append([f"B={B} T={T} H={H} N={N}", str(dtype).replace("torch.", ""), "yes" if with_state else "zero",
+                         *[f"{e:.1e}" for e in errs], "NaN!" if nan else "none", "PASS" if ok else "FAIL",
+                         f"{time.perf_counter() - t0:.1f}"])
+            log(f"  checked WKV-5/6 B={B} T={T} H={H} N={N} {dtype}: worst {max(errs):.1e} {'PASS' if ok else 'FAIL'}")
+    finally:
+        os.environ.pop(POISON_ENV, None)
+    return rows, ok_all
+
+
+def wkv6_timing(device, ext, shapes, reps) -> list[list]:
+    rows = []
+    for B, T, H, N in shapes:
+        for dtype in (torch.bfloat16, torch.float32):
+            g = torch.Generator().manual_seed(1)
+            r, k, v = (torch.randn(B, T, H, N, generator=g).to(device, dtype) for _ in range(3))
+            w = -torch.exp(torch.rand(B, T, H, N, generator=g) * 9 - 8).to(device)
+            u = (torch.randn(H, N, generator=g) * 0.5).to(device)
+            state = torch.zeros(B, H, N, N, device=device)
+            gy = torch.randn(B, T, H, N, generator=g).to(device)
+            gstate = torch.zeros(B, H, N, N, device=device)
+            fwd = timeit(lambda: ext.forward(r, w, k, v, u, state), device, reps)
+            bwd = timeit(lambda: ext.backward(r, w, k, v, u, state, gy, gstate), device, reps)
+            rows.append([f"B={B} T={T} H={H} N={N}", str(dtype).replace("torch.", ""), f"{fwd * 1e3:.3f}",
+                         f"{(fwd + bwd) * 1e3:.3f}", f"{B * T / fwd:,.0f}", f"{B * T / (fwd + bwd):,.0f}"])
+            del r, k, v, w, gy
+    return rows
+
+
+def wkv6_section(device, big) -> tuple[list[str], bool]:
+    """The WKV-5/6 part of the report (Markdown sections) and whether its correctness checks passed."""
+    import warnings
+
+    parts = []
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ext = wkv6_kernel_for(device)
+    note = "; ".join(str(w.message) for w in caught)
+    parts.append("## WKV-5/6 kernel build\n\n" + table(["", ""], [
+        ["build / load (s)", f"{time.perf_counter() - t0:.1f}"], ["kernel", "compiled" if ext else f"NONE: {note}"]]))
+    log(parts[-1])
+    if ext is None:
+        return parts, False
+    # T = 1, T not a multiple of the checkpoint interval (K = ceil(sqrt(T))), long T; N = 48 takes the kernels' path
+    # for head sizes other than 64 (rows in global memory rather than registers)
+    if big:
+        cases = [(2, 1, 2, 64, torch.float32, False), (2, 1, 2, 64, torch.bfloat16, True),
+                 (2, 333, 3, 64, torch.float32, True), (2, 333, 3, 64, torch.bfloat16, False),
+                 (1, 2048, 2, 64, torch.float32, True), (1, 2048, 2, 64, torch.bfloat16, True),
+                 (2, 100, 3, 48, torch.float32, True)]
+    else:
+        cases = [(2, 1, 2, 64, torch.float32, False), (1, 17, 2, 64, torch.bfloat16, True),
+                 (2, 9, 2, 5, torch.float32, True)]
+    log("\nWKV-5/6 correctness (kernel vs the float64 reference, outputs poisoned with NaN) ...")
+    rows, ok = wkv6_correctness(device, cases)
+    parts.append("## WKV-5/6 correctness (relative error: max |diff| / max |ref|; tol 1e-5, 4e-3 for bf16 "
+                 "gradients)\n\n" + table(["shape", "r/k/v dtype", "state in", *WKV6_NAMES, "NaN", "result", "s"],
+                                            rows))
+    log(parts[-1])
+    log("\nWKV-5/6 kernel time ...")
+    shapes = [(1, 1024, 12, 64), (8, 1024, 32, 64), (8, 4096, 32, 64)] if big else [(1, 16, 2, 64)]
+    try:
+        rows = wkv6_timing(device, ext, shapes, reps=10 if big else 2)
+        parts.append("## WKV-5/6 kernel time\n\n" + table(
+            ["shape", "dtype", "fwd ms", "fwd+bwd ms", "fwd tok/s", "fwd+bwd tok/s"], rows))
+    except Exception:
+        parts.append("## WKV-5/6 kernel time\n\nFAILED:\n```\n" + traceback.format_exc() + "```")
+    log(parts[-1])
+    return parts, ok
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # LoRA training step
 
 
@@ -310,6 +432,163 @@ def train_step_bench(device, shapes, steps, warmup) -> list[list]:
     return rows
 
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# WKV-7
+
+NAMES7 = ["y", "state_out", "g_r", "g_w", "g_k", "g_v", "g_a", "g_b", "g_state_in"]
+
+
+def build7(device) -> tuple[object | None, float, str]:
+    """The compiled WKV-7 extension for `device` (None when it fails), build/load seconds, and a note."""
+    t0 = time.perf_counter()
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ext = wkv7_mod.kernel_for(device)
+    note = "; ".join(str(w.message) for w in caught)
+    return ext, time.perf_counter() - t0, note
+
+
+def make_inputs7(B, T, H, dtype, w_dtype, device, seed, N=64):
+    """Inputs as RWKV-7 makes them: w = -e^-0.5 sigmoid(w0) in [-0.61, 0], kk unit per head, a = -kk,
+    b = kk * iclr; a random incoming state; random output gradients. r, k, v, a, b in `dtype`, w in `w_dtype`
+    (bf16 values rounded once: the reference sees the same numbers)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, T, H, N)
+    r = torch.randn(shape, generator=g)
+    w = -math.exp(-0.5) * torch.sigmoid(torch.randn(shape, generator=g) * 2)
+    k = torch.randn(shape, generator=g) * 0.5
+    v = torch.randn(shape, generator=g)
+    kk = torch.nn.functional.normalize(torch.randn(shape, generator=g), dim=-1)
+    a, b = -kk, kk * torch.sigmoid(torch.randn(shape, generator=g))
+    xs = [x.to(w_dtype if i == 1 else dtype) for i, x in enumerate((r, w, k, v, a, b))]
+    state = torch.randn(B, H, N, N, generator=g) * 0.5
+    gy = torch.randn(shape, generator=g)
+    gstate = torch.randn(B, H, N, N, generator=g)
+    return [x.to(device) for x in (*xs, state, gy, gstate)]
+
+
+def run_wkv7(xs, state, gy, gstate, backend):
+    leaves = [x.detach().clone().requires_grad_() for x in (*xs, state)]
+    y, s = wkv7_mod.wkv7(*leaves, backend=backend)
+    loss = (y.double() * gy.double()).sum() + (s.double() * gstate.double()).sum()
+    return [y.detach(), s.detach(), *torch.autograd.grad(loss, leaves)]
+
+
+def reference64_7(xs, state, gy, gstate, segment=512):
+    """y, state and the seven gradients by the float64 reference's own autograd (on the inputs' device), `segment`
+    steps at a time: the state is carried forward, its gradient passed back, so memory stays bounded at long T."""
+    xs = [x.detach().double() for x in xs]
+    s0, gy, g_state = state.detach().double(), gy.double(), gstate.double()
+    T = xs[0].shape[1]
+    bounds = list(range(0, T, segment)) + [T]
+    states, ys = [s0], []
+    with torch.no_grad():
+        for t0, t1 in zip(bounds[:-1], bounds[1:]):
+            y, s = wkv7_mod.wkv7_reference(*(x[:, t0:t1] for x in xs), states[-1])
+            ys.append(y)
+            states.append(s)
+    grads = [torch.zeros_like(x) for x in xs]
+    for i in reversed(range(len(bounds) - 1)):
+        t0, t1 = bounds[i], bounds[i + 1]
+        leaves = [x[:, t0:t1].clone().requires_grad_() for x in xs] + [states[i].clone().requires_grad_()]
+        y, s = wkv7_mod.wkv7_reference(*leaves)
+        parts = torch.autograd.grad((y * gy[:, t0:t1]).sum() + (s * g_state).sum(), leaves)
+        for g, part in zip(grads, parts[:6]):
+            g[:, t0:t1] = part
+        g_state = parts[6]
+    return [torch.cat(ys, 1), states[-1], *grads, g_state]
+
+
+def correctness7(device, backend, cases) -> tuple[list[list], bool]:
+    """Kernel vs float64 reference, every output NaN-poisoned by the CUDA binding. tol: 1e-5 for fp32 results,
+    1e-2 for gradients returned in bf16 (rounded to 2^-8)."""
+    rows, ok_all = [], True
+    os.environ[POISON_ENV] = "1"
+    try:
+        for B, T, H, dtype, w_dtype in cases:
+            t0 = time.perf_counter()
+            *xs, state, gy, gstate = make_inputs7(B, T, H, dtype, w_dtype, device, seed=T * 7 + B)
+            got = run_wkv7(xs, state, gy, gstate, backend)
+            sync(device)
+            want = reference64_7(xs, state, gy, gstate)
+            errs = [rel_err(a, b) for a, b in zip(got, want)]
+            tols = [1e-5 if x.dtype == torch.float32 else 1e-2 for x in got]
+            nan = any(not torch.isfinite(x).all() for x in got)
+            ok = not nan and all(e < t for e, t in zip(errs, tols))
+            ok_all &= ok
+            rows.append([f"B={B} T={T} H={H}", str(dtype).replace("torch.", ""), str(w_dtype).replace("torch.", ""),
+                         *[f"{e:.1e}" for e in errs], "NaN!" if nan else "none", "PASS" if ok else "FAIL",
+                         f"{time.perf_counter() - t0:.1f}"])
+            log(f"  checked WKV-7 B={B} T={T} H={H} {dtype}/{w_dtype}: worst {max(errs):.1e} "
+                f"{'PASS' if ok else 'FAIL'}")
+    finally:
+        os.environ.pop(POISON_ENV, None)
+    return rows, ok_all
+
+
+def throughput7(device, ext, shapes, reps) -> list[list]:
+    """The extension's own calls: forward without and with the saved checkpoints, and backward."""
+    rows = []
+    K = ext.checkpoint_interval()
+    for B, T, H in shapes:
+        for dtype, w_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32)):
+            *xs, state, gy, gstate = make_inputs7(B, T, H, dtype, w_dtype, device, seed=1)
+            _, _, ckpt, sa = ext.forward(*xs, state, True)
+            cases = (("forward", lambda: ext.forward(*xs, state, False)),
+                     ("forward, saving", lambda: ext.forward(*xs, state, True)),
+                     ("backward", lambda: ext.backward(*xs, ckpt, sa, gy, gstate)))
+            # memory: what the forward keeps for the backward; the CUDA backward's scratch (one block of K states
+            # per (batch, head), freed on return)
+            saved = f"{wkv7_mod.checkpoint_bytes(B, T, H, 64, K) / 2**20:.0f}"
+            scratch = f"{B * H * K * 64 * 64 * 4 / 2**20:.0f}" if device.type == "cuda" else "-"
+            for name, fn in cases:
+                sec = timeit(fn, device, reps)
+                rows.append([f"B={B} T={T} H={H}", f"{str(dtype)[6:]} (w {str(w_dtype)[6:]})", name,
+                             f"{sec * 1e3:.3f}", f"{B * T / sec / 1e6:.2f}", f"{B * T * H / sec / 1e6:.1f}",
+                             saved if name == "forward, saving" else "", scratch if name == "backward" else ""])
+            del xs, state, gy, gstate, ckpt, sa
+    return rows
+
+
+def wkv7_sections(device, big, report, reps) -> bool:
+    """Build, correctness and timing of the WKV-7 kernel; appends to `report`, returns whether it is correct."""
+    log(f"\nbuilding the {device.type} WKV-7 kernel ...")
+    ext, build_s, note = build7(device)
+    rows = [["kernel build / load (s)", f"{build_s:.1f}"], ["kernel", "compiled" if ext else f"NONE: {note}"]]
+    if ext is not None:
+        rows.append(["checkpoint interval K", str(ext.checkpoint_interval())])
+    report.append("## WKV-7: build\n\n" + table(["", ""], rows))
+    log(report[-1])
+    if ext is None:
+        return not big  # on a GPU the kernel must build; the CPU dry run may fall back to the reference
+    backend = "kernel"
+    f32, bf16 = torch.float32, torch.bfloat16
+    if big:  # B*H = 6 blocks; T = 33 and 1000 are not multiples of 16
+        cases = [(2, T, 3, dt, wdt) for T in (1, 33, 1000, 4096) for dt, wdt in ((f32, f32), (bf16, f32))]
+        cases += [(2, 1000, 3, bf16, bf16), (1, 16384, 2, bf16, f32)]
+    else:
+        cases = [(2, 1, 3, f32, f32), (2, 21, 3, f32, f32), (1, 21, 2, bf16, f32), (1, 21, 2, bf16, bf16)]
+    log(f"\nWKV-7 correctness ({backend} vs float64 reference, outputs poisoned with NaN) ...")
+    rows, ok = correctness7(device, backend, cases)
+    report.append("## WKV-7: correctness (relative error: max |diff| / max |ref|; tol 1e-5 for fp32 results, 1e-2 "
+                  "for gradients returned in bf16)\n\n" + table(
+                      ["shape", "dtype", "w dtype", *NAMES7, "NaN", "result", "s"], rows))
+    log(report[-1])
+    log("\nWKV-7 kernel time ...")
+    shapes = [(8, 1024, 12), (8, 4096, 32), (1, 16384, 32)] if big else [(1, 16, 2)]
+    try:
+        rows = throughput7(device, ext, shapes, reps)
+        report.append("## WKV-7: kernel time (N = 64)\n\n" + table(
+            ["shape", "dtype", "pass", "ms", "Mtok/s", "M head-steps/s", "saved for backward MiB",
+             "backward scratch MiB"], rows))
+    except Exception:
+        report.append("## WKV-7: kernel time\n\nFAILED:\n```\n" + traceback.format_exc() + "```")
+    log(report[-1])
+    return ok
+
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -317,6 +596,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-train", action="store_true", help="no LoRA training-step benchmark")
+    ap.add_argument("--skip-wkv7", action="store_true", help="no WKV-7 sections")
+    ap.add_argument("--wkv7-only", action="store_true", help="only the WKV-7 sections")
     ap.add_argument("--bandwidth-tbs", type=float, default=4.8, help="memory bandwidth for the floor (H200: 4.8)")
     ap.add_argument("--out", type=Path, help="also write the Markdown report here")
     args = ap.parse_args(argv)
@@ -331,6 +612,12 @@ def main(argv=None) -> int:
     env += [["nvcc", kernel_build.find_nvcc()]]
     if big:
         env += [["nvcc flags", " ".join(kernel_build.cuda_compile_flags(kernel_build.find_nvcc()))]]
+
+    if args.wkv7_only:
+        report.append("## Environment\n\n" + table(["", ""], env))
+        log(report[-1])
+        ok = wkv7_sections(device, big, report, reps=10 if big else 2)
+        return finish(report, ok, args.out)
 
     log(f"building the {device.type} WKV kernel ...")
     ext, build_s, note = build(device)
@@ -373,6 +660,15 @@ def main(argv=None) -> int:
         report.append("## Kernel throughput\n\nFAILED:\n```\n" + traceback.format_exc() + "```")
     log(report[-1])
 
+    # --- WKV-5/6
+    parts, ok6 = wkv6_section(device, big)
+    report += parts
+    ok &= ok6
+
+    # --- WKV-7 (before the training step: a crash there must not hide it)
+    if not args.skip_wkv7:
+        ok &= wkv7_sections(device, big, report, reps=10 if big else 2)
+
     # --- LoRA training step
     if not args.skip_train:
         log("\nLoRA training step (bf16, r=8 on att/ffn key/value/receptance/output, AdamW) ...")
@@ -387,10 +683,14 @@ def main(argv=None) -> int:
             report.append("## LoRA training step\n\nFAILED:\n```\n" + traceback.format_exc() + "```")
         log(report[-1])
 
+    return finish(report, ok, args.out)
+
+
+def finish(report: list[str], ok: bool, out: Path | None) -> int:
     text = "\n\n".join(report) + f"\n\nOverall correctness: {'PASS' if ok else 'FAIL'}\n"
     log("\n" + "=" * 100 + "\n\n" + text)
-    if args.out:
-        args.out.write_text(text)
+    if out:
+        out.write_text(text)
     return 0 if ok else 1
 
 

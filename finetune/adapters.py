@@ -11,8 +11,9 @@ An adapter directory (what training writes to OUT_DIR/final/ and OUT_DIR/step-N/
 
 A state adapter (kind "state", from `train_type: state`) holds instead:
 
-    state.safetensors            `state` [n_layer, 5, C] float32: the learned start state (RWKV.initial_state)
-    rwkv_lora.json               format, version, kind "state", base, tokenizer, recipe
+    state.safetensors            the learned start state (model.initial_state), float32, unbatched: `att_shift`
+                                 [L, C], `wkv` [L, ...] (the family's WKV state), `ffn_shift` [L, C]
+    rwkv_lora.json               format, version, kind "state", family, base, tokenizer, recipe
 
 Merging and plug-in read `rwkv_lora.json` and never ask the user for alpha.
 """
@@ -30,6 +31,7 @@ import torch.nn as nn
 from finetune import checkpoint
 from finetune.atomic import atomic_dir, atomic_file
 from finetune.errors import FinetuneError
+from finetune.models import RNNState, family_for
 
 ADAPTER_META = "rwkv_lora.json"
 TRAINED_TENSORS = "trained_tensors.safetensors"
@@ -162,8 +164,8 @@ class Adapter:
     """module name (blocks.N.att.key) -> (A [r, in], B [out, r]), float32."""
     full: dict[str, torch.Tensor] = field(default_factory=dict)
     """checkpoint name -> tensor trained in full (replaces the base tensor), float32."""
-    state: torch.Tensor | None = None
-    """kind "state": the learned start state [n_layer, 5, C], float32."""
+    state: RNNState | None = None
+    """kind "state": the learned start state (unbatched, [L, ...] per field), float32."""
 
     @property
     def kind(self) -> str:
@@ -235,15 +237,20 @@ def read_adapter(path: str | Path) -> Adapter:
     return Adapter(path=path, meta=meta, lora=pairs, full=full)
 
 
-def save_state_adapter(state: torch.Tensor, out_dir: str | Path, meta: dict[str, Any]) -> Path:
-    """Write a state adapter directory (state.safetensors + rwkv_lora.json), atomically."""
+def save_state_adapter(state: RNNState, out_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """Write a state adapter directory (state.safetensors + rwkv_lora.json), atomically. `state` is unbatched."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.tensors().items()}
+    for k, v in tensors.items():
+        if not torch.isfinite(v).all():
+            raise FinetuneError(f"{out_dir}: the learned state's {k} is not finite; nothing written")
     with atomic_dir(out_dir) as tmp:
-        save_file({"state": state.detach().float().cpu().contiguous()}, str(tmp / STATE_TENSORS))
+        save_file(tensors, str(tmp / STATE_TENSORS))
         meta = dict(meta)
-        meta.update(format=FORMAT, version=FORMAT_VERSION, kind="state", state_shape=list(state.shape))
+        meta.update(format=FORMAT, version=FORMAT_VERSION, kind="state",
+                    state_shapes={k: list(v.shape) for k, v in tensors.items()})
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return out_dir
 
@@ -254,17 +261,26 @@ def _read_state(path: Path, meta: dict[str, Any]) -> torch.Tensor:
     if not path.is_file():
         raise FinetuneError(f"{path}: missing (a state adapter keeps its start state there)")
     try:
-        state = load_file(str(path)).get("state")
+        tensors = load_file(str(path))
     except Exception as e:
         raise FinetuneError(f"{path}: corrupted or truncated ({_first_line(e)})") from None
-    return _check_state(state, path)
+    return _check_state(tensors, path)
 
 
-def _check_state(state: torch.Tensor | None, where: Path) -> torch.Tensor:
-    if state is None or state.dim() != 3 or state.shape[1] != 5:
-        got = "nothing" if state is None else tuple(state.shape)
-        raise FinetuneError(f"{where}: the start state must be a [n_layer, 5, C] tensor named state, got {got}")
-    return state.float()
+def _check_state(tensors: dict[str, torch.Tensor], where: Path) -> RNNState:
+    """The unbatched RNNState from its three named tensors; one line if any is missing, misshapen or not finite."""
+    missing = [f for f in RNNState.FIELDS if f not in tensors]
+    if missing or set(tensors) - set(RNNState.FIELDS):
+        raise FinetuneError(f"{where}: a state adapter holds exactly the tensors {', '.join(RNNState.FIELDS)}; got "
+                            f"{', '.join(sorted(tensors)) or 'none'}")
+    state = RNNState(*(tensors[f].float() for f in RNNState.FIELDS))
+    L = state.att_shift.shape[0]
+    if state.att_shift.dim() != 2 or state.ffn_shift.shape != state.att_shift.shape or state.wkv.shape[0] != L:
+        raise FinetuneError(f"{where}: inconsistent state shapes {[tuple(t.shape) for t in state.tensors().values()]}")
+    for k, v in state.tensors().items():
+        if not torch.isfinite(v).all():
+            raise FinetuneError(f"{where}: the state's {k} holds NaN or infinite values")
+    return state
 
 
 def describe_adapter(path: str | Path) -> str:
@@ -272,12 +288,15 @@ def describe_adapter(path: str | Path) -> str:
     m = a.meta
     base = m.get("base", {})
     if a.kind == "state":
-        n_layer, _, C = a.state.shape
+        n_layer, C = a.state.att_shift.shape
+        numbers = sum(t.numel() for t in a.state.tensors().values())
+        wkv = " x ".join(str(d) for d in a.state.wkv.shape[1:])
         return "\n".join([
             f"file:        {path}",
             f"kind:        state adapter (rwkv-lora format {m.get('version')}, "
             f"{'packed file' if Path(path).is_file() else 'directory'}): a learned start state",
-            f"state:       {n_layer} layers x 5 x {C} ({a.state.numel():,} numbers)",
+            f"family:      {m.get('family', 'rwkv4')}",
+            f"state:       {n_layer} layers: token shifts of {C}, WKV {wkv} ({numbers:,} numbers)",
             f"base:        {base.get('n_layer')} x {base.get('n_embd')}, vocab {base.get('vocab_size')}, "
             f"fingerprint {base.get('fingerprint')}",
             f"tokenizer:   {m.get('tokenizer')}",
@@ -357,7 +376,8 @@ def pack_adapter(src: str | Path, out: str | Path) -> Path:
     for name, t in sorted(a.full.items()):
         tensors[f"full.{name}"] = t.contiguous()
     if a.state is not None:
-        tensors["state"] = a.state.contiguous()
+        for k, v in a.state.tensors().items():
+            tensors[f"state.{k}"] = v.contiguous()
     meta = {k: json.dumps(v, default=str) for k, v in a.meta.items() if k not in ("format",)}
     meta.update(format=FORMAT, packed="1", rwkv_lora=json.dumps(a.meta, default=str))
     with atomic_file(out) as tmp:
@@ -383,13 +403,13 @@ def _read_packed(path: Path) -> Adapter:
         raise FinetuneError(f"{path}: unreadable adapter metadata ({e})") from None
     lora: dict[str, list] = {}
     full: dict[str, torch.Tensor] = {}
-    state = None
+    state: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 t = f.get_tensor(key).float()
-                if key == "state" and meta.get("kind") == "state":
-                    state = t
+                if key.startswith("state.") and meta.get("kind") == "state":
+                    state[key[6:]] = t
                 elif key.startswith("full."):
                     full[key[5:]] = t
                 elif key.startswith("lora.") and key.endswith((".A", ".B")):
@@ -467,7 +487,8 @@ def parse_adapter_spec(spec) -> tuple[str, float]:
 
 
 def check_adapter(adapter: Adapter, shapes: dict[str, tuple[int, ...]], base_fingerprint: str | None,
-                  force: bool = False, base_name: str = "the base model") -> None:
+                  force: bool = False, base_name: str = "the base model",
+                  state_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
     """Refuse (one-line FinetuneError naming the adapter) an adapter whose target keys or shapes are not in the base,
     or whose recorded base fingerprint differs (unless force=True: then only the shapes must fit)."""
     name = adapter.path
@@ -486,11 +507,12 @@ def check_adapter(adapter: Adapter, shapes: dict[str, tuple[int, ...]], base_fin
             raise FinetuneError(f"adapter {name} was made for another base: {key} is {tuple(t.shape)} in the "
                                 f"adapter but {tuple(shapes[key])} in {base_name}")
     if adapter.state is not None:
-        n_layer = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")), default=-1)
-        C = shapes.get("emb.weight", (0, 0))[1]
-        if tuple(adapter.state.shape) != (n_layer, 5, C):
-            raise FinetuneError(f"adapter {name} was made for another base: its start state is "
-                                f"{tuple(adapter.state.shape)}, {base_name} needs {(n_layer, 5, C)}")
+        if state_shapes is None:
+            raise FinetuneError(f"adapter {name}: a state adapter plugs into a model (it cannot be merged)")
+        for k, t in adapter.state.tensors().items():
+            if tuple(t.shape) != tuple(state_shapes[k]):
+                raise FinetuneError(f"adapter {name} was made for another base: its start state's {k} is "
+                                    f"{tuple(t.shape)}, {base_name} needs {tuple(state_shapes[k])}")
     recorded = (adapter.meta.get("base") or {}).get("fingerprint")
     if recorded and base_fingerprint and recorded != base_fingerprint and not force:
         raise FinetuneError(f"adapter {name} was made for another base (fingerprint {recorded}, {base_name} has "
@@ -543,8 +565,13 @@ def attach_adapters(model: nn.Module, adapters: Iterable, force: bool = False) -
         base_fp = checkpoint.fingerprint(sd)
         model.base_fingerprint = base_fp
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    family = family_for(model)
+    state_shapes = {k: tuple(v.shape[1:]) for k, v in model.zero_state(1, "cpu").tensors().items()}
     for a, _ in read:
-        check_adapter(a, shapes, base_fp, force=force)
+        if a.meta.get("family", "rwkv4") != family.name:
+            raise FinetuneError(f"adapter {a.path} was made for a {a.meta.get('family')} model, not "
+                                f"{family.title}")
+        check_adapter(a, shapes, base_fp, force=force, state_shapes=state_shapes)
     states = [(a, w) for a, w in read if a.state is not None]
     if len(states) > 1:
         raise FinetuneError(f"adapters {states[0][0].path} and {states[1][0].path} are both state adapters; a model "

@@ -1,25 +1,29 @@
-"""`rwkv-lora init` (a random RWKV-4/5.2/6 in BlinkDL's layout) and `rwkv-lora info` (what a file holds)."""
+"""`rwkv-lora init` (a random RWKV of any supported generation in BlinkDL's layout) and `rwkv-lora info` (what a
+file holds)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from finetune.errors import FinetuneError
+from finetune.models import ARCHES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "init", help="write a randomly initialised RWKV-4 checkpoint (BlinkDL layout)",
-        description="Write a freshly initialised RWKV-4 checkpoint in BlinkDL's .pth layout, initialised the way "
-                    "RWKV-LM does (decays spread over channels, token-shift mixes ramped by layer, identity blocks). "
-                    "Useful for demos, tests and pretraining from scratch.")
+        "init", help="write a randomly initialised RWKV checkpoint (BlinkDL layout)",
+        description="Write a freshly initialised RWKV-4, 5.2, 6 or 7 checkpoint in BlinkDL's .pth layout, "
+                    "initialised the way RWKV-LM does for that generation (decays spread over channels, token-shift "
+                    "mixes ramped by layer, identity blocks). Useful for demos, tests and pretraining from scratch.")
     p.add_argument("--n-layer", type=int, required=True, help="number of blocks")
     p.add_argument("--n-embd", type=int, required=True, help="width of the residual stream")
     p.add_argument("--vocab", type=int, required=True, help="vocabulary size (65536 World, 50277 Pile/Raven)")
-    p.add_argument("--arch", choices=["4", "5", "6"], default="4",
-                   help="RWKV generation: 4, 5 (RWKV-5.2 Eagle) or 6 (RWKV-6 Finch) (default 4)")
-    p.add_argument("--head-size", type=int, default=64, help="head size of RWKV-5/6 (default 64, as published)")
+    p.add_argument("--arch", choices=list(ARCHES), default="4",
+                   help="RWKV generation: 4, 5 (RWKV-5.2 Eagle), 6 (RWKV-6 Finch) or 7 (RWKV-7 Goose) (default 4)")
+    p.add_argument("--head-size", type=int, default=64,
+                   help="RWKV-5/6/7: head size N; --n-embd must be a multiple of it (default 64, as published)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="storage dtype (released models are bf16; default fp32)")
@@ -36,27 +40,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_init(args: argparse.Namespace) -> int:
     from finetune.checkpoint import save_checkpoint
-    from finetune.models import family_for, parse_dtype
-    from finetune.models.rwkv4 import RWKV, RWKVConfig, init_rwkv_lm_
+    from finetune.models import FAMILIES, family_for, parse_dtype
 
-    for name in ("n_layer", "n_embd", "vocab"):
+    for name in ("n_layer", "n_embd", "vocab", "head_size"):
         if getattr(args, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be a positive integer")
-    if args.arch in ("5", "6"):
-        from finetune.models import rwkv5, rwkv6
-
-        family, config_class = ((rwkv5.FAMILY, rwkv5.RWKV5Config) if args.arch == "5" else
-                                (rwkv6.FAMILY, rwkv6.RWKV6Config))
-        if args.head_size < 1 or args.n_embd % args.head_size:
+    family = FAMILIES[ARCHES[args.arch]]
+    fields = {f.name for f in dataclasses.fields(family.config_class)}
+    extra = {}
+    if "head_size" in fields:
+        if args.n_embd % args.head_size:
             raise FinetuneError(f"--n-embd {args.n_embd} must be a multiple of --head-size {args.head_size}")
-        config = config_class(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab,
-                              head_size=args.head_size)
-        model = family.init(family.model_class(config), seed=args.seed)
-    else:
-        config = RWKVConfig(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab)
-        model = init_rwkv_lm_(RWKV(config), seed=args.seed)
+        extra["head_size"] = args.head_size
+    config = family.config_class(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab, **extra)
+    model = family.init(family.model_class(config), seed=args.seed)
     dtype = parse_dtype(args.dtype)
-    sd = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    sd = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}  # row-major, as BlinkDL's files
     save_checkpoint(sd, args.out)
     print(f"wrote {args.out}: {family_for(model).title} {config.n_layer} x {config.n_embd}, "
           f"vocab {config.vocab_size}, {model.num_params() / 1e6:.2f}M parameters, {args.dtype}")

@@ -5,9 +5,9 @@
                        [--frequency-penalty A] [--stop STR ...] [--seed S]
     rwkv-lora chat --model base.pth [--adapter DIR] [--format raven|world] < questions.txt
 
-The prompt is fed in parallel mode in chunks (`RWKV.prefill`), then one token at a time through `RNNRunner.step`,
-a lean single-token path (matrix-vector products and the WKV recurrence on [B, C] vectors) that keeps the model's
-state layout [B, n_layer, 5, C]; so a prompt longer than any training ctx_len just works.
+The prompt is fed in parallel mode in chunks (`model.prefill`), then one token at a time through `model.step`: both
+are the model's own forward (a length-1 window takes a fast path inside it), for every RWKV generation; so a prompt
+longer than any training ctx_len just works.
 
 Sampling (ChatRWKV's conventions): temperature 0 = greedy; otherwise logits / T, top-k, then top-p (nucleus), then a
 draw. Penalties on the tokens generated so far: logits[t] -= alpha_presence + count[t] * alpha_frequency.
@@ -23,68 +23,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
-from finetune.ops.wkv4 import wkv_step
+from finetune.models import RNNState
 
 CHAT_FORMATS = {"raven": ("Bob", "Alice"), "world": ("User", "Assistant")}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# RNN mode, one token at a time
-
-
-class RNNRunner:
-    """Single-token steps for an `RWKV` (plain, or with `LoRALinear` adapters plugged in): same results as
-    `model.step`, without the sequence-mode machinery. State: [B, n_layer, 5, C] float32, as the model's."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self.C = model.config.n_embd
-        self.layers = []
-        for block in model.blocks:
-            att, ffn = block.att, block.ffn
-            self.layers.append((
-                block, -torch.exp(att.time_decay.detach().float()), att.time_first.detach().float(),
-                att.time_mix_k.detach().reshape(-1), att.time_mix_v.detach().reshape(-1),
-                att.time_mix_r.detach().reshape(-1), ffn.time_mix_k.detach().reshape(-1),
-                ffn.time_mix_r.detach().reshape(-1)))
-
-    def empty_state(self, batch: int = 1) -> torch.Tensor:
-        return self.model.empty_state(batch)
-
-    @torch.inference_mode()
-    def step(self, tokens: torch.Tensor | Sequence[int], state: torch.Tensor | None = None):
-        """tokens [B] -> (logits [B, V] float32, new state)."""
-        m = self.model
-        tokens = torch.as_tensor(tokens, device=m.emb.weight.device).reshape(-1)
-        state = m.empty_state(tokens.shape[0]) if state is None else state.clone()
-        C = (self.C,)
-        ln0 = m.blocks[0].ln0
-        x = F.layer_norm(m.emb.weight[tokens], C, ln0.weight, ln0.bias)
-        dtype = x.dtype
-        for i, (block, w, u, amk, amv, amr, fmk, fmr) in enumerate(self.layers):
-            att, ffn = block.att, block.ffn
-            s = state[:, i]
-            xa = F.layer_norm(x, C, block.ln1.weight, block.ln1.bias)
-            sx = s[:, 0].to(dtype)
-            k = att.key(sx + amk * (xa - sx)).float()
-            v = att.value(sx + amv * (xa - sx)).float()
-            r = torch.sigmoid(att.receptance(sx + amr * (xa - sx)))
-            y, new_a, new_b, new_p = wkv_step(w, u, k, v, s[:, 1], s[:, 2], s[:, 3])
-            s[:, 0] = xa
-            s[:, 1] = new_a
-            s[:, 2] = new_b
-            s[:, 3] = new_p
-            x = x + att.output(r * y.to(r.dtype))
-            xf = F.layer_norm(x, C, block.ln2.weight, block.ln2.bias)
-            sx = s[:, 4].to(dtype)
-            kk = torch.square(torch.relu(ffn.key(sx + fmk * (xf - sx))))
-            x = x + torch.sigmoid(ffn.receptance(sx + fmr * (xf - sx))) * ffn.value(kk)
-            s[:, 4] = xf
-        logits = m.head(F.layer_norm(x, C, m.ln_out.weight, m.ln_out.bias))
-        return logits.float(), state
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -113,16 +56,14 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
 
 def generate_tokens(model, prompt: Sequence[int], max_tokens: int = 100, temperature: float = 1.0,
                     top_p: float = 1.0, top_k: int = 0, presence_penalty: float = 0.0,
-                    frequency_penalty: float = 0.0, seed: int | None = None, state: torch.Tensor | None = None,
-                    runner: RNNRunner | None = None, stop_token: int | None = 0,
-                    chunk_len: int = 1024) -> Iterator[tuple[int, torch.Tensor]]:
+                    frequency_penalty: float = 0.0, seed: int | None = None, state: RNNState | None = None,
+                    stop_token: int | None = 0, chunk_len: int = 1024) -> Iterator[tuple[int, RNNState]]:
     """Yield (token, state the token was sampled from: the prompt and the tokens before it) one at a time.
 
-    The prompt goes through `model.prefill` (parallel mode, chunked); every generated token through the runner.
+    The prompt goes through `model.prefill` (parallel mode, chunked); every generated token through `model.step`.
     """
     if len(prompt) == 0:
         raise FinetuneError("the prompt is empty (nothing to condition on)")
-    runner = runner or RNNRunner(model)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     logits, state = model.prefill(torch.as_tensor(list(prompt)), state, chunk_len=chunk_len)
     logits = logits[0].float()
@@ -138,13 +79,13 @@ def generate_tokens(model, prompt: Sequence[int], max_tokens: int = 100, tempera
             return
         yield token, state
         counts[token] = counts.get(token, 0.0) + 1.0
-        out, state = runner.step([token], state)
+        out, state = model.step([token], state)
         logits = out[0]
 
 
 def generate_text(model, tokenizer, prompt: str, max_tokens: int = 100, stop: Iterable[str] = (),
-                  on_text: Callable[[str], None] | None = None, state: torch.Tensor | None = None,
-                  runner: RNNRunner | None = None, **sampling) -> tuple[str, list[int], torch.Tensor]:
+                  on_text: Callable[[str], None] | None = None, state: RNNState | None = None,
+                  **sampling) -> tuple[str, list[int], RNNState]:
     """Generate from a text prompt. Text is passed to `on_text` as soon as it is final (not the start of a stop
     string, not an incomplete UTF-8 character). Returns (text without the stop string, token ids, state after
     the prompt)."""
@@ -154,7 +95,7 @@ def generate_text(model, tokenizer, prompt: str, max_tokens: int = 100, stop: It
     text = ""
     prompt_state = None
     for token, st in generate_tokens(model, tokenizer.encode(prompt), max_tokens=max_tokens, state=state,
-                                     runner=runner, **sampling):
+                                     **sampling):
         if prompt_state is None:
             prompt_state = st
         ids.append(token)
@@ -279,7 +220,6 @@ def run_chat(args: argparse.Namespace) -> int:
     model, tok = load_for_generation(args)
     fmt = args.format or ("world" if tok.name == "world" else "raven")
     user, bot = CHAT_FORMATS[fmt]
-    runner = RNNRunner(model)
     state = None
     for line in sys.stdin:
         line = line.strip()
@@ -288,7 +228,7 @@ def run_chat(args: argparse.Namespace) -> int:
         _write(f"{bot}:")
         reply, _, prompt_state = generate_text(
             model, tok, f"{user}: {line}\n\n{bot}:", max_tokens=args.max_tokens, stop=["\n\n", f"\n{user}:"],
-            on_text=_write, state=state, runner=runner, **_sampling(args))
+            on_text=_write, state=state, **_sampling(args))
         _write("\n\n")
         # the state continues from the prompt with the reply in canonical form: " answer\n\n"
         if prompt_state is None:

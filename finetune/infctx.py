@@ -1,11 +1,11 @@
 """Training beyond one window: infinite-context chunks and state tuning.
 
-infctx: a long sequence runs chunk by chunk with the RWKV state (token shifts and the WKV a, b, p) carried between
-chunks. Gradients flow through the state across chunk boundaries (nothing is detached), and each chunk runs under
+infctx: a long sequence runs chunk by chunk with the RWKV state (an `RNNState`: token shifts and the WKV state)
+carried between chunks. Gradients flow through the state across chunk boundaries (nothing is detached), and each chunk runs under
 activation checkpointing with its loss computed inside, so what is kept between the forward and the backward pass is
 one state per chunk boundary: memory is flat in ctx_len, and the loss and gradients equal those of one window.
 
-State tuning: the only trained tensor is the initial RNN state of every layer (a few KB), a "virtual prefix".
+State tuning: the only trained tensors are the initial RNN state of every layer (a few KB to a few MB).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from finetune.models import RNNState, family_for
+
 
 def _chunk_loss(model: nn.Module, input_ids, targets, loss_mask, state):
     logits, state = model(input_ids, state, return_state=True)
@@ -23,7 +25,7 @@ def _chunk_loss(model: nn.Module, input_ids, targets, loss_mask, state):
 
 
 def chunked_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
-                 chunk_len: int, state: torch.Tensor | None = None, checkpoint_chunks: bool = True) -> torch.Tensor:
+                 chunk_len: int, state: RNNState | None = None, checkpoint_chunks: bool = True) -> torch.Tensor:
     """Mean masked next-token cross-entropy over [B, T], computed chunk by chunk with the state carried.
 
     Equal (to rounding) to the loss of the same window in one piece, with the same gradients, but the activations
@@ -43,28 +45,43 @@ def chunked_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tenso
 
 
 class StateTune(nn.Module):
-    """A trainable start state: per layer the two token shifts and a virtual prefix of value `a` and log-weight `p`.
+    """A trainable start state: per layer the two token shifts and the WKV state, for any family.
 
-    The WKV part is written as (a, b=1, p): numerator a*e^p, denominator e^p, i.e. a prefix whose weighted mean value
-    is a and whose total weight is e^p. That keeps the denominator positive whatever the optimiser does. At
-    initialisation the shifts and a are 0 and p = init_log_weight (a faint prefix): the model starts almost exactly
-    as the base, and Adam's step size does not depend on how faint it is.
+    The WKV part comes from the family's `state_tune` module when it has one (RWKV-4 learns a positive-weight
+    "virtual prefix", see `finetune.models.rwkv4.PrefixWKV`), else it is the WKV state itself as a parameter
+    (RWKV-5/6/7: one N x N matrix per head), starting at zero, i.e. exactly the base model's start.
+    `train_shifts=False` keeps the token shifts at zero.
     """
 
-    def __init__(self, n_layer: int, n_embd: int, init_log_weight: float = -5.0) -> None:
+    def __init__(self, model: nn.Module, train_shifts: bool = True) -> None:
         super().__init__()
-        self.att_shift = nn.Parameter(torch.zeros(n_layer, n_embd))
-        self.value = nn.Parameter(torch.zeros(n_layer, n_embd))
-        self.log_weight = nn.Parameter(torch.full((n_layer, n_embd), float(init_log_weight)))
-        self.ffn_shift = nn.Parameter(torch.zeros(n_layer, n_embd))
+        family = family_for(model)
+        template = model.zero_state(1, "cpu")
+        L, C = template.att_shift.shape[1:]
+        self.att_shift = nn.Parameter(torch.zeros(L, C), requires_grad=train_shifts)
+        self.ffn_shift = nn.Parameter(torch.zeros(L, C), requires_grad=train_shifts)
+        if family.state_tune is not None:
+            self.wkv = family.state_tune(model.config)
+        else:
+            self.wkv = MatrixWKV(template.wkv[0])
+
+    def forward(self) -> RNNState:
+        """The start state, unbatched ([L, ...] per field)."""
+        return RNNState(self.att_shift, self.wkv(), self.ffn_shift)
+
+    def batch(self, batch: int) -> RNNState:
+        return self().expand(batch)
+
+
+class MatrixWKV(nn.Module):
+    """The WKV state itself as the trained tensor, initialised to the empty state."""
+
+    def __init__(self, empty: torch.Tensor) -> None:
+        super().__init__()
+        self.state = nn.Parameter(empty.detach().clone().float())
 
     def forward(self) -> torch.Tensor:
-        """The start state [n_layer, 5, C] in the model's layout."""
-        return torch.stack([self.att_shift, self.value, torch.ones_like(self.value), self.log_weight,
-                            self.ffn_shift], dim=1)
-
-    def batch(self, batch: int) -> torch.Tensor:
-        return self().unsqueeze(0).expand(batch, -1, -1, -1)
+        return self.state
 
 
 class StateTuned(nn.Module):
@@ -75,7 +92,7 @@ class StateTuned(nn.Module):
         self.model = model
         self.tune = tune
 
-    def forward(self, idx: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
+    def forward(self, idx: torch.Tensor, state: RNNState | None = None, return_state: bool = False):
         if state is None:
             state = self.tune.batch(idx.shape[0]).to(idx.device)
         return self.model(idx, state, return_state=return_state)

@@ -428,7 +428,7 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     meta_tok = _data_tokenizer(corpus_meta(train_corpus))
     base_info = {"fingerprint": fingerprint(sd), "n_layer": mcfg.n_layer, "n_embd": mcfg.n_embd,
                  "vocab_size": mcfg.vocab_size, "dim_ffn": mcfg.dim_ffn, "path": str(cfg.model)}
-    meta = {"base": base_info, "tokenizer": cfg.tokenizer or meta_tok, "r": cfg.lora.r, "alpha": cfg.lora.alpha,
+    meta = {"family": family.name, "base": base_info, "tokenizer": cfg.tokenizer or meta_tok, "r": cfg.lora.r, "alpha": cfg.lora.alpha,
             "dropout": cfg.lora.dropout, "parts": list(cfg.lora.parts), "train": list(cfg.lora.train),
             "recipe": cfg.to_dict()}
     if cfg.tokenizer is None and meta_tok is None and not quiet:
@@ -446,9 +446,9 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
 
         for p in base.parameters():
             p.requires_grad_(False)
-        tune = StateTune(mcfg.n_layer, mcfg.n_embd)
+        tune = StateTune(base)
         model = StateTuned(base, tune)
-        meta = {"base": base_info, "tokenizer": meta["tokenizer"], "kind": "state", "recipe": cfg.to_dict()}
+        meta = {"family": family.name, "base": base_info, "tokenizer": meta["tokenizer"], "kind": "state", "recipe": cfg.to_dict()}
     elif cfg.method == "full":
         for p in base.parameters():
             p.requires_grad_(True)

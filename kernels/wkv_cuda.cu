@@ -65,7 +65,8 @@ WKV_HD void forward_lane(int64_t T, int64_t C, int64_t b, int64_t c, float w, fl
 
 // One (b, c) lane of the backward, given the states before each step in scratch (from forward_lane).
 // Gradients of the numerator / denominator are kept scaled by e^p (ga = dL/dA * e^p with A = a * e^p), which is
-// exactly dL/da; the p row of gstate_out is redundant with a and b and is not used.
+// exactly dL/da; the p row of gstate_out is redundant with a and b and is not read (the autograd wrapper folds it:
+// finetune/ops/wkv4.py, fold_state_grad).
 template <typename F>
 WKV_HD void backward_lane(int64_t T, int64_t C, int64_t b, int64_t c, float w, float u, const F* k, const F* v,
                           const float* s_in, const float* gy, const float* gs_out, const float* scratch, float* gk,

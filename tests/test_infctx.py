@@ -102,7 +102,7 @@ def test_state_tuning_lowers_the_loss(tmp_path):
     model = load_model(path).train()
     for p in model.parameters():
         p.requires_grad_(False)
-    tune = StateTune(2, 32)
+    tune = StateTune(model)
     opt = torch.optim.Adam(tune.parameters(), lr=0.1)
     seq = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3] * 2])
     losses = []

@@ -41,10 +41,11 @@ def test_logits_match_rwkv_package(tmp_path, shape, dtype):
         logits, state = model(torch.tensor([tokens]), return_state=True)
     assert logits.shape == (1, len(tokens), vocab)
     torch.testing.assert_close(logits[0], ref_logits.float(), rtol=0, atol=1e-4)
-    # the state after the prompt: [B, n_layer, 5, C] == the package's list state[5 * l + j]
+    # the state after the prompt == the package's list state[5 * l + j]: att shift, a, b, p, ffn shift
     for layer in range(n_layer):
+        rows = [state.att_shift[0, layer], *state.wkv[0, layer].unbind(0), state.ffn_shift[0, layer]]
         for j in range(5):
-            torch.testing.assert_close(state[0, layer, j], ref_state[5 * layer + j].float(), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(rows[j], ref_state[5 * layer + j].float(), rtol=1e-4, atol=1e-4)
 
 
 def test_step_equals_parallel(tiny_checkpoint):

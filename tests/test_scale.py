@@ -14,6 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from finetune.models import RNNState
+
 from conftest import random_rwkv4_state_dict, write_checkpoint
 from finetune import lora
 from finetune.adapters import read_adapter
@@ -176,18 +178,22 @@ def test_state_tuning_trains_saves_and_plugs_into_generation(tmp_path, capsys):
     meta = json.loads((final / "rwkv_lora.json").read_text())
     assert meta["kind"] == "state" and meta["base"]["fingerprint"] and meta["tokenizer"] == "test-tokenizer"
     assert meta["recipe"]["train_type"] == "state"
-    state = load_file(str(final / "state.safetensors"))["state"]
-    assert state.shape == (2, 5, 32)
+    tensors = load_file(str(final / "state.safetensors"))
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {"att_shift": (2, 32), "wkv": (2, 3, 32),
+                                                               "ffn_shift": (2, 32)}
+    state = RNNState(**tensors)
+    assert meta["family"] == "rwkv4"
     # the base is untouched; the state plugs in as model.initial_state
     sd = torch.load(ckpt, weights_only=True)
     model = load_model(ckpt, adapters=[final])
-    assert torch.equal(model.initial_state, state)
+    for k in RNNState.FIELDS:
+        assert torch.equal(getattr(model.initial_state, k), getattr(state, k)), k
     for k, v in model.state_dict().items():
         assert torch.equal(v, sd[k]), k
     prompt = [5, 7, 11]
     got = [t for t, _ in generate_tokens(model, prompt, max_tokens=8, temperature=0.0, stop_token=None)]
     plain = load_model(ckpt)
-    s = state.unsqueeze(0)
+    s = state.expand(1)
     want = []
     with torch.no_grad():
         for tok in prompt:
@@ -198,10 +204,11 @@ def test_state_tuning_trains_saves_and_plugs_into_generation(tmp_path, capsys):
     assert got == want
     # packed, described, refused by merge
     packed = pack_adapter(final, tmp_path / "state.safetensors")
-    assert torch.equal(read_adapter(packed).state, state)
+    for k in RNNState.FIELDS:
+        assert torch.equal(getattr(read_adapter(packed).state, k), getattr(state, k)), k
     assert cli(["info", str(final)]) == 0
     out = capsys.readouterr().out
-    assert "state adapter" in out and "2 layers x 5 x 32" in out
+    assert "state adapter" in out and "2 layers: token shifts of 32, WKV 3 x 32" in out
     assert cli(["merge", "--base", str(ckpt), "--adapter", str(final), "--out", str(tmp_path / "m.pth")]) == 1
     assert "cannot be merged" in capsys.readouterr().err
     with pytest.raises(FinetuneError, match="another base"):

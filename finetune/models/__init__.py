@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 from finetune.errors import FinetuneError
-from finetune.models import rwkv4
-from finetune.models import rwkv5, rwkv6
+from finetune.models import rwkv4, rwkv5, rwkv6, rwkv7
 from finetune.models.family import Family, RNNState
 
 __all__ = ["FAMILIES", "Family", "RNNState", "detect", "detect_version", "family_for", "get_family", "parse_dtype",
@@ -24,15 +23,16 @@ FAMILIES: dict[str, Family] = {
     "4": rwkv4.FAMILY,
     "5.2": rwkv5.FAMILY,
     "6": rwkv6.FAMILY,
+    "7": rwkv7.FAMILY,
 }
+
+# `rwkv-lora init --arch` names -> generation
+ARCHES: dict[str, str] = {"4": "4", "5": "5.2", "6": "6", "7": "7"}
 
 # what the `rwkv` package and RWKV-LM call the versions we recognise but cannot load
 UNSUPPORTED = {
     "5.0": "RWKV-5.0 (no att.gate)",
     "5.1": "RWKV-5.1 (1-D time_decay)",
-    "5.2": "RWKV-5.2 (Eagle)",
-    "6": "RWKV-6 (Finch)",
-    "7": "RWKV-7 (Goose)",
     "7a": "RWKV-7a (DeepEmbed: ffn.s_emb)",
     "7b": "RWKV-7b (DEA: att.qkv / lnq)",
 }

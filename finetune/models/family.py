@@ -152,6 +152,8 @@ class Family:
     """What `info` prints: "RWKV-4", "RWKV-5.2 (Eagle)", ..."""
     model_class: type[nn.Module]
     """The nn.Module, built as `model_class(config)`; its state_dict keys are the checkpoint's keys."""
+    config_class: type
+    """The config dataclass: built as config_class(n_layer=, n_embd=, vocab_size=[, head_size=]) by `init`."""
     config_from_state_dict: Callable[[dict[str, torch.Tensor], Any], Any]
     """(state_dict, path) -> config: every dimension read off the tensors; one-line FinetuneError if malformed."""
     expected_shapes: Callable[[Any], dict[str, tuple[int, ...]]]
@@ -168,3 +170,6 @@ class Family:
     """Name suffixes of parameters kept float32 whatever the model's dtype (decays and the like)."""
     describe: Callable[[Any], list[str]] = field(default=lambda config: [])
     """config -> extra `info` lines (heads, low-rank widths, ...)."""
+    state_tune: Callable[[Any], nn.Module] | None = None
+    """config -> a module whose forward() gives the trainable unbatched WKV start state [L, ...] for state tuning;
+    None: the WKV state itself is the parameter (starting from the empty state)."""

@@ -1,17 +1,16 @@
-"""RWKV-4 as one plain `nn.Module`: parallel mode for training, RNN mode (with a state) for generation.
+"""RWKV-4 as one plain `nn.Module`: one forward for training, prompt prefill and single-token generation.
 
 The module tree mirrors BlinkDL's checkpoint keys exactly (`blocks.3.att.key.weight`, `blocks.0.ln0.bias`, ...), so a
 checkpoint loads with a strict `load_state_dict`, `peft` finds the projections by their checkpoint names, and a merged
 state dict is saved back without any renaming.
 
-The recurrent state is one float32 tensor of shape [B, n_layer, 5, C]. For layer l:
-    state[:, l, 0]  att token shift: the last ln1 output seen by the time-mix
-    state[:, l, 1]  WKV numerator a  (true numerator = a * e^p)
-    state[:, l, 2]  WKV denominator b
-    state[:, l, 3]  WKV running max p (-1e38 when empty)
-    state[:, l, 4]  ffn token shift: the last ln2 output seen by the channel-mix
-This is the `rwkv` pip package's list `state[5*l + j]` with a batch dimension in front. (For dim_att != n_embd the
-rows 1-3 would not fit; every published RWKV-4 has dim_att == n_embd, and the model checks it.)
+The recurrent state is an `RNNState` (finetune/models/family.py), float32:
+    att_shift [B, L, C]     the last ln1 output seen by the time-mix
+    wkv       [B, L, 3, C]  the WKV numerator a, denominator b and running max p (true numerator a * e^p; p = -1e38
+                            when empty)
+    ffn_shift [B, L, C]     the last ln2 output seen by the channel-mix
+Layer l is the `rwkv` pip package's list `state[5*l + 0..4]` = (att_shift, a, b, p, ffn_shift) with a batch
+dimension in front. (For dim_att != n_embd the WKV rows would not fit; every published RWKV-4 has dim_att == n_embd.)
 """
 
 from __future__ import annotations
@@ -19,15 +18,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from finetune.errors import FinetuneError
-from finetune.models.family import Family
-from finetune.ops.wkv4 import P_EMPTY, wkv
+from finetune.models.family import Family, RNNState, RWKVModel
+from finetune.ops.wkv4 import P_EMPTY, wkv, wkv_step
 
 # parameters that stay float32 whatever dtype the rest of the model is cast to: the decays feed exp(exp(.))
 FP32_PARAMS = ("att.time_decay", "att.time_first")
@@ -49,6 +47,13 @@ class RWKVConfig:
             self.dim_ffn = 4 * self.n_embd
 
 
+def token_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Each position's previous input: the carried `shift` [B, C] at t = 0, then x[:, :-1]. (B, T, C)"""
+    if x.shape[1] == 1:  # one-token steps: no concatenation
+        return shift.to(x.dtype).unsqueeze(1)
+    return torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
+
+
 class TimeMix(nn.Module):
     """The attention-like sub-block: token shift, k/v/r projections, WKV, gated output."""
 
@@ -65,18 +70,27 @@ class TimeMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor | None):
-        # xx: each position sees the previous token's input (the carried shift state at t = 0)
-        xx = torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
-        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
-        xv = x * self.time_mix_v + xx * (1 - self.time_mix_v)
-        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor):
+        """x [B, T, C] (ln1 output), shift [B, C], wkv_state [B, 3, C] -> (out, new shift, new wkv_state)."""
+        # x * mix + xx * (1 - mix), written as xx + (x - xx) * mix: one subtraction shared by the three mixes
+        xx = token_shift(x, shift)
+        dx = x - xx
+        xk = xx + dx * self.time_mix_k
+        xv = xx + dx * self.time_mix_v
+        xr = xx + dx * self.time_mix_r
         k = self.key(xk)
         v = self.value(xv)
         r = torch.sigmoid(self.receptance(xr))
         if k.dtype == torch.float16:  # the kernels take fp32/bf16; the state is fp32 either way
             k, v = k.float(), v.float()
-        y, wkv_state = wkv(self.time_decay, self.time_first, k, v, wkv_state)
+        if x.shape[1] == 1 and not torch.is_grad_enabled():
+            # generation: one step of the same recurrence on [B, C] vectors, without the kernel's call overhead
+            a, b, p = wkv_state.unbind(1)
+            y, a, b, p = wkv_step(-torch.exp(self.time_decay.float()), self.time_first.float(), k[:, 0].float(),
+                                  v[:, 0].float(), a, b, p)
+            y, wkv_state = y.unsqueeze(1), torch.stack([a, b, p], dim=1)
+        else:
+            y, wkv_state = wkv(self.time_decay, self.time_first, k, v, wkv_state)
         return self.output(r * y.to(r.dtype)), x[:, -1], wkv_state
 
 
@@ -93,9 +107,10 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(F_, C, bias=False)
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor):
-        xx = torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
-        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
-        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
+        xx = token_shift(x, shift)
+        dx = x - xx
+        xk = xx + dx * self.time_mix_k
+        xr = xx + dx * self.time_mix_r
         k = torch.square(torch.relu(self.key(xk)))
         return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
 
@@ -111,18 +126,17 @@ class Block(nn.Module):
         self.att = TimeMix(config)
         self.ffn = ChannelMix(config)
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor):
-        """x: [B, T, C]; state: this layer's [B, 5, C]. Returns (x, new layer state)."""
-        dx, att_shift, wkv_state = self.att(self.ln1(x), state[:, 0], state[:, 1:4])
+    def forward(self, x: torch.Tensor, att_shift: torch.Tensor, wkv_state: torch.Tensor, ffn_shift: torch.Tensor):
+        """x [B, T, C] and this layer's state pieces -> (x, att_shift, wkv_state, ffn_shift) after the window."""
+        dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state)
         x = x + dx
-        dx, ffn_shift = self.ffn(self.ln2(x), state[:, 4])
-        x = x + dx
-        new_state = torch.cat([att_shift.float().unsqueeze(1), wkv_state.float(), ffn_shift.float().unsqueeze(1)],
-                              dim=1)
-        return x, new_state
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
+        return x + dx, att_shift, wkv_state, ffn_shift
 
 
-class RWKV(nn.Module):
+class RWKV(RWKVModel):
+    fp32_params = FP32_PARAMS
+
     def __init__(self, config: RWKVConfig) -> None:
         super().__init__()
         self.config = config
@@ -130,87 +144,35 @@ class RWKV(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.gradient_checkpointing = False
-        """Recompute each block in the backward pass instead of keeping its activations (training only)."""
-        self.checkpoint_dtypes: dict[str, torch.dtype] = {}
-        """The dtype each tensor had in the file it was loaded from; `save_checkpoint` writes them back so."""
-        self.initial_state: torch.Tensor | None = None
-        """A learned start state [n_layer, 5, C] (a state-tuning adapter) used instead of the empty state; a plain
-        attribute, not a parameter, so checkpoints keep exactly BlinkDL's keys."""
 
-    # -- state ---------------------------------------------------------------------------------------------------------
+    def zero_state(self, batch: int, device: torch.device | str) -> RNNState:
+        """Zeros, with the WKV running max p at -1e38."""
+        L, C = self.config.n_layer, self.config.n_embd
+        wkv_state = torch.zeros(batch, L, 3, C, device=device)
+        wkv_state[:, :, 2] = P_EMPTY
+        return RNNState(torch.zeros(batch, L, C, device=device), wkv_state, torch.zeros(batch, L, C, device=device))
 
-    def empty_state(self, batch: int = 1, device: torch.device | str | None = None) -> torch.Tensor:
-        """The state before any token: zeros, with the WKV running max p at -1e38 (or the learned `initial_state`
-        when a state adapter is plugged in). Shape [B, n_layer, 5, C]."""
-        device = self.emb.weight.device if device is None else device
-        if self.initial_state is not None:
-            return self.initial_state.to(device=device, dtype=torch.float32).unsqueeze(0).expand(batch, -1, -1, -1)
-        state = torch.zeros(batch, self.config.n_layer, 5, self.config.n_embd, device=device)
-        state[:, :, 3] = P_EMPTY
-        return state
-
-    # -- parallel mode -------------------------------------------------------------------------------------------------
-
-    def forward(self, idx: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False):
+    def forward(self, idx: torch.Tensor, state: RNNState | None = None, return_state: bool = False):
         """idx [B, T] token ids -> logits [B, T, V] (float32 when the weights are).
 
-        With `state` ([B, n_layer, 5, C], e.g. from a previous call) the sequence continues from it; gradients flow
-        through it. `return_state=True` returns (logits, new_state).
+        With `state` (e.g. from a previous call) the sequence continues from it; gradients flow through it.
+        `return_state=True` returns (logits, new RNNState).
         """
         B, T = idx.shape
         if state is None:
             state = self.empty_state(B, idx.device)
         x = self.blocks[0].ln0(self.emb(idx))
-        new_states = []
+        layers = []
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, s = checkpoint(block, x, state[:, i], use_reentrant=False)
+                x, *s = checkpoint(block, x, *state.layer(i), use_reentrant=False)
             else:
-                x, s = block(x, state[:, i])
-            new_states.append(s)
+                x, *s = block(x, *state.layer(i))
+            layers.append(s)
         logits = self.head(self.ln_out(x))
         if return_state:
-            return logits, torch.stack(new_states, dim=1)
+            return logits, RNNState.stack(layers)
         return logits
-
-    # -- RNN mode ------------------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor | Sequence[int], state: torch.Tensor | None = None):
-        """One token per sequence: tokens [B] -> (logits [B, V], new state). RNN mode for generation.
-
-        It is the parallel forward on a length-1 window: the same code path, so the two modes cannot drift apart.
-        """
-        tokens = torch.as_tensor(tokens, device=self.emb.weight.device).reshape(-1, 1)
-        logits, state = self.forward(tokens, state, return_state=True)
-        return logits[:, -1], state
-
-    @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor | Sequence[int], state: torch.Tensor | None = None,
-                chunk_len: int = 1024):
-        """Feed a prompt of any length (chunk by chunk, so memory stays flat): tokens [T] or [B, T] ->
-        (logits of the last position [B, V], state)."""
-        tokens = torch.as_tensor(tokens, device=self.emb.weight.device)
-        if tokens.dim() == 1:
-            tokens = tokens.unsqueeze(0)
-        logits = None
-        for start in range(0, tokens.shape[1], chunk_len):
-            logits, state = self.forward(tokens[:, start:start + chunk_len], state, return_state=True)
-        if logits is None:
-            raise ValueError("prefill needs at least one token")
-        return logits[:, -1], state
-
-    # -- dtype ---------------------------------------------------------------------------------------------------------
-
-    def cast(self, dtype: torch.dtype) -> "RWKV":
-        """Cast every weight to `dtype` except time_decay and time_first, which stay float32."""
-        for name, p in self.named_parameters():
-            p.data = p.data.float() if name.endswith(FP32_PARAMS) else p.data.to(dtype)
-        return self
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -307,21 +269,23 @@ def expected_shapes(config: RWKVConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_keys(sd: dict[str, torch.Tensor], config: RWKVConfig, path: str | Path = "<memory>") -> None:
-    """Raise a one-line FinetuneError unless `sd` has exactly the RWKV-4 keys with the right shapes."""
-    expected = expected_shapes(config)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-        raise FinetuneError(f"{path}: not a complete RWKV-4 checkpoint ({'; '.join(parts)})")
-    for k, shape in expected.items():
-        if tuple(sd[k].shape) != shape:
-            raise FinetuneError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {shape}")
+class PrefixWKV(nn.Module):
+    """State tuning's WKV part for RWKV-4: per layer a "virtual prefix" of value `a` and log-weight `p`.
+
+    Written as (a, b=1, p): numerator a*e^p, denominator e^p, i.e. a prefix whose weighted mean value is a and whose
+    total weight is e^p. That keeps the denominator positive whatever the optimiser does. At initialisation a is 0
+    and p = init_log_weight (a faint prefix): the model starts almost exactly as the base, and Adam's step size does
+    not depend on how faint it is.
+    """
+
+    def __init__(self, config: RWKVConfig, init_log_weight: float = -5.0) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.zeros(config.n_layer, config.n_embd))
+        self.log_weight = nn.Parameter(torch.full((config.n_layer, config.n_embd), float(init_log_weight)))
+
+    def forward(self) -> torch.Tensor:
+        """The WKV start state [L, 3, C] (rows a, b, p)."""
+        return torch.stack([self.value, torch.ones_like(self.value), self.log_weight], dim=1)
 
 
 def _is_time(name: str) -> bool:
@@ -336,6 +300,7 @@ FAMILY = Family(
     name="rwkv4",
     title="RWKV-4",
     model_class=RWKV,
+    config_class=RWKVConfig,
     config_from_state_dict=config_from_state_dict,
     expected_shapes=expected_shapes,
     init=init_rwkv_lm_,
@@ -344,4 +309,5 @@ FAMILY = Family(
                  "head": lambda n: n == "head.weight"},
     fp32_params=FP32_PARAMS,
     describe=lambda config: [f"width:       {config.n_embd} (ffn {config.dim_ffn})"],
+    state_tune=PrefixWKV,
 )

@@ -390,6 +390,7 @@ FAMILY = Family(
     name="rwkv5",
     title="RWKV-5.2 (Eagle)",
     model_class=RWKV5,
+    config_class=RWKV5Config,
     config_from_state_dict=config_from_state_dict,
     expected_shapes=expected_shapes,
     init=init_rwkv_lm_,

@@ -342,6 +342,7 @@ FAMILY = Family(
     name="rwkv6",
     title="RWKV-6 (Finch)",
     model_class=RWKV6,
+    config_class=RWKV6Config,
     config_from_state_dict=config_from_state_dict,
     expected_shapes=expected_shapes,
     init=init_rwkv_lm_,

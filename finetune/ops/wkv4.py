@@ -104,6 +104,20 @@ def kernel_for(device: torch.device):
                           device_type=device.type)
 
 
+def fold_state_grad(gstate_out: torch.Tensor, state_out: torch.Tensor) -> torch.Tensor:
+    """The gradient reaching a state (a, b, p), written the way both compiled kernels take it.
+
+    (a, b, p) stands for the pair (A, B) = (a e^p, b e^p): whatever follows the state (the next chunk, the next
+    token) depends on A and B only, so the gradient p receives is exactly ga * a + gb * b. The p row of the incoming
+    gradient is replaced by that, once, here: the CUDA kernel never reads it and the CPU kernel's extra path for it
+    then carries zero, so every backend returns the same gradients (and those of the reference for any loss that
+    depends on what the state means).
+    """
+    g = gstate_out.clone()
+    g[:, 2] = g[:, 0] * state_out[:, 0] + g[:, 1] * state_out[:, 1]
+    return g
+
+
 class WKVKernel(torch.autograd.Function):
     """Autograd wrapper around a compiled extension; gradients for decay, bonus, k, v and the incoming state."""
 
@@ -117,14 +131,17 @@ class WKVKernel(torch.autograd.Function):
         y, state_out = ext.forward(w, u, k, v, state)
         ctx.ext = ext
         ctx.k_dtype, ctx.v_dtype = k.dtype, v.dtype
-        ctx.save_for_backward(w, u, k, v, state)
+        ctx.save_for_backward(w, u, k, v, state, state_out)
         return y, state_out
 
     @staticmethod
     def backward(ctx, gy, gstate_out):
-        w, u, k, v, state = ctx.saved_tensors
+        w, u, k, v, state, state_out = ctx.saved_tensors
         gy = torch.zeros_like(k, dtype=torch.float32) if gy is None else gy.float().contiguous()
-        gstate_out = torch.zeros_like(state) if gstate_out is None else gstate_out.float().contiguous()
+        if gstate_out is None:
+            gstate_out = torch.zeros_like(state)
+        else:
+            gstate_out = fold_state_grad(gstate_out.float(), state_out).contiguous()
         gw, gu, gk, gv, gstate = ctx.ext.backward(w, u, k, v, state, gy, gstate_out)
         return None, gw * w, gu, gk.to(ctx.k_dtype), gv.to(ctx.v_dtype), gstate
 

@@ -10,11 +10,24 @@ v5/v6 layout, the transpose of its v7 one), fp32:
 w = log of the decay (<= 0: -exp(time_decay) in RWKV-5.2, -exp(w) per token in RWKV-6), u = time_faaaa [H, N].
 Inputs r, w, k, v are [B, T, H, N]; the state [B, H, N, N] is always float32 (float64 in the reference when the
 inputs are float64); y is returned in float32.
+
+Backends:
+- `wkv6_reference`: plain PyTorch, a loop over time, autograd does the backward. The definition the tests trust.
+- the C++ CPU kernel (`kernels/wkv6_cpu.cpp`) and the CUDA kernel (`kernels/wkv6_cuda.cu`), compiled on first use
+  by `finetune.ops.build.load_extension`: fp32 state, any T, gradients for r, w, k, v, u and the incoming state,
+  and a backward whose scratch does not grow with T * N * N (see kernels/README.md).
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from torch.autograd.function import once_differentiable
+
+from finetune.ops.build import load_extension
+
+Backend = Literal["auto", "reference", "kernel"]
 
 
 def empty_wkv6_state(batch: int, heads: int, head_size: int, device: torch.device | str = "cpu",
@@ -40,7 +53,65 @@ def wkv6_reference(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
     return y, S
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Compiled kernels
+#
+# Both extensions expose the same two functions (all tensors contiguous; r, k, v share one dtype, fp32 or bf16; w, u
+# and the state fp32):
+#   forward(r, w, k, v [B,T,H,N], u [H,N], state_in [B,H,N,N]) -> (y [B,T,H,N] fp32, state_out [B,H,N,N] fp32)
+#   backward(r, w, k, v, u, state_in, gy [B,T,H,N] fp32, gstate_out [B,H,N,N] fp32)
+#       -> (gr, gw, gk, gv [B,T,H,N], gu [H,N], gstate_in [B,H,N,N]), all fp32
+# The CPU one also takes col_blocks and ckpt_every (0 = automatic), which the tests use to force each code path.
+
+
+def kernel_for(device: torch.device):
+    """The compiled extension for this device, or None (then the reference is used)."""
+    if device.type not in ("cpu", "cuda"):
+        return None
+    return load_extension("wkv6", cpu_sources=["wkv6_cpu.cpp"],
+                          cuda_sources=["wkv6_cuda_bind.cpp", "wkv6_cuda.cu"], device_type=device.type)
+
+
+class WKV6Kernel(torch.autograd.Function):
+    """Autograd wrapper around a compiled extension; gradients for r, w, k, v, u and the incoming state."""
+
+    @staticmethod
+    def forward(ctx, ext, r, w, k, v, u, state):
+        # one dtype for r, k, v: bf16 only when all three are bf16 (fp32 loses nothing for the others)
+        rkv_dtype = torch.bfloat16 if all(x.dtype == torch.bfloat16 for x in (r, k, v)) else torch.float32
+        rr, kk, vv = (x.to(rkv_dtype).contiguous() for x in (r, k, v))
+        ww, uu, ss = (x.float().contiguous() for x in (w, u, state))
+        y, state_out = ext.forward(rr, ww, kk, vv, uu, ss)
+        ctx.ext = ext
+        ctx.dtypes = [x.dtype for x in (r, w, k, v, u, state)]
+        ctx.save_for_backward(rr, ww, kk, vv, uu, ss)
+        return y, state_out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, gstate_out):
+        rr, ww, kk, vv, uu, ss = ctx.saved_tensors
+        gy = torch.zeros(rr.shape, dtype=torch.float32, device=rr.device) if gy is None else gy.float().contiguous()
+        gstate_out = torch.zeros_like(ss) if gstate_out is None else gstate_out.float().contiguous()
+        grads = ctx.ext.backward(rr, ww, kk, vv, uu, ss, gy, gstate_out)
+        return (None, *(g.to(dt) for g, dt in zip(grads, ctx.dtypes)))
+
+
 def wkv6(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
-         state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """WKV-5/6 with gradients on the best backend for the inputs' device (see the module docstring for shapes)."""
-    return wkv6_reference(r, w, k, v, u, state)
+         state: torch.Tensor | None = None, backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """WKV-5/6 with gradients on the best backend for the inputs' device (see the module docstring for shapes).
+
+    backend: "auto" (the compiled kernel for fp32/bf16 inputs on CPU or CUDA; the reference for float64 inputs, other
+    devices, or when the build fails), "reference", or "kernel" (raise if the kernel cannot be used).
+    """
+    B, T, H, N = r.shape
+    if state is None:
+        state = empty_wkv6_state(B, H, N, r.device)
+    supported = (torch.float32, torch.bfloat16)
+    use_kernel = backend != "reference" and T > 0 and all(x.dtype in supported for x in (r, w, k, v, u, state))
+    ext = kernel_for(r.device) if use_kernel else None
+    if ext is None:
+        if backend == "kernel":
+            raise RuntimeError(f"no compiled WKV-5/6 kernel for {r.device} / {r.dtype}")
+        return wkv6_reference(r, w, k, v, u, state)
+    return WKV6Kernel.apply(ext, r, w, k, v, u, state)
