@@ -285,3 +285,33 @@ def test_time_state_files_through_rwkv_package(tmp_path, version):
         module.time_state_to_state({"blocks.0.att.time_state": time_state["blocks.0.att.time_state"]}, model.config)
     with pytest.raises(FinetuneError, match="batch of 2"):
         module.state_to_time_state(state.expand(2))
+
+
+@pytest.mark.parametrize("version", ["5.2", "6"])
+def test_peft_lora_on_the_family_targets(version):
+    """peft finds every projection of lora_parts by its checkpoint name; the adapter changes the model, one-token
+    steps still equal the parallel forward with it plugged in, and merging gives the plugged-in logits."""
+    from peft import LoraConfig, get_peft_model
+
+    family = FAMILIES[version]
+    model = small_model(version, seed=5)
+    tokens = torch.randint(0, 211, (1, 14), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        base = model(tokens)
+    regex = "^(" + "|".join(rf"blocks\.\d+\.{part}\.({'|'.join(names)})" for part, names in
+                            family.lora_parts.items()) + ")$"
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=regex, bias="none"))
+    lora_b = {n: p for n, p in peft_model.named_parameters() if "lora_B" in n}
+    assert len(lora_b) == 2 * sum(len(v) for v in family.lora_parts.values())  # 2 layers x 8 projections
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in lora_b.values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        plugged = model(tokens)
+        state = None
+        for t in range(tokens.shape[1]):
+            logits, state = model.step(tokens[:, t], state)
+            torch.testing.assert_close(logits, plugged[:, t], rtol=0, atol=1e-5)
+        merged = peft_model.merge_and_unload()(tokens)
+    assert (plugged - base).abs().max() > 1e-2
+    torch.testing.assert_close(merged, plugged, rtol=0, atol=1e-4)

@@ -115,7 +115,7 @@ class TimeMix(nn.Module):
         xv = torch.lerp(prev, x, self.time_mix_v)
         xr = torch.lerp(prev, x, self.time_mix_r)
         xg = torch.lerp(prev, x, self.time_mix_g)
-        # the WKV runs in fp32 (like the `rwkv` package, whose projections feeding it output fp32)
+        # r, k, v reach the WKV in the model's dtype (fp16 as fp32); it computes and keeps its state in fp32
         r = self.receptance(xr).view(B, T, H, N)  # (B, T, H, N)
         k = self.key(xk).view(B, T, H, N)
         v = self.value(xv).view(B, T, H, N)
