@@ -75,7 +75,8 @@ class BinidxWriter:
             raise ValueError("document sizes do not add up to the values given")
         if sizes.size and int(sizes.max()) > np.iinfo(np.int32).max:
             raise ValueError("a document is longer than an int32 size allows")
-        self._bin.write(flat.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        values = np.ascontiguousarray(flat.astype(self.dtype.newbyteorder("<"), copy=False))
+        self._bin.write(memoryview(values).cast("B"))  # the array's own bytes: no tobytes() copy of a huge document
         self._sizes.append(sizes.astype(np.int32))
         self.num_documents += sizes.size
         self.num_tokens += flat.size

@@ -48,7 +48,7 @@ import numpy as np
 from finetune.atomic import atomic_file, check_output, write_error
 from finetune.binidx import BinidxWriter, token_dtype
 from finetune.errors import FinetuneError
-from finetune.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+from finetune.tokenizer import PIECE_CHARS, HFTokenizer, Tokenizer, load_tokenizer
 
 MANIFEST_FORMAT = "rwkv-lora-binidx"
 
@@ -473,6 +473,7 @@ def _chunk_records(chunk: tuple, events: list) -> Iterator[tuple[Any, str]]:
     surrogates = b"\\ud" in blob or b"\\uD" in blob
     loads = json.loads
     for i, line in enumerate(lines):
+        lines[i] = None  # parsed once: a 50 MB line must not stay held beside its record
         if i in bad_lines:
             events.append(("invalid_utf8", f"{path}:{first + i}"))
         if not line.strip():
@@ -490,18 +491,12 @@ def _chunk_records(chunk: tuple, events: list) -> Iterator[tuple[Any, str]]:
         yield record, f"{path}:{first + i}"
 
 
-def process_chunk(chunk: tuple, tokenizer: Tokenizer, template: ChatTemplate | None, dtype, serial: bool = False):
-    """The per-record work, run in the workers: parse, apply the template, encode, pack.
-
-    Returns (tokens[T] in `dtype`, sizes int32[D], mask uint8[T] or None when every token is learned, max token id
-    (-1 when none), events): events = [(reason, "file:line"), ...] in input order, reason "invalid_utf8" or a skip
-    reason; the main process merges them (and applies --strict). Each document's segments are encoded separately
-    (so masks are exact) and followed by the eod token."""
-    events: list = []
+def _segments(chunk: tuple, template: ChatTemplate | None, events: list) -> tuple[list[str], list[bool], list[int]]:
+    """The chunk's documents as segments: (texts, learn flags, segments per document). A function of its own so
+    that no loop variable keeps a huge record alive once its text is encoded."""
     texts: list[str] = []
     flags: list[bool] = []
     nseg: list[int] = []
-    all_learned = True
     for record, where in _chunk_records(chunk, events):
         segs = record_segments(record, template)
         if isinstance(segs, str):
@@ -511,16 +506,27 @@ def process_chunk(chunk: tuple, tokenizer: Tokenizer, template: ChatTemplate | N
         for text, learn in segs:
             texts.append(text)
             flags.append(learn)
-            all_learned = all_learned and learn
+    return texts, flags, nseg
+
+
+def process_chunk(chunk: tuple, tokenizer: Tokenizer, template: ChatTemplate | None, dtype, serial: bool = False):
+    """The per-record work, run in the workers: parse, apply the template, encode, pack.
+
+    Returns (tokens[T] in `dtype`, sizes int32[D], mask uint8[T] or None when every token is learned, max token id
+    (-1 when none), events): events = [(reason, "file:line"), ...] in input order, reason "invalid_utf8" or a skip
+    reason; the main process merges them (and applies --strict). Each document's segments are encoded separately
+    (so masks are exact) and followed by the eod token."""
+    events: list = []
+    texts, flags, nseg = _segments(chunk, template, events)
+    all_learned = all(flags)
+    long = [i for i, t in enumerate(texts) if len(t) > PIECE_CHARS]
+    if long:  # one huge document (a 50 MB line) must not be encoded in one go
+        return _pack_segments(_encode_with_long(tokenizer, texts, long, serial), nseg, flags, all_learned,
+                              tokenizer.eod_id, dtype) + (events,)
     encoded = _encode_serial(tokenizer, texts) if serial else tokenizer.encode_batch(texts) if texts else []
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(lengths.sum()))
-    nseg_a = np.asarray(nseg, dtype=np.int64)
-    if nseg_a.size and int(nseg_a.min()) == 1 and int(nseg_a.max()) == 1:
-        doc_tokens = lengths
-    else:
-        seg_doc = np.repeat(np.arange(nseg_a.size), nseg_a)
-        doc_tokens = np.bincount(seg_doc, weights=lengths, minlength=nseg_a.size).astype(np.int64)
+    doc_tokens = _doc_tokens(lengths, nseg)
     ends = np.cumsum(doc_tokens)
     tokens = np.insert(flat, ends, tokenizer.eod_id)  # the eod after each document
     max_id = int(tokens.max()) if tokens.size else -1
@@ -529,6 +535,63 @@ def process_chunk(chunk: tuple, tokenizer: Tokenizer, template: ChatTemplate | N
         mask = np.insert(np.repeat(np.asarray(flags, dtype=np.uint8), lengths), ends, 1)
     sizes = (doc_tokens + 1).astype(np.int32)
     return tokens.astype(dtype, copy=False), sizes, mask, max_id, events
+
+
+def _doc_tokens(lengths: np.ndarray, nseg: list[int]) -> np.ndarray:
+    """Tokens per document (without the eod) from tokens per segment and segments per document."""
+    nseg_a = np.asarray(nseg, dtype=np.int64)
+    if nseg_a.size and int(nseg_a.min()) == 1 and int(nseg_a.max()) == 1:
+        return lengths
+    seg_doc = np.repeat(np.arange(nseg_a.size), nseg_a)
+    return np.bincount(seg_doc, weights=lengths, minlength=nseg_a.size).astype(np.int64)
+
+
+def _encode_with_long(tokenizer: Tokenizer, texts: list[str], long: list[int], serial: bool) -> list:
+    """Ids of every text: the long ones (indexes `long`) piece by piece with `encode_long` (int32 arrays), the others
+    in one batch as usual (lists)."""
+    encoded: list = [None] * len(texts)
+    for i in long:
+        encoded[i] = tokenizer.encode_long(texts[i])
+        texts[i] = ""  # the ids are all we need from here: let the text go as soon as nothing else holds it
+    short = [i for i in range(len(texts)) if encoded[i] is None]
+    short_texts = [texts[i] for i in short]
+    batch = _encode_serial(tokenizer, short_texts) if serial else tokenizer.encode_batch(short_texts) if short else []
+    for i, ids in zip(short, batch):
+        encoded[i] = ids
+    return encoded
+
+
+def _pack_segments(encoded: list, nseg: list[int], flags: list[bool], all_learned: bool, eod: int,
+                   dtype) -> tuple:
+    """`process_chunk`'s packing written for a few huge segments: each segment's ids are copied once into the output
+    array (no flat int32 copy, no np.insert copy) and dropped as soon as they are. Returns (tokens, sizes, mask,
+    max_id)."""
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    doc_tokens = _doc_tokens(lengths, nseg)
+    total = int(doc_tokens.sum()) + len(nseg)
+    tokens = np.empty(total, dtype=dtype)
+    mask = None if all_learned else np.empty(total, dtype=np.uint8)
+    max_id = -1
+    pos = seg = 0
+    for k in nseg:
+        for _ in range(k):
+            ids = encoded[seg]
+            encoded[seg] = None
+            n = len(ids)
+            if n:
+                # checked before the copy: an id beyond the dtype would wrap silently in the assignment
+                max_id = max(max_id, int(np.max(ids)))
+                tokens[pos:pos + n] = ids
+                if mask is not None:
+                    mask[pos:pos + n] = flags[seg]
+            pos += n
+            seg += 1
+        tokens[pos] = eod
+        if mask is not None:
+            mask[pos] = 1
+        pos += 1
+    max_id = max(max_id, eod) if total else -1
+    return tokens, (doc_tokens + 1).astype(np.int32), mask, max_id
 
 
 def _process_in_worker(chunk):

@@ -355,3 +355,99 @@ def test_interrupt_and_terminate_leave_nothing(tmp_path, sig, workers, rc, messa
             proc.kill()
     assert proc.returncode == rc and err.strip() == f"rwkv-lora prepare: {message}", err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+# ---- long documents: encoded piece by piece, exactly as a whole, in bounded memory
+
+LONG_PARTS = ["the", "fox", " ", "  ", "   ", "\n", "\n\n", "\t", ",", ".", "!", "?", "，", "。", "、", "你好", "世界",
+              "123", "2024", "🎉", "e\u0301", "café", "naïve", "it's", "'s", "_", "a_b", "—", "...", "<|endoftext|>",
+              "=" * 40, " " * 150, "x" * 300, "\u00a0", "Ω", "ｆｕｌｌ"]
+
+
+def random_text(rng, n):
+    return "".join(rng.choice(LONG_PARTS) + (" " if rng.random() < 0.5 else "") for _ in range(n))
+
+
+def tokenizer_variant(src, path, **changes):
+    config = json.load(open(src))
+    config.update(changes)
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_encode_long_equals_encode(tmp_path, small_tokenizer):
+    import random
+
+    from finetune.tokenizer import _cut_points
+
+    demo = os.path.join(ROOT, "data", "demo-tokenizer", "tokenizer.json")
+    specs = {
+        "world": None,
+        demo: True,
+        small_tokenizer: True,
+        tokenizer_variant(demo, tmp_path / "nfc.json", normalizer={"type": "NFKC"}): True,
+        # not cuttable (the fallback encodes whole): a prefix space, or a pre-tokenizer we have no proof for
+        tokenizer_variant(demo, tmp_path / "prefix.json", pre_tokenizer={
+            "type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}): False,
+        tokenizer_variant(demo, tmp_path / "ws.json", pre_tokenizer={"type": "Whitespace"}): False,
+    }
+    rng = random.Random(0)
+    texts = [random_text(rng, rng.randint(200, 1500)) for _ in range(12)]
+    assert all(len(_cut_points(t, 50)) > 5 for t in texts)  # the pieces really are cut
+    for spec, cuttable in specs.items():
+        tok = load_tokenizer(spec)
+        assert getattr(tok, "cuttable", None) is cuttable, spec
+        for text in texts:
+            whole = tok.encode(text)
+            for piece_chars in (7, 50, 700):  # World windows are at least 4 x 128 characters whatever is asked
+                assert tok.encode_long(text, piece_chars).tolist() == whole, (spec, piece_chars)
+
+
+def test_long_documents_in_prepare_are_exact(tmp_path, small_tokenizer):
+    import random
+
+    from finetune.tokenizer import PIECE_CHARS
+
+    rng = random.Random(1)
+    long_text = random_text(rng, 3 * PIECE_CHARS // 8)
+    long_answer = random_text(rng, 2 * PIECE_CHARS // 8).replace("\n", " ").strip()  # as the template keeps it
+    assert len(long_text) > 2 * PIECE_CHARS and len(long_answer) > PIECE_CHARS
+    records = [{"text": "A short one."}, {"text": long_text},
+               {"instruction": "Say a lot.", "output": long_answer}, {"text": "The end."}]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    for spec in ("world", small_tokenizer):
+        tok = load_tokenizer(spec)
+        out = tmp_path / f"out-{len(spec)}"
+        prepare([path], spec, str(out), template="world", progress=False)
+        _, items, _ = read_binidx(out)
+        _, masks, _ = read_binidx(f"{out}.mask")
+        expected = [[(r["text"], True)] if "text" in r else
+                    [(f"User: {r['instruction']}\n\nAssistant:", False), (f" {r['output']}\n\n", True)]
+                    for r in records]
+        for item, mask, segs in zip(items, masks, expected):
+            ids, msk = expected_document(tok, segs)
+            assert item.tolist() == ids and mask.tolist() == msk
+
+
+def test_one_huge_line_has_bounded_memory(tmp_path):
+    # before: the whole line went to the tokenizer at once, ~180 bytes of memory per character with a byte-level
+    # BPE (5 MB -> +880 MB, 50 MB -> 9 GB); now its working set is that of a few pieces
+    script = f"""
+import json, resource, sys
+sys.path.insert(0, {ROOT!r})
+sys.path.insert(0, {os.path.join(ROOT, 'bench')!r})
+from finetune.prepare import prepare
+from finetune.tokenizer import load_tokenizer
+from prepare_long import one_line_text
+tok = load_tokenizer({os.path.join(ROOT, 'data', 'demo-tokenizer', 'tokenizer.json')!r})
+with open({str(tmp_path / 'line.jsonl')!r}, "w", encoding="utf-8") as f:
+    f.write(json.dumps({{"text": one_line_text(4)}}, ensure_ascii=False) + "\\n")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+m = prepare([{str(tmp_path / 'line.jsonl')!r}], tok, {str(tmp_path / 'out')!r}, progress=False)
+print(m["documents"], m["tokens"], (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    docs, tokens, grown_mib = r.stdout.split()
+    assert int(docs) == 1 and int(tokens) > 2_000_000
+    assert float(grown_mib) < 200, f"a 4 MB line took {grown_mib} MiB more"
