@@ -98,7 +98,8 @@ def main():
             t_plain, n = best(lambda: plain_loop(inp, spec, os.path.join(d, "plain")), args.repeat)
             rows.append((f"plain loop, {label}", n / t_plain, 1.0))
             for w in (1, 2):
-                t, m = best(lambda: prepare([inp], spec, os.path.join(d, f"w{w}"), workers=w, progress=False),
+                t, m = best(lambda: prepare([inp], spec, os.path.join(d, f"w{w}"), workers=w, progress=False,
+                                           force=True),
                             args.repeat)
                 assert m["tokens"] == n, "prepare and the plain loop disagree"
                 rows.append((f"`prepare --workers {w}`, {label}", n / t, t_plain / t))

@@ -46,6 +46,8 @@ class BinidxWriter:
     """Append documents to `bin_path` and write the index to `idx_path` on `close()`.
 
     `BinidxWriter(prefix, dtype)` writes PREFIX.bin / PREFIX.idx; `bin_path=` / `idx_path=` override the names.
+    With `prefix=None` and no `idx_path`, `close()` only closes the `.bin`, and the caller writes the index where it
+    wants with `write_index` (prepare writes it under a temporary name of its own).
     """
 
     def __init__(self, prefix: str | None, dtype, *, bin_path: str | None = None, idx_path: str | None = None):
@@ -53,7 +55,7 @@ class BinidxWriter:
         if self.dtype not in CODE_OF:
             raise ValueError(f"dtype {self.dtype} has no binidx code")
         self.bin_path = bin_path or f"{prefix}.bin"
-        self.idx_path = idx_path or f"{prefix}.idx"
+        self.idx_path = idx_path or (f"{prefix}.idx" if prefix is not None else None)
         self._bin = open(self.bin_path, "wb")
         self._sizes: list[np.ndarray] = []
         self.num_documents = 0
@@ -73,21 +75,32 @@ class BinidxWriter:
             raise ValueError("document sizes do not add up to the values given")
         if sizes.size and int(sizes.max()) > np.iinfo(np.int32).max:
             raise ValueError("a document is longer than an int32 size allows")
-        self._bin.write(flat.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        values = np.ascontiguousarray(flat.astype(self.dtype.newbyteorder("<"), copy=False))
+        self._bin.write(memoryview(values).cast("B"))  # the array's own bytes: no tobytes() copy of a huge document
         self._sizes.append(sizes.astype(np.int32))
         self.num_documents += sizes.size
         self.num_tokens += flat.size
 
+    def size_batches(self) -> list[np.ndarray]:
+        """The document sizes written so far, in the batches they were added (int32 arrays)."""
+        return list(self._sizes)
+
     def close(self) -> None:
+        """Close the `.bin` and write the index to `idx_path` (when there is one)."""
         if self.closed:
             return
         self._bin.close()
+        self.closed = True
+        if self.idx_path is not None:
+            self.write_index(self.idx_path)
+
+    def write_index(self, path: str) -> None:
         sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, dtype=np.int32)
         pointers = np.zeros(sizes.size, dtype=np.int64)
         if sizes.size > 1:
             np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
         doc_idx = np.arange(sizes.size + 1, dtype=np.int64)
-        with open(self.idx_path, "wb") as f:
+        with open(path, "wb") as f:
             f.write(MAGIC)
             f.write(struct.pack("<Q", VERSION))
             f.write(struct.pack("<B", CODE_OF[self.dtype]))
@@ -96,14 +109,16 @@ class BinidxWriter:
             f.write(sizes.astype("<i4").tobytes())
             f.write(pointers.astype("<i8").tobytes())
             f.write(doc_idx.astype("<i8").tobytes())
-        self.closed = True
 
     def abort(self) -> None:
-        """Close and delete whatever was written."""
-        if not self._bin.closed:
+        """Close and delete whatever was written. Never raises for a failed write: closing flushes the buffer, and
+        on a full disk that flush fails again; the file is closed all the same and the cleanup must go on."""
+        try:
             self._bin.close()
+        except OSError:
+            pass
         for p in (self.bin_path, self.idx_path):
-            if os.path.exists(p):
+            if p is not None and os.path.exists(p):
                 os.remove(p)
         self.closed = True
 

@@ -19,6 +19,8 @@ from finetune.models import Family, detect, parse_dtype
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a {name: tensor} dict (CPU). Any problem is a one-line FinetuneError."""
     path = Path(path)
+    if path.is_dir():  # say what is wrong: "no such file" sends the user looking for a typo in the name
+        raise FinetuneError(f"{path}: is a directory, not a checkpoint file")
     if not path.is_file():
         raise FinetuneError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 from finetune.errors import FinetuneError
@@ -21,6 +23,9 @@ COMMANDS = [
     "finetune.generate",  # generate, chat
 ]
 
+# what a shell reports for a program killed by SIGPIPE (`yes | head`): the reader went away, nothing is wrong
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -30,14 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:  # a broken import inside the module is a real error
-                raise
-            continue  # a registered module not present in this checkout (branches land separately)
-        module.add_parser(sub)
+        # no try/except: a command whose module fails to import must fail loudly, not vanish from --help
+        importlib.import_module(name).add_parser(sub)
     return parser
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush of what is still buffered does not raise a
+    second BrokenPipeError ("Exception ignored ... BrokenPipeError") on the way out."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (captured by a caller): nothing to flush
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra  # `train` takes --key value config overrides
     try:
         result = args.func(args)
+        # output still in the buffer meets a closed pipe here, inside the handler below, not at interpreter exit
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `rwkv-lora info x.pth | head`: the reader has all it wanted; stop quietly, as well-behaved tools do
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except FinetuneError as e:
         print(f"rwkv-lora {args.command}: error: {e}", file=sys.stderr)
         return 1

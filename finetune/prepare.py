@@ -15,7 +15,10 @@ With `shard_tokens=N`: PREFIX-00000.bin/.idx, PREFIX-00001..., a new shard once 
 
 Token dtype: uint16 when vocab_size < 65500, else int32, as json2binidx picks (World data, 65536, is int32).
 Everything is written under temporary names and renamed together at the end (indexes after data files, the manifest
-last), so an interrupted run never leaves a complete-looking `.bin`/`.idx` pair.
+last), so an interrupted run never leaves a complete-looking `.bin`/`.idx` pair, and a failed one no temporary. No
+output may be one of the inputs (`prepare d.json --out d` would write the manifest over d.json); existing outputs
+are replaced only with `force=True` (--force), and then the old run's shards and masks the new one does not
+rewrite are removed.
 """
 
 from __future__ import annotations
@@ -30,16 +33,22 @@ import multiprocessing
 import os
 import pickle
 import re
+import signal
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from finetune.atomic import atomic_file, check_output, write_error
 from finetune.binidx import BinidxWriter, token_dtype
 from finetune.errors import FinetuneError
-from finetune.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+from finetune.tokenizer import PIECE_CHARS, HFTokenizer, Tokenizer, load_tokenizer
 
 MANIFEST_FORMAT = "rwkv-lora-binidx"
 
@@ -388,10 +397,25 @@ def _separated_chunks(f, path: str, separator: str, chunk_bytes: int, h) -> Iter
 # ----------------------------------------------------------------------------------------------------- encoding
 
 _worker_ctx: tuple | None = None  # (tokenizer, template, dtype) in a worker process
+_worker_parent: int | None = None  # the main process's pid, in a worker process
+
+
+def _worker_sigterm(signum, frame) -> None:
+    """SIGTERM in a worker. Sent to the whole process group (a scheduler, `kill -- -PGID`), it reaches the main
+    process too, which lets the chunks in flight finish and shuts the workers down: dying now, half-way through
+    sending a result, would leave the main process waiting for the rest of it for ever. A worker whose main process
+    is gone (killed outright) has nobody to wait for: it exits."""
+    if os.getppid() != _worker_parent:
+        os._exit(1)
 
 
 def _init_worker(ctx: bytes | None) -> None:
-    global _worker_ctx
+    global _worker_ctx, _worker_parent
+    # Ctrl-C reaches every process of the terminal's group: the main process alone reacts (it stops the workers
+    # and removes the temporaries); a worker must not die half-way through sending a result nor print a traceback
+    _worker_parent = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
     # one thread per worker process: the pool is the parallelism (Rust thread pools would oversubscribe the cores)
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -449,6 +473,7 @@ def _chunk_records(chunk: tuple, events: list) -> Iterator[tuple[Any, str]]:
     surrogates = b"\\ud" in blob or b"\\uD" in blob
     loads = json.loads
     for i, line in enumerate(lines):
+        lines[i] = None  # parsed once: a 50 MB line must not stay held beside its record
         if i in bad_lines:
             events.append(("invalid_utf8", f"{path}:{first + i}"))
         if not line.strip():
@@ -466,18 +491,12 @@ def _chunk_records(chunk: tuple, events: list) -> Iterator[tuple[Any, str]]:
         yield record, f"{path}:{first + i}"
 
 
-def process_chunk(chunk: tuple, tokenizer: Tokenizer, template: ChatTemplate | None, dtype, serial: bool = False):
-    """The per-record work, run in the workers: parse, apply the template, encode, pack.
-
-    Returns (tokens[T] in `dtype`, sizes int32[D], mask uint8[T] or None when every token is learned, max token id
-    (-1 when none), events): events = [(reason, "file:line"), ...] in input order, reason "invalid_utf8" or a skip
-    reason; the main process merges them (and applies --strict). Each document's segments are encoded separately
-    (so masks are exact) and followed by the eod token."""
-    events: list = []
+def _segments(chunk: tuple, template: ChatTemplate | None, events: list) -> tuple[list[str], list[bool], list[int]]:
+    """The chunk's documents as segments: (texts, learn flags, segments per document). A function of its own so
+    that no loop variable keeps a huge record alive once its text is encoded."""
     texts: list[str] = []
     flags: list[bool] = []
     nseg: list[int] = []
-    all_learned = True
     for record, where in _chunk_records(chunk, events):
         segs = record_segments(record, template)
         if isinstance(segs, str):
@@ -487,16 +506,27 @@ def process_chunk(chunk: tuple, tokenizer: Tokenizer, template: ChatTemplate | N
         for text, learn in segs:
             texts.append(text)
             flags.append(learn)
-            all_learned = all_learned and learn
+    return texts, flags, nseg
+
+
+def process_chunk(chunk: tuple, tokenizer: Tokenizer, template: ChatTemplate | None, dtype, serial: bool = False):
+    """The per-record work, run in the workers: parse, apply the template, encode, pack.
+
+    Returns (tokens[T] in `dtype`, sizes int32[D], mask uint8[T] or None when every token is learned, max token id
+    (-1 when none), events): events = [(reason, "file:line"), ...] in input order, reason "invalid_utf8" or a skip
+    reason; the main process merges them (and applies --strict). Each document's segments are encoded separately
+    (so masks are exact) and followed by the eod token."""
+    events: list = []
+    texts, flags, nseg = _segments(chunk, template, events)
+    all_learned = all(flags)
+    long = [i for i, t in enumerate(texts) if len(t) > PIECE_CHARS]
+    if long:  # one huge document (a 50 MB line) must not be encoded in one go
+        return _pack_segments(_encode_with_long(tokenizer, texts, long, serial), nseg, flags, all_learned,
+                              tokenizer.eod_id, dtype) + (events,)
     encoded = _encode_serial(tokenizer, texts) if serial else tokenizer.encode_batch(texts) if texts else []
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(lengths.sum()))
-    nseg_a = np.asarray(nseg, dtype=np.int64)
-    if nseg_a.size and int(nseg_a.min()) == 1 and int(nseg_a.max()) == 1:
-        doc_tokens = lengths
-    else:
-        seg_doc = np.repeat(np.arange(nseg_a.size), nseg_a)
-        doc_tokens = np.bincount(seg_doc, weights=lengths, minlength=nseg_a.size).astype(np.int64)
+    doc_tokens = _doc_tokens(lengths, nseg)
     ends = np.cumsum(doc_tokens)
     tokens = np.insert(flat, ends, tokenizer.eod_id)  # the eod after each document
     max_id = int(tokens.max()) if tokens.size else -1
@@ -507,6 +537,63 @@ def process_chunk(chunk: tuple, tokenizer: Tokenizer, template: ChatTemplate | N
     return tokens.astype(dtype, copy=False), sizes, mask, max_id, events
 
 
+def _doc_tokens(lengths: np.ndarray, nseg: list[int]) -> np.ndarray:
+    """Tokens per document (without the eod) from tokens per segment and segments per document."""
+    nseg_a = np.asarray(nseg, dtype=np.int64)
+    if nseg_a.size and int(nseg_a.min()) == 1 and int(nseg_a.max()) == 1:
+        return lengths
+    seg_doc = np.repeat(np.arange(nseg_a.size), nseg_a)
+    return np.bincount(seg_doc, weights=lengths, minlength=nseg_a.size).astype(np.int64)
+
+
+def _encode_with_long(tokenizer: Tokenizer, texts: list[str], long: list[int], serial: bool) -> list:
+    """Ids of every text: the long ones (indexes `long`) piece by piece with `encode_long` (int32 arrays), the others
+    in one batch as usual (lists)."""
+    encoded: list = [None] * len(texts)
+    for i in long:
+        encoded[i] = tokenizer.encode_long(texts[i])
+        texts[i] = ""  # the ids are all we need from here: let the text go as soon as nothing else holds it
+    short = [i for i in range(len(texts)) if encoded[i] is None]
+    short_texts = [texts[i] for i in short]
+    batch = _encode_serial(tokenizer, short_texts) if serial else tokenizer.encode_batch(short_texts) if short else []
+    for i, ids in zip(short, batch):
+        encoded[i] = ids
+    return encoded
+
+
+def _pack_segments(encoded: list, nseg: list[int], flags: list[bool], all_learned: bool, eod: int,
+                   dtype) -> tuple:
+    """`process_chunk`'s packing written for a few huge segments: each segment's ids are copied once into the output
+    array (no flat int32 copy, no np.insert copy) and dropped as soon as they are. Returns (tokens, sizes, mask,
+    max_id)."""
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    doc_tokens = _doc_tokens(lengths, nseg)
+    total = int(doc_tokens.sum()) + len(nseg)
+    tokens = np.empty(total, dtype=dtype)
+    mask = None if all_learned else np.empty(total, dtype=np.uint8)
+    max_id = -1
+    pos = seg = 0
+    for k in nseg:
+        for _ in range(k):
+            ids = encoded[seg]
+            encoded[seg] = None
+            n = len(ids)
+            if n:
+                # checked before the copy: an id beyond the dtype would wrap silently in the assignment
+                max_id = max(max_id, int(np.max(ids)))
+                tokens[pos:pos + n] = ids
+                if mask is not None:
+                    mask[pos:pos + n] = flags[seg]
+            pos += n
+            seg += 1
+        tokens[pos] = eod
+        if mask is not None:
+            mask[pos] = 1
+        pos += 1
+    max_id = max(max_id, eod) if total else -1
+    return tokens, (doc_tokens + 1).astype(np.int32), mask, max_id
+
+
 def _process_in_worker(chunk):
     tokenizer, template, dtype = _worker_ctx
     return process_chunk(chunk, tokenizer, template, dtype, serial=True)
@@ -514,127 +601,222 @@ def _process_in_worker(chunk):
 
 # ----------------------------------------------------------------------------------------------------- writing
 
+OUTPUT_SUFFIXES = (".bin", ".idx", ".mask.bin", ".mask.idx")
+
+
+def _output_name_pattern(prefix: str) -> re.Pattern:
+    """File names this command writes for `prefix` besides the manifest: PREFIX[-NNNNN][.mask].bin/.idx."""
+    return re.compile(re.escape(os.path.basename(prefix)) + r"(-\d{5})?(\.mask)?\.(bin|idx)")
+
+
+def _is_output_name(path: str, prefix: str) -> bool:
+    same_dir = os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(prefix))
+    return same_dir and _output_name_pattern(prefix).fullmatch(os.path.basename(path)) is not None
+
+
+def check_outputs(prefix: str, inputs: Sequence[str], force: bool) -> None:
+    """Refuse, before any work, to write over an input or (without `force`) over existing outputs. The shard count
+    is not known yet, so the candidates are: the manifest, the unsharded files, every shard file already on disk,
+    and any input named like one of our outputs."""
+    directory = os.path.dirname(os.path.abspath(prefix))
+    candidates = [f"{prefix}.json"] + [prefix + s for s in OUTPUT_SUFFIXES]
+    candidates += sorted(os.path.join(os.path.dirname(prefix), n) for n in os.listdir(directory)
+                         if _is_output_name(os.path.join(directory, n), prefix))
+    candidates += [p for p in inputs if _is_output_name(p, prefix)]
+    for path in dict.fromkeys(candidates):
+        check_output(path, force=force, inputs=inputs)
+
+
+def _previous_outputs(prefix: str) -> set[str]:
+    """The data files a previous run wrote for `prefix`, as its manifest lists them (none without a manifest of
+    ours): with --force, those the new run does not rewrite are removed, so that no stale shard or mask from the
+    old run is left beside the new data. Only names of our own pattern are ever returned."""
+    try:
+        with open(f"{prefix}.json", encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return set()
+    base = os.path.dirname(os.path.abspath(f"{prefix}.json"))
+    found = set()
+    for shard in manifest.get("shards") or []:
+        for key in ("prefix", "mask_prefix"):
+            p = shard.get(key) if isinstance(shard, dict) else None
+            if isinstance(p, str):
+                found.update(os.path.join(base, p) + s for s in (".bin", ".idx"))
+    return {p for p in found if _is_output_name(p, prefix)}
+
+
+@dataclass
+class _Part:
+    """One binidx pair being written: its writer (on a temporary `.bin`) and the prefix it is published under."""
+
+    writer: BinidxWriter
+    prefix: str
+
+    def add(self, values: np.ndarray, sizes: np.ndarray) -> None:
+        try:
+            self.writer.add_documents(values, sizes)
+        except OSError as e:  # a full disk: name the file we were writing, not a temporary
+            raise write_error(Path(f"{self.prefix}.bin"), e) from None
+
+    def finish(self) -> None:
+        try:
+            self.writer.close()  # the last flush can be the write that fails
+        except OSError as e:
+            raise write_error(Path(f"{self.prefix}.bin"), e) from None
+
 
 class ShardedOutput:
-    """Token (and mask) writers under temporary names, split into shards; `commit()` renames everything at once."""
+    """Token (and mask) files for PREFIX, split into shards. Every data file is written under a temporary name by
+    `atomic.atomic_file`; used as a context manager, any failure (a bad record, a full disk, Ctrl-C, SIGTERM)
+    removes them all. `commit()` publishes: the data files first, then the indexes, the manifest last, so that an
+    interrupted run never leaves a complete-looking `.bin`/`.idx` pair.
 
-    def __init__(self, prefix: str, dtype, shard_tokens: int | None):
+    Mask files exist only when some document has a prompt part: they start at the first masked chunk, with ones
+    (learn everything) written for the documents before it."""
+
+    def __init__(self, prefix: str, dtype, shard_tokens: int | None) -> None:
         self.prefix = prefix
         self.dtype = dtype
         self.shard_tokens = shard_tokens
-        self.tag = f".tmp-{os.getpid()}"
         self.shards: list[dict] = []
-        self.writers: list[tuple[BinidxWriter, BinidxWriter]] = []
+        self.parts: list[tuple[_Part, _Part | None]] = []
         self.has_mask = False
-        self.cur: tuple[BinidxWriter, BinidxWriter] | None = None
+        self.current = False  # a shard is open for more documents
+        self.written: list[str] = []  # every file published by commit()
+        self._files = ExitStack()
 
-    def _shard_prefix(self, i: int) -> str:
-        return self.prefix if self.shard_tokens is None else f"{self.prefix}-{i:05d}"
+    def __enter__(self) -> "ShardedOutput":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            for tok, mask in self.parts:
+                tok.writer.abort()
+                if mask is not None:
+                    mask.writer.abort()
+        return self._files.__exit__(exc_type, exc, tb)
+
+    def _part(self, prefix: str, dtype) -> _Part:
+        tmp = self._files.enter_context(atomic_file(f"{prefix}.bin"))
+        try:
+            return _Part(BinidxWriter(None, dtype, bin_path=tmp), prefix)
+        except OSError as e:
+            raise write_error(Path(f"{prefix}.bin"), e) from None
 
     def _open(self) -> None:
-        p = self._shard_prefix(len(self.writers))
-        tok = BinidxWriter(None, self.dtype, bin_path=f"{p}.bin{self.tag}", idx_path=f"{p}.idx{self.tag}")
-        mask = BinidxWriter(None, np.uint8, bin_path=f"{p}.mask.bin{self.tag}", idx_path=f"{p}.mask.idx{self.tag}")
-        self.writers.append((tok, mask))
+        i = len(self.parts)
+        p = self.prefix if self.shard_tokens is None else f"{self.prefix}-{i:05d}"
+        tok = self._part(p, self.dtype)
+        self.parts.append((tok, self._part(f"{p}.mask", np.uint8) if self.has_mask else None))
         self.shards.append({"prefix": p})
-        self.cur = (tok, mask)
+        self.current = True
+
+    def _start_masks(self) -> None:
+        self.has_mask = True
+        for i, (tok, _) in enumerate(self.parts):
+            mask = self._part(f"{tok.prefix}.mask", np.uint8)
+            for sizes in tok.writer.size_batches():  # batch by batch: memory stays that of one chunk
+                mask.add(np.ones(int(sizes.sum()), dtype=np.uint8), sizes)
+            self.parts[i] = (tok, mask)
 
     def add(self, tokens: np.ndarray, sizes: np.ndarray, mask: np.ndarray | None) -> None:
-        if mask is None:
-            mask = np.ones(tokens.size, dtype=np.uint8)
-        else:
-            self.has_mask = True
+        if mask is not None and not self.has_mask:
+            self._start_masks()
         start_doc, start_tok = 0, 0
         while start_doc < sizes.size:
-            if self.cur is None:
+            if not self.current:
                 self._open()
-            tok_w, mask_w = self.cur
+            tok, mask_part = self.parts[-1]
             end_doc = sizes.size
             if self.shard_tokens is not None:
-                room = self.shard_tokens - tok_w.num_tokens
+                room = self.shard_tokens - tok.writer.num_tokens
                 cum = np.cumsum(sizes[start_doc:])
                 end_doc = start_doc + min(int(np.searchsorted(cum, room)) + 1, cum.size)
             n = int(sizes[start_doc:end_doc].sum())
-            tok_w.add_documents(tokens[start_tok:start_tok + n], sizes[start_doc:end_doc])
-            mask_w.add_documents(mask[start_tok:start_tok + n], sizes[start_doc:end_doc])
+            tok.add(tokens[start_tok:start_tok + n], sizes[start_doc:end_doc])
+            if mask_part is not None:
+                values = mask[start_tok:start_tok + n] if mask is not None else np.ones(n, dtype=np.uint8)
+                mask_part.add(values, sizes[start_doc:end_doc])
             start_doc, start_tok = end_doc, start_tok + n
-            if self.shard_tokens is not None and tok_w.num_tokens >= self.shard_tokens:
-                self.cur = None
-
-    def temp_files(self) -> list[str]:
-        return [p for t, m in self.writers for w in (t, m) for p in (w.bin_path, w.idx_path)]
-
-    def abort(self) -> None:
-        for t, m in self.writers:
-            t.abort()
-            m.abort()
+            if self.shard_tokens is not None and tok.writer.num_tokens >= self.shard_tokens:
+                self.current = False
 
     def commit(self, manifest: dict) -> None:
-        """Close the writers, then rename: old outputs removed, data files first, indexes next, manifest last."""
-        renames_bin, renames_idx = [], []
-        for (tok_w, mask_w), shard in zip(self.writers, self.shards):
-            tok_w.close()
-            mask_w.close()
-            shard["documents"] = tok_w.num_documents
-            shard["tokens"] = tok_w.num_tokens
-            pairs = [tok_w] + ([mask_w] if self.has_mask else [])
-            if not self.has_mask:
-                mask_w.abort()
-            for w in pairs:
-                renames_bin.append((w.bin_path, w.bin_path[: -len(self.tag)]))
-                renames_idx.append((w.idx_path, w.idx_path[: -len(self.tag)]))
-            shard["mask_prefix"] = shard["prefix"] + ".mask" if self.has_mask else None
+        """Publish: close the data files and rename them into place (each fsync'ed), write the indexes, then the
+        manifest (completed with the shard list) last."""
+        parts = [p for pair in self.parts for p in pair if p is not None]
+        for part in parts:
+            part.finish()
+        self._files.close()
+        self.written += [f"{p.prefix}.bin" for p in parts]
+        for part in parts:
+            with atomic_file(f"{part.prefix}.idx") as tmp:
+                part.writer.write_index(tmp)
+            self.written.append(f"{part.prefix}.idx")
         manifest_path = f"{self.prefix}.json"
-        tmp_manifest = manifest_path + self.tag
         base = os.path.dirname(os.path.abspath(manifest_path))
-        for shard in self.shards:
-            shard["prefix"] = os.path.relpath(os.path.abspath(shard["prefix"]), base)
-            if shard["mask_prefix"]:
-                shard["mask_prefix"] = os.path.relpath(os.path.abspath(shard["mask_prefix"]), base)
+        for shard, (tok, mask) in zip(self.shards, self.parts):
+            shard["documents"] = tok.writer.num_documents
+            shard["tokens"] = tok.writer.num_tokens
+            shard["prefix"] = os.path.relpath(os.path.abspath(tok.prefix), base)
+            shard["mask_prefix"] = os.path.relpath(os.path.abspath(mask.prefix), base) if mask else None
         manifest["shards"] = self.shards
         manifest["has_mask"] = self.has_mask
-        with open(tmp_manifest, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        stale = [manifest_path, f"{self.prefix}.idx", f"{self.prefix}.mask.idx"] + [d for _, d in renames_idx]
-        for p in stale:
-            if os.path.exists(p):
-                os.remove(p)
-        for src, dst in renames_bin + renames_idx:
-            os.replace(src, dst)
-        os.replace(tmp_manifest, manifest_path)
+        with atomic_file(manifest_path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=1, ensure_ascii=False)
+                f.write("\n")
+        self.written.append(manifest_path)
 
 
 # ----------------------------------------------------------------------------------------------------- driver
 
 
-def start_pool(tokenizer: Tokenizer, template: ChatTemplate | None, dtype, workers: int):
+def start_pool(tokenizer: Tokenizer, template: ChatTemplate | None, dtype, workers: int) -> ProcessPoolExecutor:
     """Worker processes for the per-record work. Forked where the platform can (they inherit the loaded tokenizer,
     nothing to import or load), else spawned (each rebuilds the tokenizer from its spec). See `_encode_serial` for
-    why workers never use a Rust thread pool."""
+    why workers never use a Rust thread pool.
+
+    A ProcessPoolExecutor rather than a multiprocessing.Pool: Pool.terminate() hangs for good when a worker is in
+    the middle of writing a large result into the result pipe while the pool's result thread has stopped reading
+    (Ctrl-C or a --strict error with chunks in flight), and a Pool whose worker dies (the OOM killer) waits for the
+    lost chunk for ever; the executor keeps reading results until it is shut down and reports a worker that died
+    between results as BrokenProcessPool. (A worker killed half-way through sending a result can still hang it:
+    hence `_worker_sigterm`.)"""
     global _worker_ctx
-    if workers <= 1:
-        return None
     if "fork" in multiprocessing.get_all_start_methods():
         _worker_ctx = (tokenizer, template, dtype)
-        return multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(None,))
-    return multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker,
-                                                     initargs=(pickle.dumps((tokenizer, template, dtype)),))
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_init_worker, initargs=(None,))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(pickle.dumps((tokenizer, template, dtype)),))
 
 
-def _processed_chunks(chunks, pool, tokenizer, template, dtype):
-    if pool is None:  # no pool: the same work inline, batch-encoding (the Rust thread pool is fine here)
+def _processed_chunks(chunks: Iterator[tuple], tokenizer: Tokenizer, template: ChatTemplate | None, dtype,
+                      workers: int) -> Iterator[tuple]:
+    """`process_chunk` of every chunk, in order: inline, or on `workers` processes with a bounded look-ahead. Close
+    the generator when done with it (also on an error): that stops the workers."""
+    if workers <= 1:  # no pool: the same work inline, batch-encoding (the Rust thread pool is fine here)
         for c in chunks:
             yield process_chunk(c, tokenizer, template, dtype)
         return
-    with pool:
-        pending: collections.deque = collections.deque()
+    pool = start_pool(tokenizer, template, dtype, workers)
+    pending: collections.deque = collections.deque()
+    try:
         for c in chunks:  # bounded look-ahead keeps memory constant and the order of documents
-            pending.append(pool.apply_async(_process_in_worker, (c,)))
-            if len(pending) >= 2 * pool._processes:
-                yield pending.popleft().get()
+            pending.append(pool.submit(_process_in_worker, c))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise FinetuneError("a prepare worker process died (killed, or out of memory?); nothing written") from None
+    finally:
+        # the chunks being worked on finish (well under a second), the queued ones are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def prepare(
@@ -649,11 +831,13 @@ def prepare(
     strict: bool = False,
     progress: bool | None = None,
     batch_chars: int | None = None,
+    force: bool = False,
 ) -> dict:
     """Tokenize `inputs` into binidx files at prefix `out`; returns the manifest (also written to `out`.json).
 
     `tokenizer`: "world", a tokenizer.json path or a Tokenizer. `template`: "raven", "world", "none", "auto" or a
-    dict {"user": "...{text}...", "assistant": "...{text}..."}. Raises FinetuneError on bad input."""
+    dict {"user": "...{text}...", "assistant": "...{text}..."}. Existing outputs are replaced only with `force`, an
+    input never. Raises FinetuneError on bad input; on any failure no output file (nor temporary) is left."""
     tok = load_tokenizer(tokenizer)
     tmpl = resolve_template(template, tok)
     out = out[:-4] if out.endswith((".bin", ".idx")) else out
@@ -665,6 +849,8 @@ def prepare(
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise FinetuneError(f"{out}: output directory {out_dir} does not exist")
+    check_outputs(out, paths, force)
+    previous = _previous_outputs(out) if force else set()
     stats = Stats(strict=strict)
     sources = []
 
@@ -674,30 +860,31 @@ def prepare(
             yield from raw_chunks(path, doc_separator, chunk_bytes, max(16, chunk_bytes // 512), sources[-1])
 
     dtype = token_dtype(tok.vocab_size)
-    output = ShardedOutput(out, dtype, shard_tokens)
     from tqdm import tqdm
 
-    bar = tqdm(unit="doc", disable=(not progress) if progress is not None else None, desc="prepare", file=sys.stderr)
     t0 = time.perf_counter()
     n_docs = n_tokens = 0
-    pool = None
-    try:
-        pool = start_pool(tok, tmpl, dtype, workers)
-        if pool is not None and batch_chars is None:
+    with ShardedOutput(out, dtype, shard_tokens) as output:
+        bar = tqdm(unit="doc", disable=(not progress) if progress is not None else None, desc="prepare",
+                   file=sys.stderr)
+        if workers > 1 and batch_chars is None:
             batch_chars = 1 << 18  # smaller chunks keep every worker busy from the start
-        for tokens, sizes, mask, max_id, events in _processed_chunks(chunks(batch_chars or (1 << 20)), pool, tok,
-                                                                      tmpl, dtype):
-            for reason, where in events:
-                stats.event(reason, where)
-            if max_id >= tok.vocab_size:
-                raise FinetuneError(f"token id {max_id} >= vocab_size {tok.vocab_size} of {tok.name}")
-            if sizes.size:
-                output.add(tokens, sizes, mask)
-            n_docs += sizes.size
-            n_tokens += int(tokens.size)
-            bar.update(sizes.size)
-            bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
-        bar.close()
+        results = _processed_chunks(chunks(batch_chars or (1 << 20)), tok, tmpl, dtype, workers)
+        try:
+            for tokens, sizes, mask, max_id, events in results:
+                for reason, where in events:
+                    stats.event(reason, where)
+                if max_id >= tok.vocab_size:
+                    raise FinetuneError(f"token id {max_id} >= vocab_size {tok.vocab_size} of {tok.name}")
+                if sizes.size:
+                    output.add(tokens, sizes, mask)
+                n_docs += sizes.size
+                n_tokens += int(tokens.size)
+                bar.update(sizes.size)
+                bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+        finally:
+            results.close()
+            bar.close()
         seconds = time.perf_counter() - t0
         if n_docs == 0:
             raise FinetuneError(f"{', '.join(paths)}: no documents to write ({_skip_text(stats) or 'inputs are empty'})")
@@ -721,15 +908,9 @@ def prepare(
             "seconds": round(seconds, 3),
         }
         output.commit(manifest)
-    except BaseException:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-        output.abort()
-        for p in output.temp_files() + [f"{out}.json{output.tag}"]:
-            if os.path.exists(p):
-                os.remove(p)
-        raise
+    for stale in previous - {os.path.abspath(p) for p in output.written}:
+        if os.path.isfile(stale):
+            os.remove(stale)
     return manifest
 
 
@@ -786,7 +967,9 @@ Output:
   PREFIX.mask.bin/.idx  instruction/chat data: uint8 loss mask, 1 = learn (answers and the closing 0), 0 = prompt.
   PREFIX.json           manifest: counts, skipped records, tokenizer, vocab_size, template, sources + sha256, shards.
   With --shard-tokens N: PREFIX-00000.bin/.idx, PREFIX-00001... (documents are never split across shards).
-  Files are written under temporary names and renamed together at the end.
+  Files are written under temporary names and renamed together at the end; a failed or interrupted run (a bad
+  record with --strict, a full disk, Ctrl-C, SIGTERM) leaves neither outputs nor temporaries. An output that is
+  one of the inputs is refused; existing outputs are replaced only with --force.
 
 Bad records (malformed JSON, missing fields) are skipped and counted with file:line; invalid UTF-8 is replaced and
 counted. --strict makes each of these an error. An empty result is an error.
@@ -815,19 +998,39 @@ def add_parser(subparsers) -> None:
                    help="start a new numbered shard once a shard holds N tokens")
     p.add_argument("--strict", action="store_true", help="stop at the first malformed record or invalid UTF-8")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--force", "--overwrite", action="store_true",
+                   help="replace existing outputs of PREFIX (an input is never overwritten)")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+class Terminated(BaseException):
+    """SIGTERM during `rwkv-lora prepare`, raised in the main process so that the temporaries are removed on the
+    way out. A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def run(args: argparse.Namespace) -> int:
     sep = args.doc_separator
     if sep is not None:
         sep = sep.replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r")
         if not sep:
             raise FinetuneError("--doc-separator must not be empty")
-    manifest = prepare(
-        args.inputs, args.tokenizer, args.out, template=args.template, doc_separator=sep, workers=args.workers,
-        shard_tokens=args.shard_tokens, strict=args.strict, progress=False if args.no_progress else None,
-    )
+    # `timeout`, schedulers and `kill` send SIGTERM, whose default action would leave the temporaries behind
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        manifest = prepare(
+            args.inputs, args.tokenizer, args.out, template=args.template, doc_separator=sep, workers=args.workers,
+            shard_tokens=args.shard_tokens, strict=args.strict, progress=False if args.no_progress else None,
+            force=args.force,
+        )
+    except Terminated:
+        print("rwkv-lora prepare: terminated (SIGTERM); nothing written", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     out = args.out[:-4] if args.out.endswith((".bin", ".idx")) else args.out
     print(summary_line(manifest, out))
     return 0

@@ -10,6 +10,11 @@ rows), `.eod_id` (always 0: the end-of-document token appended after every docum
 stable description recorded in data manifests and checkpoints: "world", or "tokenizer.json sha256:<16 hex>").
 Tokenizer objects pickle as their spec and rebuild themselves, so they can be sent to worker processes.
 
+`.encode_long(text)` gives exactly `encode(text)` as an int32 array, but encodes a long text (one 50 MB line) piece
+by piece, so that memory stays near the size of the text and its ids instead of the tokenizer's working set for the
+whole text (Hugging Face tokenizers keep ~180 bytes per character: 9 GB for 50 MB). The pieces are cut only where the
+cut provably changes nothing: see `WorldTokenizer.encode_long` and `HFTokenizer.encode_long`.
+
 World: greedy longest match over the UTF-8 bytes of the text with the `rwkv_vocab_v20230424` vocabulary (ids
 1..65529; 0 = end of document), encoded by the Rust `pyrwkv-tokenizer`; the ids are the same as the `rwkv` pip
 package's `TRIE_TOKENIZER` (tests/test_tokenizer.py checks this). Decoding is done here from the vocabulary file,
@@ -20,13 +25,19 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
+import re
 from typing import Iterable, Sequence
+
+import numpy as np
 
 from finetune.errors import FinetuneError
 
 WORLD_VOCAB_SIZE = 65536  # the embedding size of World models (the vocabulary file itself ends at id 65529)
 EOD_ID = 0
+PIECE_CHARS = 1 << 16  # `encode_long` encodes texts longer than this in pieces of about this many characters
+PIECES_PER_CALL = 4  # pieces a Hugging Face tokenizer encodes at once (in parallel): ~45 MB of working set
 
 
 class Tokenizer:
@@ -45,6 +56,11 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
+
+    def encode_long(self, text: str, piece_chars: int = PIECE_CHARS) -> np.ndarray:
+        """`encode(text)` as int32. Tokenizers that know where a text can be cut without changing its ids encode a
+        long text piece by piece (bounded memory); this fallback encodes it whole."""
+        return np.asarray(self.encode(text), dtype=np.int32)
 
     def __reduce__(self):
         return (load_tokenizer, (self.spec,))
@@ -87,6 +103,7 @@ class WorldTokenizer(Tokenizer):
         self.vocab_path = _world_vocab_path()
         self._rust = pyrwkv_tokenizer.WorldTokenizer(self.vocab_path)
         self._id_to_bytes: list[bytes] | None = None
+        self._id_to_length: np.ndarray | None = None  # bytes per token id
         self.name = "world"
         self.spec = "world"
         self.vocab_size = WORLD_VOCAB_SIZE
@@ -97,14 +114,51 @@ class WorldTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._rust.encode_batch(list(texts))
 
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+    def _vocab(self) -> list[bytes]:
         if self._id_to_bytes is None:
             table = read_world_vocab(self.vocab_path)
             lookup = [b""] * WORLD_VOCAB_SIZE
             for i, raw in table.items():
                 lookup[i] = raw
             self._id_to_bytes = lookup
-        lookup = self._id_to_bytes
+            self._id_to_length = np.array([len(b) for b in lookup], dtype=np.int64)
+        return self._id_to_bytes
+
+    def encode_long(self, text: str, piece_chars: int = PIECE_CHARS) -> np.ndarray:
+        """`encode(text)` as int32, a window of `piece_chars` characters at a time.
+
+        World tokenization is a greedy longest match from the left: the token at byte q is decided by the bytes
+        q .. q + L - 1 alone (L = the longest token, 128 bytes), and the next one starts where it ends. So in a
+        window that starts at a token boundary of the whole text, every token that starts at least L bytes before
+        the window's end is the whole text's token; the next window starts after the last of them that ends on a
+        character boundary (a str cannot be cut inside a character)."""
+        longest = int(self._vocab_lengths().max())
+        piece_chars = max(piece_chars, 4 * longest)  # room for many tokens besides the look-ahead
+        parts: list[np.ndarray] = []
+        start = 0
+        while len(text) - start > piece_chars:
+            window = text[start:start + piece_chars]
+            raw = np.frombuffer(window.encode("utf-8"), dtype=np.uint8)
+            ids = np.asarray(self._rust.encode(window), dtype=np.int32)
+            ends = np.cumsum(self._id_to_length[ids])
+            starts = ends - self._id_to_length[ids]
+            decided = int(np.searchsorted(starts, raw.size - longest, side="right"))  # tokens starting early enough
+            at_char = (raw[np.minimum(ends[:decided], raw.size - 1)] & 0xC0) != 0x80  # next byte starts a character
+            keep = int(np.flatnonzero(at_char)[-1]) + 1 if at_char.any() else 0
+            if keep == 0:  # no usable cut in this window (cannot happen with real text): encode the rest whole
+                break
+            parts.append(ids[:keep])
+            cut_bytes = int(ends[keep - 1])
+            start += int(np.count_nonzero((raw[:cut_bytes] & 0xC0) != 0x80))  # characters = bytes that start one
+        parts.append(np.asarray(self._rust.encode(text[start:]), dtype=np.int32))
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _vocab_lengths(self) -> np.ndarray:
+        self._vocab()
+        return self._id_to_length
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        lookup = self._vocab()
         try:
             return b"".join([lookup[i] for i in ids])
         except (IndexError, TypeError) as e:
@@ -143,6 +197,7 @@ class HFTokenizer(Tokenizer):
         self.spec = os.path.abspath(path)
         self.name = f"tokenizer.json sha256:{_sha256_file(path)[:16]}"
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.cuttable = _cuttable(json.loads(self._tok.to_str()))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -154,6 +209,73 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def encode_long(self, text: str, piece_chars: int = PIECE_CHARS) -> np.ndarray:
+        """`encode(text)` as int32; with a byte-level BPE tokenizer (GPT-2, GPT-NeoX 20B, the demo tokenizer: see
+        `_cuttable`), piece by piece, cut only where the whole text's pre-tokenization has a boundary too
+        (`_cut_points`): the model encodes each pre-token on its own, so the ids are the same."""
+        if not self.cuttable or len(text) <= piece_chars:
+            return np.asarray(self.encode(text), dtype=np.int32)
+        bounds = [0] + _cut_points(text, piece_chars) + [len(text)]
+        parts = []
+        for i in range(0, len(bounds) - 1, PIECES_PER_CALL):  # a few pieces per call: parallel, memory bounded
+            pieces = [text[a:b] for a, b in zip(bounds[i:i + PIECES_PER_CALL], bounds[i + 1:i + PIECES_PER_CALL + 1])]
+            parts += [np.asarray(ids, dtype=np.int32) for ids in self.encode_batch(pieces)]
+        return np.concatenate(parts)
+
+
+# Where a byte-level BPE text may be cut. The GPT-2 pre-tokenizer regex ('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+|
+# ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+) matches left to right, and
+#  - before a single space between two non-spaces ("a b"), no match can run on: a letter, number or punctuation
+#    run does not take a space after its first character, and a whitespace run starts at the space itself;
+#  - before one of these punctuation marks right after a letter or digit ("word,"), the letter/number run ends
+#    (punctuation is neither) and the mark starts a new match (it is not an apostrophe, which starts "'s").
+# The whole text's matches therefore have a boundary there, the piece after the cut is matched as the whole text is
+# from that point, and BPE works on each match alone. NFC/NFKC cannot join characters across these cuts either
+# (a space or these marks never compose with a neighbour, and their NFKC forms are in the same set).
+_CUT_MARKS = ".,;:!?，。；：！？、"
+_CUT = re.compile(r"(?<=\S) (?=\S)|(?<=[^\W_])[" + re.escape(_CUT_MARKS) + "]")
+_LOCAL_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase"}
+
+
+def _cuttable(config: dict) -> bool:
+    """Whether `_cut_points` is exact for this tokenizer.json: a ByteLevel pre-tokenizer with the GPT-2 regex and no
+    prefix space, no normalizer or only character-local ones, and no added token that a cut could split (added
+    tokens are matched in the raw text before pre-tokenization): one with neither whitespace nor a cut mark cannot
+    span a cut, nor can a whitespace-only one (both cuts have a non-space before them)."""
+    pre = config.get("pre_tokenizer") or {}
+    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+        return False
+    norm = config.get("normalizer")
+    norms = [] if norm is None else norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    if any(n.get("type") not in _LOCAL_NORMALIZERS for n in norms):
+        return False
+    for tok in config.get("added_tokens") or []:
+        content = tok.get("content", "")
+        if tok.get("lstrip") or tok.get("rstrip") or tok.get("single_word"):
+            return False  # these absorb the whitespace next to them
+        if not content.isspace() and any(c.isspace() or c in _CUT_MARKS for c in content):
+            return False
+    return True
+
+
+def _cut_points(text: str, piece_chars: int) -> list[int]:
+    """Cut positions about `piece_chars` apart: the last `_CUT` in the second half of each stretch, else the first
+    one after it (a stretch without any, such as one huge word, stays whole)."""
+    cuts: list[int] = []
+    start = 0
+    while len(text) - start > piece_chars:
+        best = None
+        for m in _CUT.finditer(text, start + piece_chars // 2, start + piece_chars):
+            best = m.start()
+        if best is None:
+            m = _CUT.search(text, start + piece_chars)
+            if m is None:
+                break
+            best = m.start()
+        cuts.append(best)
+        start = best
+    return cuts
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -30,8 +30,10 @@ for name in ("fables", "recipes"):
             f.write("\n***\n".join(chunk))
 PY
 for name in fables recipes; do
-  rwkv-lora prepare "out/demo/$name-train.txt" --doc-separator '\n***\n' --tokenizer $TOK --out "out/demo/$name"
-  rwkv-lora prepare "out/demo/$name-val.txt" --doc-separator '\n***\n' --tokenizer $TOK --out "out/demo/$name-val"
+  # --force: a second run of the demo replaces the data the first one prepared
+  rwkv-lora prepare "out/demo/$name-train.txt" --doc-separator '\n***\n' --tokenizer $TOK --out "out/demo/$name" --force
+  rwkv-lora prepare "out/demo/$name-val.txt" --doc-separator '\n***\n' --tokenizer $TOK --out "out/demo/$name-val" \
+    --force
 done
 
 echo "== pretraining the tiny model on the fables (all weights)"

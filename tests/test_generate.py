@@ -143,3 +143,10 @@ def test_bad_adapter_refused_in_generate(env, capsys):
     rc = cli.main(["generate", "--model", str(other), "--adapter", str(adapter), "--prompt", "x"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "made for another base" in err and len(err.splitlines()) == 1
+
+
+def test_directory_as_model_is_named(tmp_path, capsys):
+    rc = cli.main(["generate", "--model", str(tmp_path), "--prompt", "x", "--tokenizer", "world"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert err.endswith(f"{tmp_path}: is a directory, not a checkpoint file")

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -254,3 +256,198 @@ def test_worker_chunks_keep_positions_and_strict_order(tmp_path):
                        ["{broken", '{"foo": 1}', "{broken"])
     with pytest.raises(FinetuneError, match=r"d\.jsonl:41: malformed"):
         prepare([path], "world", str(tmp_path / "s"), strict=True, workers=2, batch_chars=30, progress=False)
+
+
+# ---- data safety: no output over an input, --force to replace, nothing left behind by a failed run
+
+
+def temporaries(directory):
+    return [p.name for p in directory.iterdir() if p.name.startswith(".") or ".tmp" in p.name]
+
+
+def test_output_over_an_input_is_refused(tmp_path, small_tokenizer):
+    # `prepare d.json --out d` used to write the manifest d.json over its own input
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"text": "The fox and the grapes."}, {"text": "Bake until golden."}]))
+    before = data.read_bytes()
+    r = run_cli(str(data), "--tokenizer", small_tokenizer, "--out", str(tmp_path / "d"), "--force")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert f"{data}: is also an input of this command" in lines[0]
+    with pytest.raises(FinetuneError, match="is also an input"):
+        prepare([str(data)], small_tokenizer, str(tmp_path / "d"), progress=False)
+    assert data.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]
+
+
+def test_existing_outputs_are_replaced_only_with_force(tmp_path, small_tokenizer):
+    chat = write_jsonl(tmp_path / "chat.jsonl", INSTRUCT)
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": f"plain document {i} " * 30} for i in range(40)])
+    prepare([chat], small_tokenizer, str(tmp_path / "out"), progress=False)
+    first = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("out")}
+    assert set(first) == {"out.json", "out.bin", "out.idx", "out.mask.bin", "out.mask.idx"}
+    with pytest.raises(FinetuneError, match=r"out\.json: exists; pass --force to replace it"):
+        prepare([text], small_tokenizer, str(tmp_path / "out"), progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("out")} == first
+    # with force: replaced, and the old run's masks (which the new data has not) do not linger beside it
+    m = prepare([text], small_tokenizer, str(tmp_path / "out"), progress=False, force=True)
+    assert not m["has_mask"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl", "out.bin", "out.idx", "out.json",
+                                                          "text.jsonl"]
+    # a sharded run replaced by fewer shards: the old shards it listed are removed, files it did not write stay
+    prepare([text], small_tokenizer, str(tmp_path / "sh"), shard_tokens=500, progress=False)
+    old_shards = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("sh-"))
+    assert len(old_shards) > 4
+    (tmp_path / "sh-notes.txt").write_text("mine")
+    m = prepare([text], small_tokenizer, str(tmp_path / "sh"), shard_tokens=5000, progress=False, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("sh-")) == sorted(
+        [f"{s['prefix']}.{x}" for s in m["shards"] for x in ("bin", "idx")] + ["sh-notes.txt"])
+    # a shard file on disk (no manifest) is an existing output too
+    (tmp_path / "lone-00003.bin").write_bytes(b"x")
+    with pytest.raises(FinetuneError, match=r"lone-00003\.bin: exists"):
+        prepare([text], small_tokenizer, str(tmp_path / "lone"), shard_tokens=500, progress=False)
+
+
+def test_full_disk_is_one_line_and_leaves_the_previous_output(tmp_path, small_tokenizer):
+    import resource
+
+    src = tmp_path / "big.txt"
+    src.write_text("the fox and the grapes, slow and steady. " * 20000)
+    small = tmp_path / "small.txt"
+    small.write_text("The fox and the grapes.")
+    prepare([str(small)], small_tokenizer, str(tmp_path / "out"), progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full_disk():  # in the child: writes past 64 KB fail with EFBIG (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+
+    r = subprocess.run([sys.executable, "-m", "finetune.cli", "prepare", str(src), "--tokenizer", small_tokenizer,
+                        "--out", str(tmp_path / "out"), "--force"], cwd=ROOT, capture_output=True, text=True,
+                       preexec_fn=full_disk)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0] == (f"rwkv-lora prepare: error: {tmp_path / 'out.bin'}: cannot write (File too large; the "
+                        f"previous output, if any, is unchanged)")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary, old output intact
+
+
+@pytest.mark.parametrize("sig,workers,rc,message", [(signal.SIGINT, 2, 130, "interrupted"),
+                                                   (signal.SIGTERM, 1, 143, "terminated (SIGTERM); nothing written")])
+def test_interrupt_and_terminate_leave_nothing(tmp_path, sig, workers, rc, message):
+    # 20 MB takes many seconds to tokenize: the signal comes as soon as the first output file is open
+    line = json.dumps({"text": "a line of text to tokenize " * 20}).encode() + b"\n"
+    (tmp_path / "in.jsonl").write_bytes(line * (20_000_000 // len(line)))
+    proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", "prepare", str(tmp_path / "in.jsonl"),
+                             "--tokenizer", "world", "--out", str(tmp_path / "out"), "--workers", str(workers),
+                             "--no-progress"],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # a background job's SIGINT is ignored (and Python then leaves it so): be a terminal's
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not temporaries(tmp_path):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C does: the whole process group, workers included
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == rc and err.strip() == f"rwkv-lora prepare: {message}", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+# ---- long documents: encoded piece by piece, exactly as a whole, in bounded memory
+
+LONG_PARTS = ["the", "fox", " ", "  ", "   ", "\n", "\n\n", "\t", ",", ".", "!", "?", "，", "。", "、", "你好", "世界",
+              "123", "2024", "🎉", "e\u0301", "café", "naïve", "it's", "'s", "_", "a_b", "—", "...", "<|endoftext|>",
+              "=" * 40, " " * 150, "x" * 300, "\u00a0", "Ω", "ｆｕｌｌ"]
+
+
+def random_text(rng, n):
+    return "".join(rng.choice(LONG_PARTS) + (" " if rng.random() < 0.5 else "") for _ in range(n))
+
+
+def tokenizer_variant(src, path, **changes):
+    config = json.load(open(src))
+    config.update(changes)
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_encode_long_equals_encode(tmp_path, small_tokenizer):
+    import random
+
+    from finetune.tokenizer import _cut_points
+
+    demo = os.path.join(ROOT, "data", "demo-tokenizer", "tokenizer.json")
+    specs = {
+        "world": None,
+        demo: True,
+        small_tokenizer: True,
+        tokenizer_variant(demo, tmp_path / "nfc.json", normalizer={"type": "NFKC"}): True,
+        # not cuttable (the fallback encodes whole): a prefix space, or a pre-tokenizer we have no proof for
+        tokenizer_variant(demo, tmp_path / "prefix.json", pre_tokenizer={
+            "type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}): False,
+        tokenizer_variant(demo, tmp_path / "ws.json", pre_tokenizer={"type": "Whitespace"}): False,
+    }
+    rng = random.Random(0)
+    texts = [random_text(rng, rng.randint(200, 1500)) for _ in range(12)]
+    assert all(len(_cut_points(t, 50)) > 5 for t in texts)  # the pieces really are cut
+    for spec, cuttable in specs.items():
+        tok = load_tokenizer(spec)
+        assert getattr(tok, "cuttable", None) is cuttable, spec
+        for text in texts:
+            whole = tok.encode(text)
+            for piece_chars in (7, 50, 700):  # World windows are at least 4 x 128 characters whatever is asked
+                assert tok.encode_long(text, piece_chars).tolist() == whole, (spec, piece_chars)
+
+
+def test_long_documents_in_prepare_are_exact(tmp_path, small_tokenizer):
+    import random
+
+    from finetune.tokenizer import PIECE_CHARS
+
+    rng = random.Random(1)
+    long_text = random_text(rng, 3 * PIECE_CHARS // 8)
+    long_answer = random_text(rng, 2 * PIECE_CHARS // 8).replace("\n", " ").strip()  # as the template keeps it
+    assert len(long_text) > 2 * PIECE_CHARS and len(long_answer) > PIECE_CHARS
+    records = [{"text": "A short one."}, {"text": long_text},
+               {"instruction": "Say a lot.", "output": long_answer}, {"text": "The end."}]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    for spec in ("world", small_tokenizer):
+        tok = load_tokenizer(spec)
+        out = tmp_path / f"out-{len(spec)}"
+        prepare([path], spec, str(out), template="world", progress=False)
+        _, items, _ = read_binidx(out)
+        _, masks, _ = read_binidx(f"{out}.mask")
+        expected = [[(r["text"], True)] if "text" in r else
+                    [(f"User: {r['instruction']}\n\nAssistant:", False), (f" {r['output']}\n\n", True)]
+                    for r in records]
+        for item, mask, segs in zip(items, masks, expected):
+            ids, msk = expected_document(tok, segs)
+            assert item.tolist() == ids and mask.tolist() == msk
+
+
+def test_one_huge_line_has_bounded_memory(tmp_path):
+    # before: the whole line went to the tokenizer at once, ~180 bytes of memory per character with a byte-level
+    # BPE (5 MB -> +880 MB, 50 MB -> 9 GB); now its working set is that of a few pieces
+    script = f"""
+import json, resource, sys
+sys.path.insert(0, {ROOT!r})
+sys.path.insert(0, {os.path.join(ROOT, 'bench')!r})
+from finetune.prepare import prepare
+from finetune.tokenizer import load_tokenizer
+from prepare_long import one_line_text
+tok = load_tokenizer({os.path.join(ROOT, 'data', 'demo-tokenizer', 'tokenizer.json')!r})
+with open({str(tmp_path / 'line.jsonl')!r}, "w", encoding="utf-8") as f:
+    f.write(json.dumps({{"text": one_line_text(4)}}, ensure_ascii=False) + "\\n")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+m = prepare([{str(tmp_path / 'line.jsonl')!r}], tok, {str(tmp_path / 'out')!r}, progress=False)
+print(m["documents"], m["tokens"], (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    docs, tokens, grown_mib = r.stdout.split()
+    assert int(docs) == 1 and int(tokens) > 2_000_000
+    assert float(grown_mib) < 200, f"a 4 MB line took {grown_mib} MiB more"
