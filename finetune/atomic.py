@@ -67,7 +67,7 @@ def _is_write_failure(e: BaseException) -> bool:
     if isinstance(e, OSError):
         return True
     text = str(e).lower()
-    return isinstance(e, RuntimeError) and any(w in text for w in ("write", "space", "file too large", "errno"))
+    return isinstance(e, RuntimeError) and any(w in text for w in ("write", "space", "file too large", "errno", "unexpected pos"))
 
 
 def check_output(path: str | Path, *, force: bool = False, inputs: Iterable[str | Path] = (),
