@@ -19,6 +19,7 @@ COMMANDS = [
     "finetune.lora",  # train
     "finetune.merge",  # merge, pack, import-lora, export-lora
     "finetune.generate",  # generate, chat
+    "finetune.state_files",  # export-state, import-state
 ]
 
 
