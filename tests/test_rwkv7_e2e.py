@@ -1,0 +1,116 @@
+"""RWKV-7 end to end: infctx chunks, LoRA merge (checked by the `rwkv` package), the Hugging Face directory made by
+rwkv7-hf's own converter, and chat in the World / G1 format."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import write_checkpoint
+from finetune import cli, load_model
+from finetune.adapters import add_lora, save_adapter
+from finetune.checkpoint import fingerprint
+from finetune.infctx import chunked_loss
+from finetune.models.rwkv7 import FAMILY, config_from_state_dict
+from rwkv7_helpers import random_rwkv7_state_dict, rwkv_package_v7
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second OpenMP thread only adds barrier waits on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# infctx
+
+
+def lora_v7(path: Path, seed: int = 0) -> torch.nn.Module:
+    """A tiny v7 with LoRA on att + ffn (B non-zero, so A gets gradients too) and the family's `time` group trained
+    in full (the group as the RWKV-7 family defines it)."""
+    torch.manual_seed(seed)
+    model = add_lora(load_model(path).train(), r=4, alpha=8, parts=("att", "ffn"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    for n, p in model.get_base_model().named_parameters():
+        if FAMILY.full_groups["time"](n):
+            p.requires_grad_(True)
+    return model
+
+
+def window_loss(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    logits = model(ids)
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (ce * mask.reshape(-1)).sum() / mask.sum().clamp(min=1)
+
+
+def loss_and_grads(path: Path, ids: torch.Tensor, mask: torch.Tensor, chunk_len: int | None):
+    model = lora_v7(path)
+    if chunk_len is None:
+        loss = window_loss(model, ids[:, :-1], ids[:, 1:], mask)
+    else:
+        loss = chunked_loss(model, ids[:, :-1], ids[:, 1:], mask, chunk_len=chunk_len)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def infctx_base(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("infctx7") / "m.pth",
+                            random_rwkv7_state_dict(2, 64, 61, 32, seed=3, widths=(16, 8, 12, 24)))
+
+
+def assert_same_grads(g1: dict, g2: dict) -> None:
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        assert torch.isfinite(g2[n]).all(), n
+        scale = g1[n].abs().max().clamp(min=1e-6)
+        assert ((g2[n] - g1[n]).abs().max() / scale) < 1e-4, n
+
+
+def test_infctx_chunks_equal_one_window(infctx_base):
+    """2048 tokens as 4 chunks of 512 give one 2048 window's loss (1e-5) and gradients (1e-4 relative): LoRA A/B on
+    att and ffn, and every `time` tensor of RWKV-7 (w0 .. r_k, the low-rank factors)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 61, (1, 2049), generator=g)
+    mask = (torch.rand(1, 2048, generator=g) > 0.3).float()
+    l1, g1 = loss_and_grads(infctx_base, ids, mask, None)
+    l2, g2 = loss_and_grads(infctx_base, ids, mask, 512)
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    assert any(n.endswith("att.w0") for n in g1) and any("lora_A" in n for n in g1)
+    assert any(n.endswith("blocks.1.att.v1") for n in g1)  # the value residual learns through the chunks too
+    assert_same_grads(g1, g2)
+
+
+def test_masked_chunk_contributes_zero_never_nan(infctx_base):
+    """A chunk whose targets are all masked adds nothing (RWKV-PEFT users got NaN from a per-chunk mean), and a window
+    with nothing to learn gives a zero loss and zero gradients, not NaN."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 61, (1, 1025), generator=g)
+    mask = torch.ones(1, 1024)
+    mask[:, 256:512] = 0  # the second of four chunks of 256: nothing to learn there
+    l1, g1 = loss_and_grads(infctx_base, ids, mask, None)
+    l2, g2 = loss_and_grads(infctx_base, ids, mask, 256)
+    assert torch.isfinite(l2)
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    assert_same_grads(g1, g2)
+    # the loss is the mean over the unmasked targets only (the masked chunk's count is not in the denominator)
+    model = lora_v7(infctx_base)
+    with torch.no_grad():
+        logits = model(ids[:, :-1])[0]
+    ce = F.cross_entropy(logits, ids[0, 1:], reduction="none")
+    torch.testing.assert_close(l2, ce[mask[0] > 0].mean(), rtol=1e-5, atol=1e-6)
+    zero, grads = loss_and_grads(infctx_base, ids[:, :513], torch.zeros(1, 512), 256)
+    assert zero.item() == 0.0
+    assert all(torch.isfinite(t).all() and not t.any() for t in grads.values())
