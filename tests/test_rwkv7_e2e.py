@@ -114,3 +114,90 @@ def test_masked_chunk_contributes_zero_never_nan(infctx_base):
     zero, grads = loss_and_grads(infctx_base, ids[:, :513], torch.zeros(1, 512), 256)
     assert zero.item() == 0.0
     assert all(torch.isfinite(t).all() and not t.any() for t in grads.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# merge and the Hugging Face directory
+
+WORLD = 65536  # every published RWKV-7 has the World vocabulary: the HF directory's tokenizer is then checked too
+MERGE_TOKENS = torch.randint(0, WORLD, (20,), generator=torch.Generator().manual_seed(9)).tolist()
+
+
+def v7_adapter(base: Path, out: Path, seed: int) -> Path:
+    """A trained-looking RWKV-7 adapter: LoRA (r=4, B non-zero) on att r/k/v/o and ffn key/value, and every tensor of
+    the family's `time` and `ln` groups perturbed and trained in full."""
+    from finetune.adapters import write_adapter_dir
+    from finetune.checkpoint import read_state_dict
+
+    sd = read_state_dict(base)
+    cfg = config_from_state_dict(sd)
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for i in range(cfg.n_layer):
+        for part, names in FAMILY.lora_parts.items():
+            for name in names:
+                out_f, in_f = sd[f"blocks.{i}.{part}.{name}.weight"].shape
+                lora[f"blocks.{i}.{part}.{name}"] = (torch.randn(4, in_f, generator=g) * 0.2,
+                                                     torch.randn(out_f, 4, generator=g) * 0.2)
+    full = {n: t.float() + torch.randn(t.shape, generator=g) * 0.05 for n, t in sd.items()
+            if FAMILY.full_groups["time"](n) or FAMILY.full_groups["ln"](n)}
+    meta = {"family": "rwkv7", "tokenizer": "world", "r": 4, "alpha": 8, "parts": ["att", "ffn"],
+            "train": ["time", "ln"], "recipe": {"test": True},
+            "base": {"fingerprint": fingerprint(sd), "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
+                     "vocab_size": cfg.vocab_size, "dim_ffn": cfg.dim_ffn, "path": str(base)}}
+    return write_adapter_dir(out, meta, lora, full)
+
+
+@pytest.fixture(scope="module")
+def merge_env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("merge7")
+    # head size 64, as in every published model: rwkv7-hf's GroupNorm eps is head_size * 1e-5, BlinkDL's always 64e-5
+    sd = random_rwkv7_state_dict(2, 128, WORLD, 64, seed=12)
+    base = write_checkpoint(d / "base.pth", sd)
+    adapter = v7_adapter(base, d / "adapter", seed=1)
+    model = load_model(base, adapters=[adapter])
+    with torch.no_grad():
+        plugged = model(torch.tensor([MERGE_TOKENS]))[0]
+    return d, base, adapter, plugged
+
+
+def test_merged_pth_loads_in_rwkv_package_and_equals_plugged(merge_env):
+    d, base, adapter, plugged = merge_env
+    out = d / "merged.pth"
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)]) == 0
+    from finetune.checkpoint import read_state_dict
+
+    merged = read_state_dict(out)
+    assert merged.keys() == read_state_dict(base).keys()
+    [oracle] = rwkv_package_v7([(merged, MERGE_TOKENS)], d / "oracle")
+    torch.testing.assert_close(oracle["logits"], plugged, atol=1e-4, rtol=0)
+    # the adapter changes the model (so the check above can fail), and ours agrees on the merged file too
+    with torch.no_grad():
+        assert (load_model(base)(torch.tensor([MERGE_TOKENS]))[0] - plugged).abs().max() > 1e-2
+        torch.testing.assert_close(load_model(out)(torch.tensor([MERGE_TOKENS]))[0], plugged, atol=1e-4, rtol=0)
+
+
+def test_merge_hf_is_rwkv7_hf_conversion_that_transformers_loads(merge_env, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.tokenizer import load_tokenizer
+
+    d, base, adapter, plugged = merge_env
+    monkeypatch.setenv("HF_HOME", str(d / "hf-home"))  # transformers copies remote code into its modules cache
+    out = d / "merged-hf"
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--format",
+                     "hf"]) == 0
+    assert "rwkv7-hf" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "rwkv7" and config["architectures"] == ["RWKV7ForCausalLM"]
+    assert (out / "modeling_rwkv7.py").is_file() and (out / "rwkv_vocab_v20230424.txt").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".pth"]
+    assert not [p.name for p in d.iterdir() if p.name.startswith(".")]  # no temporary left beside it
+    model = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([MERGE_TOKENS])).logits[0].float()
+    torch.testing.assert_close(logits, plugged, atol=1e-4, rtol=0)
+    text = "User: How do bees make honey?\n\nAssistant:"
+    tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    assert tok(text)["input_ids"] == load_tokenizer("world").encode(text)
+
