@@ -201,3 +201,35 @@ def test_merge_hf_is_rwkv7_hf_conversion_that_transformers_loads(merge_env, monk
     tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
     assert tok(text)["input_ids"] == load_tokenizer("world").encode(text)
 
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# chat
+
+
+def test_chat_on_v7_world_model_uses_world_format_and_keeps_state(merge_env, monkeypatch, capsys):
+    """No --format, no --tokenizer: a World-vocabulary RWKV-7 (every G1 / World v3 model) chats as
+    `User: ...\n\nAssistant:`, and the second turn starts from the state the first turn left: the first prompt, then
+    the reply in canonical form (its text re-encoded, then "\n\n"), as generate.py's chat documents."""
+    from finetune.generate import generate_text
+    from finetune.tokenizer import load_tokenizer
+
+    _, base, adapter, _ = merge_env
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi there\nwhat is a bee?\n"))
+    assert cli.main(["chat", "--model", str(base), "--adapter", str(adapter), "--temperature", "0",
+                     "--max-tokens", "8"]) == 0
+    turns = [t for t in capsys.readouterr().out.split("\n\n") if t]
+    assert len(turns) == 2 and all(t.startswith("Assistant:") for t in turns), turns
+    model, tok = load_model(base, adapters=[adapter]), load_tokenizer("world")
+    stop = ["\n\n", "\nUser:"]
+    first, _, prompt_state = generate_text(model, tok, "User: hi there\n\nAssistant:", max_tokens=8, temperature=0,
+                                           stop=stop)
+    assert "Assistant:" + first == turns[0]
+    _, state = model.prefill(tok.encode(first.rstrip() + "\n\n"), prompt_state)
+    second = "User: what is a bee?\n\nAssistant:"
+    text, _, _ = generate_text(model, tok, second, max_tokens=8, temperature=0, stop=stop, state=state)
+    assert "Assistant:" + text == turns[1]
+    # the carried state matters: from a fresh state the second prompt leads elsewhere (so a reset would be caught)
+    carried, _ = model.prefill(tok.encode(second), state)
+    fresh, _ = model.prefill(tok.encode(second))
+    assert (carried - fresh).abs().max() > 1e-2
