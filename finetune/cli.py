@@ -21,6 +21,7 @@ COMMANDS = [
     "finetune.train.command",  # train
     "finetune.merge",  # merge, pack, import-lora, export-lora
     "finetune.generate",  # generate, chat
+    "finetune.state_files",  # export-state, import-state
 ]
 
 # what a shell reports for a program killed by SIGPIPE (`yes | head`): the reader went away, nothing is wrong

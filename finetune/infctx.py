@@ -50,12 +50,17 @@ class StateTune(nn.Module):
     The WKV part comes from the family's `state_tune` module when it has one (RWKV-4 learns a positive-weight
     "virtual prefix", see `finetune.models.rwkv4.PrefixWKV`), else it is the WKV state itself as a parameter
     (RWKV-5/6/7: one N x N matrix per head), starting at zero, i.e. exactly the base model's start.
-    `train_shifts=False` keeps the token shifts at zero.
+    `train_shifts=False` keeps the token shifts at zero. By default (None) they are learned only by families without
+    a state-file format: a family whose states travel as RWKV-Runner / RWKV-PEFT `time_state` files (which hold the
+    WKV state alone) learns only the WKV state, as RWKV-PEFT does, so every such adapter exports without loss
+    (`finetune.state_files`). The shifts are 2 x L x C numbers against L x H x N x N: little is given up.
     """
 
-    def __init__(self, model: nn.Module, train_shifts: bool = True) -> None:
+    def __init__(self, model: nn.Module, train_shifts: bool | None = None) -> None:
         super().__init__()
         family = family_for(model)
+        if train_shifts is None:
+            train_shifts = family.time_state_transposed is None
         template = model.zero_state(1, "cpu")
         L, C = template.att_shift.shape[1:]
         self.att_shift = nn.Parameter(torch.zeros(L, C), requires_grad=train_shifts)

@@ -192,7 +192,14 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
         if out.exists() and not out.is_dir():
             raise FinetuneError(f"{out}: exists and is not a directory (the hf format writes a directory)")
         with atomic_dir(out) as tmp:
-            write_hf_dir(tmp, b, plan, produce, tokenizer, log)
+            if b.family.name == "rwkv7":  # transformers has no RWKV-7 of its own: rwkv7-hf's converter writes it
+                from finetune.hf7 import write_rwkv7_hf_dir
+
+                main_dtype = collections.Counter(d for k, _, d in plan if k.endswith(".weight")).most_common(1)[0][0]
+                write_rwkv7_hf_dir(tmp, lambda pth: write_pth_streaming(pth, plan, produce), main_dtype,
+                                   b.config.vocab_size, out, log)
+            else:
+                write_hf_dir(tmp, b, plan, produce, tokenizer, log)
     summary = {"out": str(out), "format": fmt, "tensors_changed": len(todo), "tensors": len(plan),
                "dtype": str(out_dtype or "as base").replace("torch.", ""), "seconds": time.perf_counter() - t0,
                "adapters": [(str(a.path), w) for a, w in loaded]}

@@ -69,15 +69,19 @@ def random_rwkv7_state_dict(n_layer: int, n_embd: int, vocab: int, head_size: in
 
 
 def rwkv_package_v7(jobs: list[tuple[dict[str, torch.Tensor], list[int]]], workdir: Path,
-                    timeout: float = 600) -> list[dict]:
+                    timeout: float = 600, states: list[list[torch.Tensor] | None] | None = None) -> list[dict]:
     """Run BlinkDL's `rwkv` package (RWKV_V7_ON=1, cpu fp32) on each (state dict, tokens) in one subprocess.
-    Returns [{"logits": [T, V], "state": [3 * L tensors]}] in order. Each state dict is written as an fp32 copy."""
+    Returns [{"logits": [T, V], "state": [3 * L tensors]}] in order. Each state dict is written as an fp32 copy.
+    `states`: per job, the package's state list to start from (None: its zero state)."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec = []
     for n, (sd, tokens) in enumerate(jobs):
         path = workdir / f"oracle-{n}.pth"
         torch.save({k: v.float() for k, v in sd.items()}, path)
         spec.append({"model": str(path)[: -len(".pth")], "tokens": list(tokens), "out": str(workdir / f"out-{n}.pt")})
+        if states is not None and states[n] is not None:
+            torch.save([t.float() for t in states[n]], workdir / f"state-{n}.pt")
+            spec[-1]["state"] = str(workdir / f"state-{n}.pt")
     jobs_path = workdir / "jobs.json"
     jobs_path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: a second thread only waits at barriers

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),                                            # model families and the registry
     ("checkpoint", "tokenizer", "binidx"),                  # checkpoint files, tokenizers, token files
     ("adapter_format", "adapters", "plugin", "data", "infctx", "quant", "state_files"),  # adapters, data, state
-    ("merge", "generate", "prepare", "train", "lora", "config", "distributed", "serve"),  # the jobs
+    ("merge", "hf7", "generate", "prepare", "train", "lora", "config", "distributed", "serve"),  # the jobs
     ("cli", "checkpoint_cli", "__init__"),                  # the command line and the package's front door
 ]
 

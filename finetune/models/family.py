@@ -170,3 +170,8 @@ class Family:
     state_tune: Callable[[Any], nn.Module] | None = None
     """config -> a module whose forward() gives the trainable unbatched WKV start state [L, ...] for state tuning;
     None: the WKV state itself is the parameter (starting from the empty state)."""
+    time_state_transposed: bool | None = None
+    """How this family's WKV state travels in the state files RWKV-Runner and RWKV-PEFT share (one
+    `blocks.i.att.time_state` [H, N, N] per layer; see `finetune.state_files`): False = the file holds layer i's
+    `RNNState.wkv[0, i]` as it is (RWKV-7); True = with its last two axes swapped (RWKV-5/6, whose `rwkv` package
+    state is the transpose of the files'); None = the family has no such files (RWKV-4: no matrix per head)."""

@@ -495,4 +495,5 @@ FAMILY = Family(
                  "head": lambda n: n == "head.weight"},
     fp32_params=FP32_PARAMS,
     describe=describe,
+    time_state_transposed=False,  # the files hold the package's v7 state as it is (RWKV-Runner: no transpose for v7)
 )
