@@ -380,7 +380,7 @@ def _device_count(devices) -> int:
 
 def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     """Check all inputs and build model and data. Raises FinetuneError (one line) before any training."""
-    from finetune.checkpoint import build_from_state_dict, fingerprint, read_state_dict
+    from finetune.checkpoint import fingerprint, read_state_dict
     from finetune.models import detect
 
     if not cfg.model:
@@ -428,7 +428,8 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     meta_tok = _data_tokenizer(corpus_meta(train_corpus))
     base_info = {"fingerprint": fingerprint(sd), "n_layer": mcfg.n_layer, "n_embd": mcfg.n_embd,
                  "vocab_size": mcfg.vocab_size, "dim_ffn": mcfg.dim_ffn, "path": str(cfg.model)}
-    meta = {"family": family.name, "base": base_info, "tokenizer": cfg.tokenizer or meta_tok, "r": cfg.lora.r, "alpha": cfg.lora.alpha,
+    meta = {"family": family.name, "base": base_info, "base_quant": cfg.base_quant,
+            "tokenizer": cfg.tokenizer or meta_tok, "r": cfg.lora.r, "alpha": cfg.lora.alpha,
             "dropout": cfg.lora.dropout, "parts": list(cfg.lora.parts), "train": list(cfg.lora.train),
             "recipe": cfg.to_dict()}
     if cfg.tokenizer is None and meta_tok is None and not quiet:
@@ -436,9 +437,12 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
               file=sys.stderr)
 
     torch.manual_seed(cfg.seed)
-    base = build_from_state_dict(sd, cfg.model)
+    from finetune.quant import build_model
+
+    # cast (and for base_quant int8/nf4, quantize) tensor by tensor while building: peak ~ the model as held
+    base = build_model(sd, cfg.model, dtype=torch.float32 if cfg.method == "full" else
+                       base_precision_dtype(cfg.precision), quant=cfg.base_quant)
     del sd
-    base.cast(torch.float32 if cfg.method == "full" else base_precision_dtype(cfg.precision))
     base.gradient_checkpointing = cfg.grad_checkpoint
     tune = None
     if cfg.train_type == "state":
