@@ -177,7 +177,7 @@ def _assign(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
 # data reads back from it on the next access. It is only ever called on ranges of the checkpoint file's own mapping
 # (found in /proc/self/maps), never on anonymous memory (where it would zero the data).
 _MADV_DONTNEED = 4
-_CHUNK_BYTES = 32 << 20  # copy (and release) big tensors 32 MiB at a time
+_CHUNK_BYTES = 16 << 20  # copy (and release) big tensors 16 MiB at a time
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 if _libc is not None:
     _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

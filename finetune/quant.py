@@ -41,19 +41,21 @@ NF4_SCALER_BLOCK = 256
 
 
 class _DropNoise(logging.Filter):
-    """Drops two known import-time log lines of torchao on CPU builds of torch (which peft and transformers import
-    whenever it is installed): the CUDA-only extensions it cannot load, and a torch deprecation note about its enums.
-    Both are expected on a CPU and say nothing about the paths used here; every other record passes."""
+    """Drops known import-time log lines of torchao on CPU builds of torch (peft and transformers import it whenever
+    it is installed): the CUDA-only extensions it cannot load, its note that Triton (a GPU compiler) is absent, and a
+    torch deprecation note about its enums. They are expected on a CPU and say nothing about the paths used here;
+    every other record passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
         return not (("Could not load this library" in msg and "torchao" in msg)
+                    or "Detected no triton" in msg
                     or "Calling register_constant() on Enum subclasses is deprecated" in msg)
 
 
 # attached when this module is imported (finetune.adapters imports it before anything imports peft)
-logging.getLogger("torchao").addFilter(_DropNoise())
-logging.getLogger("torch.utils._pytree").addFilter(_DropNoise())
+for _name in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree"):  # filters do not reach child loggers
+    logging.getLogger(_name).addFilter(_DropNoise())
 
 
 def _torchao():
@@ -139,11 +141,27 @@ def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     return torch.bfloat16 if fast_bf16(device) else torch.float32
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a quantized product runs in: autocast's when it is on (bf16-mixed training), else the input's."""
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear would return for `x`: autocast's when it is on (bf16-mixed training), else x's."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a quantized product is dequantized to and multiplied in: the output dtype, except bf16 on a CPU
+    without native bf16, where fp32 is used instead (emulated bf16 matmuls run several times slower than fp32 there,
+    and the weights are int8/nf4 either way, so nothing is held in fp32). Said once, in a warning."""
+    dtype = output_dtype(x)
+    if dtype == torch.bfloat16 and x.device.type == "cpu" and not fast_bf16(x.device):
+        _warn_once("bf16", "this CPU has no native bf16 instructions (bf16 matmuls are emulated and several times "
+                           "slower than fp32 here): quantized layers dequantize to fp32 and multiply in fp32; the "
+                           "weights stay quantized")
+        return torch.float32
+    if dtype == torch.float32 and fast_bf16(x.device):
+        _warn_once("fp32", "quantized layers dequantize to fp32 and multiply in fp32 (fp32 input, autocast off); "
+                           "bf16 is faster on this machine: precision bf16-mixed (training) or --dtype bf16")
+    return dtype
 
 
 _warned: set[str] = set()
@@ -152,19 +170,7 @@ _warned: set[str] = set()
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, stacklevel=3)
-
-
-def _check_speed(dtype: torch.dtype, device: torch.device) -> None:
-    """Say once when the quantized path runs in a dtype that is slow on this machine (it never changes the dtype
-    silently: the caller chose it)."""
-    if dtype == torch.float32 and fast_bf16(device):
-        _warn_once("fp32", "quantized layers dequantize to fp32 and multiply in fp32 (fp32 input, autocast off); "
-                           "bf16 is faster on this machine: precision bf16-mixed (training) or --dtype bf16")
-    elif dtype == torch.bfloat16 and device.type == "cpu" and not fast_bf16(device):
-        _warn_once("bf16", "quantized layers multiply in bf16, which this CPU has no native instructions for "
-                           "(slower than fp32 here); precision 32 (training) or --dtype fp32 is faster; the weights "
-                           "stay quantized either way")
+        warnings.warn(message, stacklevel=4)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -182,11 +188,13 @@ def _int8_mm(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch
 
 
 class _DequantLinear(torch.autograd.Function):
-    """y = x W^T + b with W quantized: dequantized for the product and dropped; the backward pass dequantizes again
-    (only the quantized weight is kept between the passes). W is frozen: no gradient for it."""
+    """y = x W^T + b with W quantized: dequantized (to `dtype`) for the product and dropped; the backward pass
+    dequantizes again, so only the quantized weight is kept between the passes. W is frozen: no gradient for it.
+    y comes out in `out_dtype` (what F.linear would give), the input gradient in x's dtype."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                out_dtype: torch.dtype):
         ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
         ctx.has_bias = bias is not None
         with torch.autocast(x.device.type, enabled=False):
@@ -195,24 +203,24 @@ class _DequantLinear(torch.autograd.Function):
                 y = F.linear(x.to(dtype), dequantize(weight, dtype))
             if bias is not None:
                 y = y + bias.to(dtype)
-        return y
+        return y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        gx = gb = None
         with torch.autocast(grad.device.type, enabled=False):
-            w = dequantize(ctx.weight, ctx.dtype)
-            gx = (grad.to(ctx.dtype) @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, None, gb, None
+            if ctx.needs_input_grad[0]:
+                gx = (grad.to(ctx.dtype) @ dequantize(ctx.weight, ctx.dtype)).to(ctx.x_dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return gx, None, gb, None, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear that also takes a quantized weight (dequantized on the fly, see `_DequantLinear`)."""
     if not is_quantized(weight):
         return F.linear(x, weight, bias)
-    dtype = compute_dtype(x)
-    _check_speed(dtype, x.device)
-    return _DequantLinear.apply(x, weight, bias, dtype)
+    return _DequantLinear.apply(x, weight, bias, compute_dtype(x), output_dtype(x))
 
 
 class QuantLinear(nn.Linear):
@@ -260,6 +268,10 @@ def build_model(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory
     be held, plus one tensor. quant none gives the plain model (still cast tensor by tensor)."""
     mode = check_mode(quant, "quant")
     dtype = default_dtype("cpu") if dtype is None else parse_dtype(dtype)
+    if mode == "none" and dtype == torch.bfloat16 and not torch.cuda.is_available() and not fast_bf16("cpu"):
+        _warn_once("bf16-base", "bf16 weights on a CPU without native bf16 instructions: bf16 matmuls are emulated "
+                                "here and several times slower than fp32 (precision 32 is faster but holds twice "
+                                "the memory; base_quant int8/nf4 holds less and multiplies in fp32 here)")
     if mode == "none":
         model = checkpoint.build_from_state_dict(state_dict, path, dtype=dtype)
     else:
