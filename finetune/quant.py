@@ -14,8 +14,9 @@ token-shift mixes, decays) keeps the model dtype; LoRA weights and tensors train
            block scales themselves quantized to int8 in groups of 256 ("double quantization")
 
 The forward and backward passes dequantize the weight to the compute dtype (`compute_dtype`), multiply, and let it
-go: the backward pass keeps only the quantized weight, not a dequantized copy. On the CPU, int8 forward passes use
-PyTorch's int8-weight matmul kernel (no dequantized copy at all).
+go: the backward pass keeps only the quantized weight, not a dequantized copy. (PyTorch's `_weight_int8pack_mm` CPU
+kernel was measured and left out: on an AVX2 CPU it is 30x slower than converting q and using fp32 matmul at 1024
+tokens, and no faster for one token.)
 
 peft finds a `QuantLinear` by its name as it finds any `nn.Linear` (it is one), and wraps it; the plug-in
 `LoRALinear` of `finetune.adapters` computes its base product through `linear` here.
@@ -177,16 +178,6 @@ def _warn_once(key: str, message: str) -> None:
 # The quantized linear layer
 
 
-def _int8_mm(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """x @ W^T with PyTorch's CPU int8-weight kernel (q stays int8, the row scales applied to the product), or None
-    where that kernel does not apply."""
-    if x.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return None
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
-    y = torch._weight_int8pack_mm(x2, weight.qdata, weight.scale.reshape(-1).to(dtype))
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
 class _DequantLinear(torch.autograd.Function):
     """y = x W^T + b with W quantized: dequantized (to `dtype`) for the product and dropped; the backward pass
     dequantizes again, so only the quantized weight is kept between the passes. W is frozen: no gradient for it.
@@ -198,8 +189,10 @@ class _DequantLinear(torch.autograd.Function):
         ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
         ctx.has_bias = bias is not None
         with torch.autocast(x.device.type, enabled=False):
-            y = _int8_mm(x, weight, dtype) if quant_mode(weight) == "int8" else None
-            if y is None:
+            if quant_mode(weight) == "int8":
+                # torchao's own weight-only product: (x q^T) * s, the int8 matrix converted but never rescaled
+                y = F.linear(x.to(dtype), weight)
+            else:
                 y = F.linear(x.to(dtype), dequantize(weight, dtype))
             if bias is not None:
                 y = y + bias.to(dtype)
