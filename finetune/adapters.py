@@ -21,6 +21,7 @@ Merging and plug-in read `rwkv_lora.json` and never ask the user for alpha.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -32,6 +33,7 @@ from finetune import checkpoint
 from finetune.atomic import atomic_dir, atomic_file
 from finetune.errors import FinetuneError
 from finetune.models import RNNState, family_for
+from finetune.quant import linear as quant_linear, load_model as load_quantized
 
 ADAPTER_META = "rwkv_lora.json"
 TRAINED_TENSORS = "trained_tensors.safetensors"
@@ -102,7 +104,9 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
     if parts and r > 0:
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(parts),
                             use_rslora=use_rslora, init_lora_weights=init_lora_weights, bias="none")
-        peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft's note on torchao weights is about peft's own merge, never used here
+            warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
+            peft_model = get_peft_model(model, config)
     else:
         raise FinetuneError("LoRA needs r > 0 and at least one part (att, ffn)")
     base = unwrap(peft_model)
@@ -542,7 +546,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = B if self.lora_B is None else torch.cat([self.lora_B, B], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight, self.bias)
+        y = quant_linear(x, self.weight, self.bias)  # F.linear, or dequantize-and-multiply for a quantized base
         if self.lora_A is not None:
             y = y + nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
         return y
@@ -603,10 +607,14 @@ def attach_adapters(model: nn.Module, adapters: Iterable, force: bool = False) -
 
 
 def load_model(path: str | Path, adapters: Iterable = (), dtype: torch.dtype | str | None = None,
-               device: str | torch.device = "cpu", force: bool = False) -> nn.Module:
+               device: str | torch.device = "cpu", force: bool = False, quant: str = "none") -> nn.Module:
     """Load a BlinkDL RWKV checkpoint with adapters plugged in unmerged (see `attach_adapters`), in eval mode.
 
-    `adapters`: adapter directories or packed `.safetensors` files, or (path, weight) pairs.
+    `adapters`: adapter directories or packed `.safetensors` files, or (path, weight) pairs. `quant` int8 / nf4
+    holds the block projections quantized (see `finetune.quant`).
     """
-    model = checkpoint.load_model(path, dtype=dtype, device=device)
+    if quant != "none":
+        model = load_quantized(path, dtype=dtype, quant=quant, device=device)
+    else:
+        model = checkpoint.load_model(path, dtype=dtype, device=device)
     return attach_adapters(model, adapters, force=force) if adapters else model

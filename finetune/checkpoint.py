@@ -7,8 +7,13 @@ safetensors, and written back in the same layout: never after an inference loade
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import mmap
+import os
+import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,10 +29,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FinetuneError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         try:
-            sd = load_file(str(path))
+            # tensor by tensor from safetensors' memory map (torch owns the mapping): nothing is read until used
+            with safe_open(str(path), framework="pt") as f:
+                sd = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             raise FinetuneError(f"{path}: cannot read safetensors file ({first_line(e)})") from None
     else:
@@ -122,20 +129,105 @@ def check_keys(sd: dict[str, torch.Tensor], family: Family, config, path: str | 
             raise FinetuneError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {shape}")
 
 
-def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory>") -> torch.nn.Module:
-    """The model of the checkpoint's family whose parameters are the checkpoint's tensors (no copy, no random init:
-    built on the meta device). Keys and shapes are checked first."""
+def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory>",
+                          dtype: torch.dtype | None = None,
+                          convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> torch.nn.Module:
+    """The model of the checkpoint's family whose parameters are the checkpoint's tensors (built on the meta device:
+    no random init). Keys and shapes are checked first.
+
+    dtype None (and no `convert`): the tensors are used as they are (no copy; memory-mapped where the file was), the
+    family's fp32 parameters cast to fp32. With `dtype`, every tensor but the family's fp32 parameters is converted
+    to it one tensor at a time while the model is built, then `convert(name, tensor)` (e.g. quantization) is applied
+    to it; pages of `path`'s memory map are released as they are copied, so the peak memory stays near the model as
+    it will be held instead of file + model (a tensor that lives in that map reads back from the file if used again).
+    """
     family = detect(state_dict, path)
     config = family.config_from_state_dict(state_dict, path)
     check_keys(state_dict, family, config, path)
     with torch.device("meta"):
         model = family.model_class(config)
-    model.load_state_dict(state_dict, strict=True, assign=True)
     model.checkpoint_dtypes = {k: v.dtype for k, v in state_dict.items()}
-    for name, p in model.named_parameters():  # decays always in fp32 (exact: bf16/fp16 -> fp32 loses nothing)
-        if name.endswith(family.fp32_params) and p.dtype != torch.float32:
-            p.data = p.data.float()
+    if dtype is None and convert is None:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        for name, p in model.named_parameters():  # decays always in fp32 (exact: bf16/fp16 -> fp32 loses nothing)
+            if name.endswith(family.fp32_params) and p.dtype != torch.float32:
+                p.data = p.data.float()
+        return model
+    mapped = _mapped_ranges(path)
+    for name, src in state_dict.items():
+        target = torch.float32 if name.endswith(family.fp32_params) else (dtype or src.dtype)
+        t = _copy_releasing(src, target, mapped)
+        if convert is not None:
+            t = convert(name, t)
+        _assign(model, name, t)
     return model
+
+
+def _assign(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
+    """Put `t` in the model as the parameter (or buffer) `name`, keeping its requires_grad flag."""
+    prefix, _, leaf = name.rpartition(".")
+    module = model.get_submodule(prefix)
+    if leaf in module._parameters:
+        module._parameters[leaf] = torch.nn.Parameter(t, requires_grad=module._parameters[leaf].requires_grad)
+    else:
+        module._buffers[leaf] = t
+
+
+# Copy a checkpoint tensor while dropping the file pages it came from. Pages of a memory-mapped file count in the
+# process's resident memory once touched; without this, loading an fp16 file into a bf16 model peaks at file + model.
+# madvise(MADV_DONTNEED) on a private file mapping only forgets our copy of the pages: the file is untouched and the
+# data reads back from it on the next access. It is only ever called on ranges of the checkpoint file's own mapping
+# (found in /proc/self/maps), never on anonymous memory (where it would zero the data).
+_MADV_DONTNEED = 4
+_CHUNK_BYTES = 16 << 20  # copy (and release) big tensors 16 MiB at a time
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+if _libc is not None:
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def _mapped_ranges(path: str | Path) -> list[tuple[int, int]]:
+    """Address ranges [start, end) where this process maps the file `path` (Linux); [] elsewhere."""
+    if _libc is None or not Path(path).is_file():
+        return []
+    real = os.path.realpath(path)
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == real:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:
+        return []
+    return ranges
+
+
+def _release(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Drop this process's copy of the pages under `t` when they belong to the checkpoint's mapping."""
+    if not mapped or t.numel() == 0:
+        return
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    page = mmap.PAGESIZE
+    for start, end in mapped:
+        if start <= lo and hi <= end:
+            a, b = max(start, lo // page * page), min(end, -(-hi // page) * page)
+            _libc.madvise(a, b - a, _MADV_DONTNEED)
+            return
+
+
+def _copy_releasing(src: torch.Tensor, dtype: torch.dtype, mapped: list[tuple[int, int]]) -> torch.Tensor:
+    """A new tensor (own memory) holding `src` in `dtype`, copied in row chunks whose file pages are released."""
+    dst = torch.empty(src.shape, dtype=dtype)
+    if src.dim() == 0 or not src.is_contiguous():
+        dst.copy_(src)
+        _release(src, mapped)
+        return dst
+    rows = max(1, _CHUNK_BYTES // max(1, src[0].numel() * src.element_size()))
+    for i in range(0, src.shape[0], rows):
+        dst[i:i + rows].copy_(src[i:i + rows])
+        _release(src[i:i + rows], mapped)
+    return dst
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
@@ -143,10 +235,11 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
     """Load a BlinkDL RWKV checkpoint (`.pth` or `.safetensors`) of any supported generation, in eval mode.
 
     Every dimension comes from the tensors themselves. `dtype=None` keeps each tensor's stored dtype; otherwise
-    everything but the family's fp32 parameters (decays) is cast to it. Adapters are plugged in by
+    everything but the family's fp32 parameters (decays) is converted to it tensor by tensor while loading (peak
+    memory about the model's size, not file + model). Adapters are plugged in by
     `finetune.adapters.attach_adapters` (or `finetune.load_model(path, adapters=[...])`).
     """
-    model = build_from_state_dict(read_state_dict(path), path)
-    if dtype is not None:
-        model.cast(parse_dtype(dtype))
+    sd = read_state_dict(path)
+    model = build_from_state_dict(sd, path, dtype=None if dtype is None else parse_dtype(dtype))
+    model.base_fingerprint = fingerprint(sd)  # from the file's own tensors (a few probes read), whatever the dtype
     return model.to(device).eval()

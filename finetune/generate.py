@@ -154,10 +154,12 @@ def resolve_tokenizer(arg: str | None, adapters: Sequence, vocab_size: int):
 
 
 def load_for_generation(args: argparse.Namespace):
-    from finetune.adapters import attach_adapters
-    from finetune.checkpoint import load_model
+    from finetune.adapters import attach_adapters, load_model
+    from finetune.quant import default_dtype
 
-    model = load_model(args.model, dtype=args.dtype)
+    # auto: bf16 where this machine multiplies bf16 natively, else fp32 (bf16 is emulated, and slower, on AVX2 CPUs)
+    dtype = default_dtype("cpu") if args.dtype == "auto" else args.dtype
+    model = load_model(args.model, dtype=dtype, quant=args.quant)
     if args.adapter:
         attach_adapters(model, args.adapter, force=args.force)
     tok = resolve_tokenizer(args.tokenizer, args.adapter or [], model.config.vocab_size)
@@ -189,7 +191,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--presence-penalty", type=float, default=0.0, help="ChatRWKV alpha_presence")
         p.add_argument("--frequency-penalty", type=float, default=0.0, help="ChatRWKV alpha_frequency")
         p.add_argument("--seed", type=int)
-        p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="compute dtype (fp32)")
+        p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                       help="compute dtype; auto: bf16 where the CPU has native bf16 (AVX-512/AMX), else fp32")
+        p.add_argument("--quant", choices=["none", "int8", "nf4"], default="none",
+                       help="hold the block projections quantized (int8: ~1/2 of bf16, nf4: ~1/4); needs torchao")
         p.add_argument("--force", action="store_true", help="plug in adapters made for another base")
 
     p = sub.add_parser("generate", help="generate text (RNN mode), with adapters plugged in",

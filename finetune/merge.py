@@ -28,6 +28,7 @@ import os
 import pickle
 import shutil
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -143,6 +144,17 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
             raise FinetuneError(f"adapter {a.path}: a state adapter is a start state, not a weight change; it cannot "
                                 f"be merged (plug it in with --adapter when generating)")
         check_adapter(a, b.shapes, b.fingerprint, force=force, base_name=str(b.path))
+        quantized = a.meta.get("base_quant") or (a.meta.get("recipe") or {}).get("base_quant") or "none"
+        if quantized != "none":
+            # the usual QLoRA practice: merge into the full-precision base; the adapter learned around the
+            # quantized weights, so its fit to them is not what the merged model computes
+            note = (f"adapter {a.path} was trained on a {quantized}-quantized base; it is merged into the "
+                    f"full-precision {b.path.name}, so the quantization error it was trained against is not in the "
+                    f"merged model (outputs can differ slightly from the quantized training run)")
+            if log is not None:
+                log(f"warning: {note}")
+            else:
+                warnings.warn(note, stacklevel=2)
     if out.resolve() == b.path.resolve():
         raise FinetuneError(f"{out}: the output would overwrite the base checkpoint")
     out_dtype = parse_dtype(dtype) if dtype is not None else None

@@ -28,6 +28,7 @@ LOGGERS = ("csv", "wandb", "none")
 METHODS = ("lora", "full")
 SAMPLINGS = ("random", "magic_prime")
 TRAIN_TYPES = ("window", "infctx", "state")
+BASE_QUANTS = ("none", "int8", "nf4")
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_2",
               "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload")
 
@@ -102,6 +103,11 @@ class TrainConfig:
     precision: str = "bf16-mixed"
     """`32` (fp32), `bf16-mixed` or `16-mixed`, passed to Lightning. The frozen base is held in fp32
     for `32`, else in bf16 (fp16 for 16-mixed); trained tensors are always fp32."""
+    base_quant: str = "none"
+    """Hold the frozen base's block projections quantized (QLoRA): `none`, `int8` (per-row int8, about half of
+    bf16) or `nf4` (4-bit NormalFloat, about a quarter), dequantized on the fly in the forward and backward passes;
+    LoRA and the tensors trained in full stay fp32, emb/head/norms keep the base dtype. Needs torchao
+    (`pip install 'rwkv-lora[quant]'`); method lora or train_type state on one device."""
     grad_checkpoint: bool = False
     """Recompute each block in the backward pass: far less activation memory, about 30% slower."""
     seed: int = 42
@@ -345,6 +351,16 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     _require(cfg.sampling in SAMPLINGS, f"sampling: {cfg.sampling!r} is not one of {', '.join(SAMPLINGS)}")
     _require(isinstance(cfg.resume, bool), f"resume: must be true or false, got {cfg.resume!r}")
     _require(isinstance(cfg.grad_checkpoint, bool), "grad_checkpoint: must be true or false")
+    cfg.base_quant = "none" if cfg.base_quant in (None, False) else str(cfg.base_quant)
+    _require(cfg.base_quant in BASE_QUANTS, f"base_quant: {cfg.base_quant!r} is not one of {', '.join(BASE_QUANTS)}")
+    if cfg.base_quant != "none":
+        _require(cfg.method == "lora", "base_quant: a quantized base is frozen; method full trains every weight "
+                                       "(use base_quant none)")
+        _require(cfg.lora.init != "pissa" or cfg.train_type == "state",
+                 "base_quant: lora.init pissa rewrites the base weights, which a quantized base cannot hold; use "
+                 "lora.init default or base_quant none")
+        _require(cfg.strategy == "auto" and cfg.num_nodes == 1 and cfg.devices in (1, [0], "1"),
+                 "base_quant: quantized bases are supported on one device (strategy auto, devices 1, num_nodes 1)")
     lo = cfg.lora
     _require_int("lora.r", lo.r, minimum=1)
     lo.alpha = _require_real("lora.alpha", lo.alpha, minimum=0.0, inclusive=False)

@@ -27,11 +27,12 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from finetune.adapters import add_lora, unwrap
 from finetune.atomic import atomic_file, remove_stale_temps
-from finetune.checkpoint import build_from_state_dict, fingerprint, read_state_dict
+from finetune.checkpoint import fingerprint, read_state_dict
 from finetune.data import Corpus, WindowDataset, open_corpus
 from finetune.errors import FinetuneError, first_line
 from finetune.infctx import StateTune, StateTuned
 from finetune.models import detect
+from finetune.quant import build_model
 from finetune.tokenizer import load_tokenizer
 from finetune.train.batches import StepBatchSampler
 from finetune.train.callbacks import ProgressBar, RunCallback
@@ -155,7 +156,8 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
         meta = {"family": family.name, "base": base_info, "tokenizer": cfg.tokenizer or meta_tok, "kind": "state",
                 "recipe": cfg.to_dict()}
     else:
-        meta = {"family": family.name, "base": base_info, "tokenizer": cfg.tokenizer or meta_tok, "r": cfg.lora.r,
+        meta = {"family": family.name, "base": base_info, "base_quant": cfg.base_quant,
+                "tokenizer": cfg.tokenizer or meta_tok, "r": cfg.lora.r,
                 "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout, "parts": list(cfg.lora.parts),
                 "train": list(cfg.lora.train), "recipe": cfg.to_dict()}
         if cfg.method == "full":
@@ -165,9 +167,10 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
               file=sys.stderr)
 
     torch.manual_seed(cfg.seed)
-    base = build_from_state_dict(sd, cfg.model)
+    # cast (and for base_quant int8/nf4, quantize) tensor by tensor while building: peak ~ the model as held
+    base = build_model(sd, cfg.model, dtype=torch.float32 if cfg.method == "full" else
+                       base_precision_dtype(cfg.precision), quant=cfg.base_quant)
     del sd
-    base.cast(torch.float32 if cfg.method == "full" else base_precision_dtype(cfg.precision))
     base.gradient_checkpointing = cfg.grad_checkpoint
     model, base, tune = _build_model(cfg, base)
     model.train()
