@@ -23,7 +23,7 @@ from conftest import random_rwkv4_state_dict, write_checkpoint
 from finetune import cli, quant
 from finetune.adapters import LoRALinear, add_lora, attach_adapters, read_adapter, unwrap
 from finetune.checkpoint import load_model as load_plain
-from finetune.config import load_config
+from finetune.train.config import load_config
 from finetune.errors import FinetuneError
 from finetune.merge import merge_adapters
 
@@ -193,7 +193,7 @@ def runs(base, tmp_path_factory):
                                  "micro_bsz": 4, "max_steps": STEPS, "lr": 1e-2, "lr_final": 1e-3, "seed": 3,
                                  "precision": "bf16-mixed", "logger": "none", "lora.r": 4, "lora.alpha": 8,
                                  "base_quant": mode, "grad_checkpoint": True})
-        from finetune.lora import main
+        from finetune.train.main import main
 
         res = main(cfg, quiet=True)
         out[mode] = ([res["losses"][s] for s in sorted(res["losses"])], Path(res["final"]))

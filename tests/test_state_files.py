@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from conftest import random_rwkv4_state_dict, write_checkpoint
-from finetune import cli, load_model, lora
+from finetune import cli, load_model
+from finetune.train import main as train_main
 from finetune.adapters import read_adapter, save_state_adapter
 from finetune.checkpoint import fingerprint
-from finetune.config import load_config
+from finetune.train.config import load_config
 from finetune.models import RNNState, get_family
 from finetune.models.rwkv7 import config_from_state_dict
 from rwkv7_helpers import random_rwkv7_state_dict, rwkv_package_v7
@@ -79,7 +80,7 @@ def trained(env):
     cfg = load_config(None, {"model": str(base), "data": str(data), "out_dir": str(d / "state-run"),
                              "train_type": "state", "ctx_len": 24, "micro_bsz": 4, "max_steps": 30, "lr": 0.05,
                              "lr_final": 0.01, "precision": "32", "seed": 3, "logger": "none"})
-    return lora.main(cfg, quiet=True)
+    return train_main.main(cfg, quiet=True)
 
 
 @pytest.fixture(scope="module")
