@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from finetune import checkpoint
-from finetune.atomic import atomic_dir, atomic_file
+from finetune.atomic import atomic_dir, atomic_file, check_output
 from finetune.errors import FinetuneError
 
 ADAPTER_META = "rwkv_lora.json"
@@ -177,6 +177,14 @@ class Adapter:
         """scaling * B @ A for one adapted module, float32."""
         A, B = self.lora[module]
         return self.scaling * (B @ A)
+
+
+def adapter_files(path: str | Path) -> list[Path]:
+    """The adapter itself and every file it is made of: what a command reading it must never write over."""
+    path = Path(path)
+    if path.is_dir():
+        return [path, *sorted(p for p in path.iterdir() if p.is_file())]
+    return [path]
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -344,12 +352,13 @@ def is_packed(path: str | Path) -> bool:
     return bool(header) and (header.get("__metadata__") or {}).get("format") == FORMAT
 
 
-def pack_adapter(src: str | Path, out: str | Path) -> Path:
-    """Write an adapter (directory or packed file) as one packed `.safetensors` file, atomically."""
+def pack_adapter(src: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Write an adapter (directory or packed file) as one packed `.safetensors` file, atomically. An existing `out`
+    is replaced only with `force`; the adapter's own files never are."""
     from safetensors.torch import save_file
 
+    out = check_output(out, force=force, inputs=adapter_files(src))
     a = read_adapter(src)
-    out = Path(out)
     tensors: dict[str, torch.Tensor] = {}
     for module, (A, B) in sorted(a.lora.items()):
         tensors[f"lora.{module}.A"] = A.contiguous()

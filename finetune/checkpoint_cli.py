@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from finetune.atomic import check_output
 from finetune.errors import FinetuneError
 
 
@@ -21,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="storage dtype (released models are bf16; default fp32)")
     p.add_argument("--out", required=True, help="output .pth (or .safetensors) path")
+    p.add_argument("--force", "--overwrite", action="store_true", dest="force",
+                   help="replace an existing file at --out")
     p.set_defaults(func=run_init)
 
     p = sub.add_parser(
@@ -39,6 +42,7 @@ def run_init(args: argparse.Namespace) -> int:
     for name in ("n_layer", "n_embd", "vocab"):
         if getattr(args, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be a positive integer")
+    check_output(args.out, force=args.force)  # before any work: a base checkpoint is never replaced by accident
     config = RWKVConfig(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab)
     model = init_rwkv_lm_(RWKV(config), seed=args.seed)
     dtype = parse_dtype(args.dtype)

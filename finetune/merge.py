@@ -34,10 +34,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from finetune.atomic import atomic_dir, atomic_file
+from finetune.atomic import atomic_dir, atomic_file, check_output
 from finetune.errors import FinetuneError
 
 FORMATS = ("pth", "safetensors", "hf")
+HF_MARKER = "rwkv_lora_merge.json"  # provenance written into HF output directories; marks them as ours to replace
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
 
@@ -116,16 +117,18 @@ def _first_line(e: BaseException) -> str:
 
 
 def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype: str | torch.dtype | None = None,
-                   fmt: str | None = None, force: bool = False, log: Callable[[str], None] | None = None
-                   ) -> dict[str, Any]:
+                   fmt: str | None = None, force: bool = False, log: Callable[[str], None] | None = None,
+                   overwrite: bool = False) -> dict[str, Any]:
     """Merge adapters (paths, `PATH:W` strings, or (path, weight) pairs) into `base`, writing `out`.
 
     fmt: "pth" (BlinkDL, default unless `out` ends in .safetensors), "safetensors", or "hf" (a Hugging Face
-    RwkvForCausalLM directory). Returns a summary dict (tensors changed, dtype, format, seconds).
+    RwkvForCausalLM directory). `force`: accept adapters made for another base (shapes must still fit); `force` or
+    `overwrite`: replace an existing output (an existing directory only if it is an HF directory merge wrote).
+    Returns a summary dict (tensors changed, dtype, format, seconds).
     """
     import time
 
-    from finetune.adapters import check_adapter, parse_adapter_spec, read_adapter
+    from finetune.adapters import Adapter, adapter_files, check_adapter, parse_adapter_spec, read_adapter
     from finetune.models import parse_dtype
 
     t0 = time.perf_counter()
@@ -135,16 +138,23 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
         raise FinetuneError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
     if not adapters:
         raise FinetuneError("give at least one --adapter")
-    b = LazyBase(base)
     specs = [parse_adapter_spec(s) for s in adapters]
+    # before any work: never write over the base or an adapter (or a directory holding them), replace an existing
+    # output only when asked, and an existing directory only when it is an HF directory this command wrote
+    inputs = [Path(base), *(f for p, _ in specs if not isinstance(p, Adapter) for f in adapter_files(p))]
+    check_output(out, force=force or overwrite, inputs=inputs, marker=HF_MARKER if fmt == "hf" else None,
+                 flag="--overwrite")
+    if fmt == "hf" and out.exists() and not out.is_dir():
+        raise FinetuneError(f"{out}: exists and is not a directory (the hf format writes a directory)")
+    if fmt != "hf" and out.is_dir():
+        raise FinetuneError(f"{out}: is a directory; give a file name for the {fmt} format")
+    b = LazyBase(base)
     loaded = [(read_adapter(p), w) for p, w in specs]
     for a, _ in loaded:
         if a.state is not None:
             raise FinetuneError(f"adapter {a.path}: a state adapter is a start state, not a weight change; it cannot "
                                 f"be merged (plug it in with --adapter when generating)")
         check_adapter(a, b.shapes, b.fingerprint, force=force, base_name=str(b.path))
-    if out.resolve() == b.path.resolve():
-        raise FinetuneError(f"{out}: the output would overwrite the base checkpoint")
     out_dtype = parse_dtype(dtype) if dtype is not None else None
 
     # what happens to each tensor: a list of (kind, adapter, weight)
@@ -189,10 +199,13 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
             write_safetensors_streaming(tmp, plan, produce)
     else:
         tokenizer = next((a.meta.get("tokenizer") for a, _ in loaded if a.meta.get("tokenizer")), None)
-        if out.exists() and not out.is_dir():
-            raise FinetuneError(f"{out}: exists and is not a directory (the hf format writes a directory)")
+        provenance = {"written_by": "rwkv-lora merge", "format": "hf",
+                      "base": {"path": str(b.path), "fingerprint": b.fingerprint},
+                      "adapters": [{"path": str(a.path), "weight": w} for a, w in loaded],
+                      "dtype": str(out_dtype or "as base").replace("torch.", "")}
         with atomic_dir(out) as tmp:
             write_hf_dir(tmp, b, plan, produce, tokenizer, log)
+            (tmp / HF_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
     summary = {"out": str(out), "format": fmt, "tensors_changed": len(todo), "tensors": len(plan),
                "dtype": str(out_dtype or "as base").replace("torch.", ""), "seconds": time.perf_counter() - t0,
                "adapters": [(str(a.path), w) for a, w in loaded]}
@@ -368,12 +381,16 @@ def _lora_key(key: str) -> tuple[str, int] | None:
 
 
 def import_rwkv_lm_lora(file: str | Path, alpha: float, base: str | Path, out: str | Path,
-                        tokenizer: str | None = None, force: bool = False) -> dict[str, Any]:
+                        tokenizer: str | None = None, force: bool = False, overwrite: bool = False
+                        ) -> dict[str, Any]:
     """Convert an RWKV-LM-LoRA checkpoint into our adapter directory. Tensors under base names count as trained in
-    full only when they differ from the base (files that carry the whole frozen base are fine)."""
-    from finetune.adapters import FULL_GROUPS, LORA_PARTS, check_adapter, write_adapter_dir, Adapter
+    full only when they differ from the base (files that carry the whole frozen base are fine). An existing `out` is
+    replaced only with `force` or `overwrite`, and only if it is an adapter directory."""
+    from finetune.adapters import (ADAPTER_META, FULL_GROUPS, LORA_PARTS, Adapter, check_adapter,
+                                   write_adapter_dir)
     from finetune.checkpoint import read_state_dict
 
+    check_output(out, force=force or overwrite, inputs=[file, base], marker=ADAPTER_META, flag="--overwrite")
     if alpha is None or not alpha > 0:
         raise FinetuneError("--alpha must be a positive number (RWKV-LM-LoRA files do not record it)")
     b = LazyBase(base)
@@ -415,11 +432,13 @@ def import_rwkv_lm_lora(file: str | Path, alpha: float, base: str | Path, out: s
     return {"out": str(out), "r": r, "alpha": alpha, "lora_pairs": len(lora), "full": len(full)}
 
 
-def export_rwkv_lm_lora(adapter: str | Path, out: str | Path) -> dict[str, Any]:
+def export_rwkv_lm_lora(adapter: str | Path, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Write an adapter in RWKV-LM-LoRA's layout (`.pth`, fp32). Their merge uses alpha / r, so the alpha to give
-    them is scaling * r (== our alpha unless rsLoRA was used); it is returned and printed."""
-    from finetune.adapters import read_adapter
+    them is scaling * r (== our alpha unless rsLoRA was used); it is returned and printed. An existing `out` is
+    replaced only with `force`."""
+    from finetune.adapters import adapter_files, read_adapter
 
+    check_output(out, force=force, inputs=adapter_files(adapter))
     a = read_adapter(adapter)
     if a.state is not None:
         raise FinetuneError(f"adapter {adapter}: a state adapter has no LoRA weights to export")
@@ -454,7 +473,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, dest="fmt",
                    help="pth (BlinkDL), safetensors, or hf (RwkvForCausalLM directory); default from --out's suffix")
     p.add_argument("--force", action="store_true", help="merge even if an adapter was made for another base "
-                                                        "(fingerprint mismatch; shapes must still fit)")
+                                                        "(fingerprint mismatch; shapes must still fit); also "
+                                                        "replaces an existing output like --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file (or an HF directory that merge wrote; never another one)")
     p.set_defaults(func=run_merge)
 
     p = sub.add_parser("pack", help="pack an adapter directory into one .safetensors file",
@@ -462,6 +484,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "the metadata as JSON strings in the header) for sharing.")
     p.add_argument("adapter", help="adapter directory")
     p.add_argument("--out", required=True, help="output NAME.safetensors")
+    p.add_argument("--force", "--overwrite", action="store_true", dest="force",
+                   help="replace an existing output file (never one of the adapter's own files)")
     p.set_defaults(func=run_pack)
 
     p = sub.add_parser("import-lora", help="import an RWKV-LM-LoRA checkpoint as an adapter",
@@ -473,7 +497,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True, help="the base checkpoint it was trained on")
     p.add_argument("--out", required=True, help="output adapter directory")
     p.add_argument("--tokenizer", help="tokenizer to record (world or a tokenizer.json path)")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="accept a file whose shapes fit the base but that was made "
+                                                        "for another one; also replaces an existing output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing adapter directory at --out")
     p.set_defaults(func=run_import)
 
     p = sub.add_parser("export-lora", help="export an adapter in RWKV-LM-LoRA's .pth layout",
@@ -481,11 +507,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "tensors under checkpoint names). Prints the alpha to give their merge script.")
     p.add_argument("adapter", help="adapter directory or packed .safetensors")
     p.add_argument("--out", required=True, help="output .pth")
+    p.add_argument("--force", "--overwrite", action="store_true", dest="force",
+                   help="replace an existing output file (never one of the adapter's own files)")
     p.set_defaults(func=run_export)
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    s = merge_adapters(args.base, args.adapter, args.out, dtype=args.dtype, fmt=args.fmt, force=args.force, log=print)
+    s = merge_adapters(args.base, args.adapter, args.out, dtype=args.dtype, fmt=args.fmt, force=args.force, log=print,
+                       overwrite=args.overwrite)
     print(f"wrote {s['out']} ({s['format']}, {s['dtype']}): {s['tensors_changed']} of {s['tensors']} tensors changed "
           f"by {len(s['adapters'])} adapter(s) in {s['seconds']:.1f}s")
     return 0
@@ -494,20 +523,21 @@ def run_merge(args: argparse.Namespace) -> int:
 def run_pack(args: argparse.Namespace) -> int:
     from finetune.adapters import pack_adapter
 
-    out = pack_adapter(args.adapter, args.out)
+    out = pack_adapter(args.adapter, args.out, force=args.force)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
 def run_import(args: argparse.Namespace) -> int:
-    s = import_rwkv_lm_lora(args.file, args.alpha, args.base, args.out, tokenizer=args.tokenizer, force=args.force)
+    s = import_rwkv_lm_lora(args.file, args.alpha, args.base, args.out, tokenizer=args.tokenizer, force=args.force,
+                            overwrite=args.overwrite)
     print(f"wrote {s['out']}: {s['lora_pairs']} LoRA pairs (r={s['r']}, alpha={s['alpha']:g}), "
           f"{s['full']} tensors trained in full")
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
-    s = export_rwkv_lm_lora(args.adapter, args.out)
+    s = export_rwkv_lm_lora(args.adapter, args.out, force=args.force)
     print(f"wrote {s['out']}: {s['tensors']} tensors; merge it with lora_alpha={s['alpha']:g} (r={s['r']})")
     return 0
 

@@ -95,3 +95,15 @@ def test_a_shape_mismatch_names_the_key(tmp_path):
     sd["blocks.1.ffn.value.weight"] = torch.zeros(32, 100)
     with pytest.raises(FinetuneError, match=r"blocks\.1\.ffn\.value\.weight has shape"):
         load_model(write_checkpoint(tmp_path / "m.pth", sd))
+
+
+def test_init_refuses_an_existing_file(tmp_path, capsys):
+    out = tmp_path / "base.pth"
+    out.write_bytes(b"a base checkpoint")
+    args = ["init", "--n-layer", "1", "--n-embd", "8", "--vocab", "16", "--out", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force" in err and str(out) in err, err
+    assert out.read_bytes() == b"a base checkpoint"
+    assert main([*args, "--force"]) == 0
+    assert read_state_dict(out)["emb.weight"].shape == (16, 8)

@@ -328,3 +328,121 @@ def test_pickles_are_never_loaded(env, capsys):
                    str(d / "evil-out")])
     assert rc == 1 and not (d / "pwned").exists() and not (d / "evil-out").exists()
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs never destroy data (issue 10): existing outputs, inputs, directories we did not write
+
+
+def run_cli(*args, cwd=None, preexec_fn=None, env=None):
+    """The real console entry point in a subprocess: exit status and stderr as a user sees them."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "finetune.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, preexec_fn=preexec_fn, env=env)
+
+
+def one_line_error(capsys, needle: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "Traceback" not in err, err
+    return err
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_merge_hf_never_deletes_an_existing_directory(env, tmp_path, capsys):
+    d, base, a1, _ = env
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    for flags in ([], ["--overwrite"], ["--force"]):
+        rc = cli.main(["merge", "--base", str(base), "--adapter", str(a1), "--out", str(mine), "--format", "hf",
+                       *flags])
+        assert rc == 1
+        one_line_error(capsys, "exists" if not flags else "did not write")
+        assert snapshot(mine) == {"thesis.tex": b"years of work"}
+    # our own HF output: kept without --overwrite, replaced with it (the provenance file marks it as ours)
+    hf = tmp_path / "hf"
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(a1), "--out", str(hf), "--format", "hf"]) == 0
+    provenance = json.loads((hf / "rwkv_lora_merge.json").read_text())
+    assert provenance["base"]["fingerprint"] == fingerprint(torch.load(base, weights_only=True))
+    assert provenance["adapters"] == [{"path": str(a1), "weight": 1.0}]
+    before = snapshot(hf)
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(a1), "--out", str(hf), "--format", "hf"]) == 1
+    one_line_error(capsys, "pass --overwrite")
+    assert snapshot(hf) == before
+    (hf / "stale.txt").write_text("from the previous output")
+    assert cli.main(["merge", "--base", str(base), "--adapter", f"{a1}:0.5", "--out", str(hf), "--format", "hf",
+                     "--overwrite"]) == 0
+    assert not (hf / "stale.txt").exists() and snapshot(hf)["model.safetensors"] != before["model.safetensors"]
+    assert no_temp_files(tmp_path)
+
+
+def test_merge_into_the_current_directory_is_refused(tmp_path, monkeypatch, capsys):
+    """`--out $PWD` (or `.`) with the base and the adapter in it: refused in one line, nothing touched."""
+    base = write_checkpoint(tmp_path / "base.pth", random_rwkv4_state_dict(*SHAPE, seed=11))
+    make_adapter(base, tmp_path / "adapter", seed=1)
+    before = snapshot(tmp_path)
+    args = ["merge", "--base", "base.pth", "--adapter", "adapter", "--format", "hf", "--overwrite", "--out"]
+    r = run_cli(*args, tmp_path, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert snapshot(tmp_path) == before
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*args, "."]) == 1
+    one_line_error(capsys, "not a valid output name")
+    assert snapshot(tmp_path) == before
+
+
+def test_outputs_never_write_over_inputs(env, tmp_path, capsys):
+    d, base, a1, _ = env
+    adapter = tmp_path / "adapter"
+    import shutil
+
+    shutil.copytree(a1, adapter)
+    before = snapshot(adapter)
+    base_bytes = base.read_bytes()
+    attempts = [
+        ["merge", "--base", base, "--adapter", adapter, "--out", base, "--force"],
+        ["merge", "--base", base, "--adapter", adapter, "--out", adapter / "adapter_model.safetensors", "--force"],
+        ["merge", "--base", base, "--adapter", adapter, "--out", adapter, "--format", "hf", "--force"],
+        ["pack", adapter, "--out", adapter / "adapter_model.safetensors", "--force"],
+        ["pack", adapter, "--out", adapter, "--force"],
+        ["export-lora", adapter, "--out", adapter / "trained_tensors.safetensors", "--force"],
+        ["import-lora", base, "--alpha", "8", "--base", base, "--out", base, "--force"],
+    ]
+    for args in attempts:
+        assert cli.main([*map(str, args)]) == 1, args
+        one_line_error(capsys, "input")
+        assert snapshot(adapter) == before and base.read_bytes() == base_bytes, args
+
+
+def test_pack_export_import_refuse_existing_outputs(env, tmp_path, capsys):
+    d, base, a1, _ = env
+    for cmd, out in (("pack", tmp_path / "p.safetensors"), ("export-lora", tmp_path / "e.pth")):
+        out.write_bytes(b"precious")
+        assert cli.main([cmd, str(a1), "--out", str(out)]) == 1
+        one_line_error(capsys, "--force")
+        assert out.read_bytes() == b"precious"
+        assert cli.main([cmd, str(a1), "--out", str(out), "--force"]) == 0
+        assert out.read_bytes() != b"precious"
+    # import-lora into a directory that is not an adapter: never, even with --overwrite
+    exported = tmp_path / "e.pth"
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("keep")
+    for flags in ([], ["--overwrite"]):
+        assert cli.main(["import-lora", str(exported), "--alpha", "8", "--base", str(base), "--out", str(notes),
+                         *flags]) == 1
+        one_line_error(capsys, "exists" if not flags else "did not write")
+        assert snapshot(notes) == {"a.txt": b"keep"}
+    # an adapter directory (ours) is replaced with --overwrite only
+    imported = tmp_path / "imported"
+    args = ["import-lora", str(exported), "--alpha", "8", "--base", str(base), "--out", str(imported)]
+    assert cli.main(args) == 0
+    assert cli.main(args) == 1
+    one_line_error(capsys, "--overwrite")
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert read_adapter(imported).meta["alpha"] == 8
+    assert no_temp_files(tmp_path)
