@@ -30,6 +30,7 @@ import torch.nn as nn
 from finetune import checkpoint
 from finetune.atomic import atomic_dir, atomic_file, check_output
 from finetune.errors import FinetuneError
+from finetune.tensorfiles import save_safetensors
 
 ADAPTER_META = "rwkv_lora.json"
 TRAINED_TENSORS = "trained_tensors.safetensors"
@@ -129,14 +130,12 @@ def save_adapter(peft_model: nn.Module, out_dir: str | Path, meta: dict[str, Any
     meta must hold at least: base (dict with fingerprint and shapes), tokenizer, r, alpha, parts, train; the
     format/version/kind/scaling fields are filled in here.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
         full = trained_full_tensors(peft_model, meta.get("train", ()))
         if full:
-            save_file(full, str(tmp / TRAINED_TENSORS))
+            save_safetensors(full, tmp / TRAINED_TENSORS)
         cfg = next(iter(peft_model.peft_config.values()))
         meta = dict(meta)
         meta.update(format=FORMAT, version=FORMAT_VERSION, kind=meta.get("kind", "lora"),
@@ -245,11 +244,9 @@ def read_adapter(path: str | Path) -> Adapter:
 
 def save_state_adapter(state: torch.Tensor, out_dir: str | Path, meta: dict[str, Any]) -> Path:
     """Write a state adapter directory (state.safetensors + rwkv_lora.json), atomically."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        save_file({"state": state.detach().float().cpu().contiguous()}, str(tmp / STATE_TENSORS))
+        save_safetensors({"state": state.detach().float().cpu().contiguous()}, tmp / STATE_TENSORS)
         meta = dict(meta)
         meta.update(format=FORMAT, version=FORMAT_VERSION, kind="state", state_shape=list(state.shape))
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -355,8 +352,6 @@ def is_packed(path: str | Path) -> bool:
 def pack_adapter(src: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write an adapter (directory or packed file) as one packed `.safetensors` file, atomically. An existing `out`
     is replaced only with `force`; the adapter's own files never are."""
-    from safetensors.torch import save_file
-
     out = check_output(out, force=force, inputs=adapter_files(src))
     a = read_adapter(src)
     tensors: dict[str, torch.Tensor] = {}
@@ -370,7 +365,7 @@ def pack_adapter(src: str | Path, out: str | Path, force: bool = False) -> Path:
     meta = {k: json.dumps(v, default=str) for k, v in a.meta.items() if k not in ("format",)}
     meta.update(format=FORMAT, packed="1", rwkv_lora=json.dumps(a.meta, default=str))
     with atomic_file(out) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+        save_safetensors(tensors, tmp, metadata=meta)
     return out
 
 
@@ -430,8 +425,6 @@ def write_adapter_dir(out_dir: str | Path, meta: dict[str, Any], lora: dict[str,
     meta needs base, tokenizer, r, alpha, parts, train; scaling is alpha / r unless meta says use_rslora.
     """
     from peft import LoraConfig
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     r, alpha = int(meta["r"]), float(meta["alpha"])
     use_rslora = bool(meta.get("use_rslora", False))
@@ -443,9 +436,9 @@ def write_adapter_dir(out_dir: str | Path, meta: dict[str, Any], lora: dict[str,
             for module, (A, B) in lora.items():
                 tensors[f"base_model.model.{module}.lora_A.weight"] = A.float().contiguous()
                 tensors[f"base_model.model.{module}.lora_B.weight"] = B.float().contiguous()
-            save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+            save_safetensors(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
         if full:
-            save_file({k: v.float().contiguous() for k, v in full.items()}, str(tmp / TRAINED_TENSORS))
+            save_safetensors({k: v.float().contiguous() for k, v in full.items()}, tmp / TRAINED_TENSORS)
         meta = dict(meta)
         meta.update(format=FORMAT, version=FORMAT_VERSION, kind=meta.get("kind", "lora"), r=r, alpha=alpha,
                     use_rslora=use_rslora, scaling=lora_scaling(r, alpha, use_rslora), trained_tensors=sorted(full))

@@ -15,6 +15,7 @@ import torch
 from finetune.atomic import atomic_file
 from finetune.errors import FinetuneError, first_line
 from finetune.models import Family, detect, parse_dtype
+from finetune.tensorfiles import archive_name, save_pth, save_safetensors
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a {name: tensor} dict (CPU). Any problem is a one-line FinetuneError."""
@@ -79,11 +80,9 @@ def save_checkpoint(model_or_state_dict, path: str | Path) -> Path:
     path = Path(path)
     with atomic_file(path) as tmp:
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata={"format": "pt"})
+            save_safetensors(sd, tmp, metadata={"format": "pt"})
         else:
-            torch.save(sd, tmp)
+            save_pth(sd, tmp, archive=archive_name(path))
     return path
 
 

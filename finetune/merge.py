@@ -21,14 +21,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import json
 import math
-import os
-import pickle
 import shutil
-import struct
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -36,11 +31,10 @@ import torch
 
 from finetune.atomic import atomic_dir, atomic_file, check_output
 from finetune.errors import FinetuneError
+from finetune.tensorfiles import ST_DTYPES, archive_name, save_pth, write_pth_streaming, write_safetensors_streaming
 
 FORMATS = ("pth", "safetensors", "hf")
 HF_MARKER = "rwkv_lora_merge.json"  # provenance written into HF output directories; marks them as ours to replace
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -101,7 +95,7 @@ class LazyBase:
 
 
 def _dtype_from_st(name: str) -> torch.dtype:
-    rev = {v: k for k, v in _ST_DTYPES.items()}
+    rev = {v: k for k, v in ST_DTYPES.items()}
     if name not in rev:
         raise ValueError(f"unsupported dtype {name}")
     return rev[name]
@@ -193,7 +187,7 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
     plan = [(k, b.shapes[k], out_dtype or b.dtypes[k]) for k in b.names]
     if fmt == "pth":
         with atomic_file(out) as tmp:
-            write_pth_streaming(tmp, plan, produce)
+            write_pth_streaming(tmp, plan, produce, archive=archive_name(out))
     elif fmt == "safetensors":
         with atomic_file(out) as tmp:
             write_safetensors_streaming(tmp, plan, produce)
@@ -213,123 +207,7 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Streaming writers
-
-
-def write_pth_streaming(path: str | Path, plan: list[tuple[str, tuple, torch.dtype]],
-                        produce: Callable[[str], torch.Tensor]) -> None:
-    """A torch.save zip checkpoint of {name: tensor}, written without holding the tensors together.
-
-    torch writes the skeleton (pickle, records, space reserved for every storage) under `skip_data` from
-    never-touched `torch.empty` tensors; each tensor is then produced and written at its storage's offset. The CRC-32
-    fields are left at 0 (torch's reader does not need them); `torch.load` (mmap or not) reads the file as usual.
-    """
-    path = str(path)
-    skeleton = {k: torch.empty(shape, dtype=dtype) for k, shape, dtype in plan}
-    old_crc = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
-        with torch.serialization.skip_data():
-            torch.save(skeleton, path)
-    finally:
-        torch.serialization.set_crc32_options(old_crc)
-    del skeleton
-    where = _pth_storage_offsets(path)
-    with open(path, "r+b") as f:
-        def write(k: str, t: torch.Tensor) -> None:
-            offset, nbytes = where[k]
-            data = _bytes_view(t)
-            if len(data) != nbytes:
-                raise RuntimeError(f"{k}: {len(data)} bytes for a {nbytes}-byte record")
-            os.pwrite(f.fileno(), data, offset)
-
-        _pipelined(plan, produce, write)
-        os.fsync(f.fileno())
-
-
-def _pipelined(plan, produce: Callable[..., torch.Tensor], write: Callable[[str, torch.Tensor], None]) -> None:
-    """produce(key, slot) for each planned tensor, handing each to `write` on a writer thread: the next tensor is
-    computed while the previous one is written (two buffer slots; slot i % 2 is reused only after write i - 2 ended,
-    which is guaranteed since write i - 1 is awaited before write i starts)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for i, (k, shape, dtype) in enumerate(plan):
-            t = produce(k, i % 2)
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(write, k, t)
-        if pending is not None:
-            pending.result()
-
-
-def _bytes_view(t: torch.Tensor) -> memoryview:
-    t = t.detach().contiguous()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-class _OffsetsUnpickler(pickle.Unpickler):
-    """Reads our own freshly written data.pkl only to learn which storage record each key uses. Every global is
-    replaced by an inert stub; nothing is executed."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return lambda storage, *args: storage
-        if module == "torch":
-            return name
-        raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
-
-    def persistent_load(self, pid):
-        return pid[2]  # ('storage', storage type, key, location, numel)
-
-
-def _pth_storage_offsets(path: str) -> dict[str, tuple[int, int]]:
-    """{key: (byte offset, size)} of each tensor's storage record in a torch.save zip (records are stored
-    uncompressed; the CRCs are not checked, they are 0 in our skeleton)."""
-    with zipfile.ZipFile(path) as z:
-        infos = {i.filename: i for i in z.infolist()}
-    pkl = next(n for n in infos if n.endswith("/data.pkl"))
-    prefix = pkl[: -len("data.pkl")]
-    with open(path, "rb") as f:
-        def record(info: zipfile.ZipInfo) -> tuple[int, int]:
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise RuntimeError(f"compressed record {info.filename}")
-            f.seek(info.header_offset)
-            head = f.read(30)
-            n_name, n_extra = struct.unpack("<HH", head[26:30])
-            return info.header_offset + 30 + n_name + n_extra, info.file_size
-
-        offset, size = record(infos[pkl])
-        f.seek(offset)
-        keys = _OffsetsUnpickler(io.BytesIO(f.read(size))).load()
-        return {name: record(infos[f"{prefix}data/{storage_key}"]) for name, storage_key in keys.items()}
-
-
-def write_safetensors_streaming(path: str | Path, plan: list[tuple[str, tuple, torch.dtype]],
-                                produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None,
-                                rename: Callable[[str], str] = lambda k: k) -> None:
-    """A safetensors file written tensor by tensor (header first: shapes and dtypes are known in advance)."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for k, shape, dtype in plan:
-        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-        header[rename(k)] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        _pipelined(plan, produce, lambda k, t: f.write(_bytes_view(t)))  # one writer thread: in order
-        f.flush()
-        os.fsync(f.fileno())
+# Hugging Face directories
 
 
 def hf_name(key: str) -> str:
@@ -451,7 +329,7 @@ def export_rwkv_lm_lora(adapter: str | Path, out: str | Path, force: bool = Fals
     r = next(iter(a.lora.values()))[0].shape[0] if a.lora else int(a.meta.get("r", 1))
     alpha = a.scaling * r
     with atomic_file(out) as tmp:
-        torch.save(sd, tmp)
+        save_pth(sd, tmp, archive=archive_name(out))
     return {"out": str(out), "alpha": alpha, "r": r, "tensors": len(sd)}
 
 

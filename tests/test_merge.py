@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import os
 import subprocess
 import sys
@@ -446,3 +447,126 @@ def test_pack_export_import_refuse_existing_outputs(env, tmp_path, capsys):
     assert cli.main([*args, "--overwrite"]) == 0
     assert read_adapter(imported).meta["alpha"] == 8
     assert no_temp_files(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Written files: valid zips, checked writes (a full disk is one line and leaves the previous output intact)
+
+
+def test_pth_writer_is_torch_save(tmp_path):
+    """Our streaming .pth writer produces torch.save's pickle byte for byte, valid CRCs (zipfile, unzip -t), the
+    final file's stem as the internal folder, 64-byte aligned records; torch.load reads it (mmap or not)."""
+    import io
+    import zipfile
+
+    from finetune.tensorfiles import save_pth
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(5, 3, generator=g), "h": torch.randn(7, generator=g).half(),
+               "b": torch.randn(2, 1, 4, generator=g).bfloat16(), "scalar": torch.tensor(2.5, dtype=torch.float64),
+               "empty": torch.zeros(0, 3)}
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    with zipfile.ZipFile(buf) as z:
+        theirs = z.read("archive/data.pkl")
+    tmp = tmp_path / ".x-tmp-name.tmp"
+    save_pth(tensors, tmp, archive="final-name")
+    with zipfile.ZipFile(tmp) as z:
+        assert z.testzip() is None
+        assert z.read("final-name/data.pkl") == theirs
+        names = z.namelist()
+        assert all(n.startswith("final-name/") for n in names)
+        with open(tmp, "rb") as f:
+            for info in z.infolist():
+                if "/data/" in info.filename:
+                    f.seek(info.header_offset + 26)
+                    n_name, n_extra = struct.unpack("<HH", f.read(4))
+                    assert (info.header_offset + 30 + n_name + n_extra) % 64 == 0, info.filename
+    assert subprocess.run(["unzip", "-tq", str(tmp)], capture_output=True).returncode == 0
+    for mmap in (False, True):
+        back = torch.load(tmp, weights_only=True, mmap=mmap)
+        assert list(back) == list(tensors)
+        assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_merged_pth_is_a_valid_zip_named_after_the_output(env):
+    import zipfile
+
+    d, base, a1, _ = env
+    out = d / ("n" * 240 + ".pth")  # a long name: temporaries must stay within NAME_MAX
+    merge_adapters(base, [a1], out)
+    with zipfile.ZipFile(out) as z:
+        assert z.testzip() is None
+        assert {n.split("/")[0] for n in z.namelist()} == {"n" * 240}
+    assert subprocess.run(["unzip", "-tq", str(out)], capture_output=True).returncode == 0
+    assert no_temp_files(d)
+
+
+def _full_disk(limit: int):
+    """preexec_fn for a child whose files cannot grow past `limit` bytes (writes fail with EFBIG, as on a full
+    disk; SIGXFSZ ignored so the process lives to report it)."""
+    import resource
+    import signal
+
+    def set_limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return set_limit
+
+
+def test_merge_pth_on_a_full_disk_keeps_the_previous_file(env, tmp_path):
+    d, base, a1, _ = env
+    out = tmp_path / "merged.pth"
+    merge_adapters(base, [a1], out)
+    before = out.read_bytes()
+    r = run_cli("merge", "--base", base, "--adapter", f"{a1}:0.5", "--out", out, "--overwrite",
+                preexec_fn=_full_disk(len(before) // 2))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and str(out) in r.stderr and "File too large" in r.stderr, r.stderr
+    assert "wrote" not in r.stdout
+    assert out.read_bytes() == before and no_temp_files(tmp_path)
+
+
+FULL_DISK_DRIVER = """
+import contextlib, io, json, resource, signal, sys
+from finetune import cli
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+results = []
+for args in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = cli.main(args)
+        except BaseException as e:
+            rc = f"raised {type(e).__name__}: {e}"
+    results.append([rc, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_every_writer_on_a_full_disk(env, tmp_path):
+    """init, pack, export-lora, import-lora and merge to safetensors/hf: one line, exit 1, no output, no temp."""
+    d, base, a1, _ = env
+    exported = tmp_path / "exported.pth"
+    export_args = ["export-lora", str(a1), "--out", str(exported)]
+    assert cli.main(export_args) == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    commands = [
+        ["init", "--n-layer", "2", "--n-embd", "64", "--vocab", "128", "--out", str(out / "init.pth")],
+        ["pack", str(a1), "--out", str(out / "packed.safetensors")],
+        ["export-lora", str(a1), "--out", str(out / "exported.pth")],
+        ["import-lora", str(exported), "--alpha", "8", "--base", str(base), "--out", str(out / "imported")],
+        ["merge", "--base", str(base), "--adapter", str(a1), "--out", str(out / "m.safetensors")],
+        ["merge", "--base", str(base), "--adapter", str(a1), "--out", str(out / "hf"), "--format", "hf"],
+    ]
+    env_vars = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", FULL_DISK_DRIVER, json.dumps(commands)], capture_output=True,
+                       text=True, env=env_vars)
+    assert r.returncode == 0, r.stderr
+    for args, (rc, err) in zip(commands, json.loads(r.stdout)):
+        assert rc == 1, (args, rc, err)
+        assert err.count("\n") == 1 and "File too large" in err and "Traceback" not in err, (args, err)
+    assert list(out.iterdir()) == []
