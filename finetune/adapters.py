@@ -20,6 +20,7 @@ Merging and plug-in read `rwkv_lora.json` and never ask the user for alpha.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from finetune import checkpoint
+from finetune.checkpoint import all_finite
 from finetune.atomic import atomic_dir, atomic_file, check_output
 from finetune.errors import FinetuneError
 from finetune.tensorfiles import save_safetensors
@@ -193,11 +195,54 @@ def is_adapter(path: str | Path) -> bool:
 
 
 def read_adapter(path: str | Path) -> Adapter:
-    """Read an adapter directory or packed file (safetensors only; nothing is unpickled). One-line FinetuneError on
-    any problem."""
+    """Read an adapter directory or packed file (safetensors only; nothing is unpickled) and check it: its metadata
+    (r, alpha and the scaling they imply), its ranks and that every value is finite. One-line FinetuneError on any
+    problem."""
+    return _validated(_read(Path(path)))
+
+
+def _validated(a: Adapter) -> Adapter:
+    where = a.path
+    kind = a.meta.get("kind", "lora")
+    if kind not in ("lora", "state"):
+        raise FinetuneError(f"{where}: unknown adapter kind {kind!r} (lora or state)")
+    if kind == "lora":
+        r, alpha, rslora, scaling = (a.meta.get(k) for k in ("r", "alpha", "use_rslora", "scaling"))
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise FinetuneError(f"{where}: r must be a positive integer, got {r!r}")
+        if not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
+            raise FinetuneError(f"{where}: alpha must be a positive number, got {alpha!r}")
+        if not isinstance(rslora if rslora is not None else False, bool):
+            raise FinetuneError(f"{where}: use_rslora must be true or false, got {rslora!r}")
+        expected = lora_scaling(r, alpha, bool(rslora))
+        # the scaling is recorded for readers, and must say what r and alpha say: a damaged or edited file that
+        # disagrees with itself is refused rather than merged with a made-up strength
+        if not _is_number(scaling) or not math.isfinite(scaling) or not math.isclose(scaling, expected,
+                                                                                     rel_tol=1e-6):
+            raise FinetuneError(f"{where}: scaling {scaling!r} contradicts r={r}, alpha={alpha:g}"
+                                f"{' (rsLoRA)' if rslora else ''}, which give {expected:g}; the adapter is damaged "
+                                f"or was edited")
+        for module, (A, _) in a.lora.items():
+            if A.shape[0] != r:
+                raise FinetuneError(f"{where}: {module} has rank {A.shape[0]} but the adapter says r={r}")
+    tensors = [(f"{m}.lora_A", A) for m, (A, _) in a.lora.items()] + \
+              [(f"{m}.lora_B", B) for m, (_, B) in a.lora.items()] + list(a.full.items())
+    if a.state is not None:
+        tensors.append(("state", a.state))
+    for name, t in tensors:
+        if not all_finite(t):
+            raise FinetuneError(f"{where}: {name} holds NaN or infinite values; the adapter is damaged (was its "
+                                f"training diverging?)")
+    return a
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _read(path: Path) -> Adapter:
     from safetensors.torch import load_file
 
-    path = Path(path)
     if not path.exists():
         raise FinetuneError(f"{path}: no such adapter")
     if path.is_file():
@@ -428,6 +473,10 @@ def write_adapter_dir(out_dir: str | Path, meta: dict[str, Any], lora: dict[str,
     out_dir = Path(out_dir)
     r, alpha = int(meta["r"]), float(meta["alpha"])
     use_rslora = bool(meta.get("use_rslora", False))
+    meta = dict(meta)
+    meta.update(format=FORMAT, version=FORMAT_VERSION, kind=meta.get("kind", "lora"), r=r, alpha=alpha,
+                use_rslora=use_rslora, scaling=lora_scaling(r, alpha, use_rslora), trained_tensors=sorted(full))
+    _validated(Adapter(path=out_dir, meta=meta, lora=dict(lora), full=dict(full)))  # nothing non-finite is written
     with atomic_dir(out_dir) as tmp:
         if lora:
             cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(lora), use_rslora=use_rslora, bias="none")
@@ -439,9 +488,6 @@ def write_adapter_dir(out_dir: str | Path, meta: dict[str, Any], lora: dict[str,
             save_safetensors(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
         if full:
             save_safetensors({k: v.float().contiguous() for k, v in full.items()}, tmp / TRAINED_TENSORS)
-        meta = dict(meta)
-        meta.update(format=FORMAT, version=FORMAT_VERSION, kind=meta.get("kind", "lora"), r=r, alpha=alpha,
-                    use_rslora=use_rslora, scaling=lora_scaling(r, alpha, use_rslora), trained_tensors=sorted(full))
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return out_dir
 
@@ -455,17 +501,23 @@ def parse_adapter_spec(spec) -> tuple[str, float]:
     if isinstance(spec, (tuple, list)):
         if len(spec) != 2:
             raise FinetuneError(f"adapter spec {spec!r}: expected (path, weight)")
-        return spec[0], float(spec[1])
+        return spec[0], _finite_weight(float(spec[1]), spec[0])
     if isinstance(spec, Adapter):
         return spec, 1.0
     text = str(spec)
     if ":" in text and not Path(text).exists():
         head, _, tail = text.rpartition(":")
         try:
-            return head, float(tail)
+            return head, _finite_weight(float(tail), spec)
         except ValueError:
             pass
     return text, 1.0
+
+
+def _finite_weight(w: float, spec: Any) -> float:
+    if not math.isfinite(w):
+        raise FinetuneError(f"adapter {spec}: the weight must be a finite number, got {w}")
+    return w
 
 
 def check_adapter(adapter: Adapter, shapes: dict[str, tuple[int, ...]], base_fingerprint: str | None,
@@ -494,6 +546,9 @@ def check_adapter(adapter: Adapter, shapes: dict[str, tuple[int, ...]], base_fin
             raise FinetuneError(f"adapter {name} was made for another base: its start state is "
                                 f"{tuple(adapter.state.shape)}, {base_name} needs {(n_layer, 5, C)}")
     recorded = (adapter.meta.get("base") or {}).get("fingerprint")
+    if not recorded and not force:
+        raise FinetuneError(f"adapter {name} does not record which base it was made for (no base fingerprint); "
+                            f"pass --force (force=True) to apply it to {base_name} anyway")
     if recorded and base_fingerprint and recorded != base_fingerprint and not force:
         raise FinetuneError(f"adapter {name} was made for another base (fingerprint {recorded}, {base_name} has "
                             f"{base_fingerprint}); pass --force (force=True) to apply it anyway")

@@ -53,6 +53,14 @@ def _zipfile(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN and no infinity in a float tensor (non-float tensors are finite)."""
+    if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
+        return True
+    lo, hi = torch.aminmax(t)  # one pass and no tensor-sized temporary; NaN propagates, an infinity is an extreme
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 def fingerprint(sd: dict[str, torch.Tensor]) -> str:
     """A short id of a base model: its shapes and a few of its values (rounded to bf16, so the same base stored in
     fp32 or bf16 has the same fingerprint). Adapters record it; merge and plug-in refuse a different base."""

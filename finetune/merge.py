@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from finetune.atomic import atomic_dir, atomic_file, check_output
+from finetune.checkpoint import all_finite
 from finetune.errors import FinetuneError
 from finetune.tensorfiles import ST_DTYPES, archive_name, save_pth, write_pth_streaming, write_safetensors_streaming
 
@@ -171,18 +172,29 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
         return buffers[dt, slot][: math.prod(shape)].view(shape)
 
     def produce(name: str, slot: int = 0) -> torch.Tensor:
+        # every tensor is checked before it is written: nothing non-finite ever reaches the output
         t = b.get(name)
+        if not all_finite(t):
+            raise FinetuneError(f"{b.path}: {name} holds NaN or infinite values; the base checkpoint is damaged")
         target = out_dtype or t.dtype
         if name not in todo:
-            return t if t.dtype == target else buffer(t.shape, target, slot).copy_(t)
-        x = buffer(t.shape, torch.float32, slot).copy_(t)  # fp32 workspace (never write into the mmap'd base)
-        for kind, a, w in todo[name]:
-            if kind == "full":
-                x.add_(a.full[name] - x, alpha=w)
-            else:
-                A, B = a.lora[name[: -len(".weight")]]
-                x.addmm_(B, A, alpha=w * a.scaling)
-        return x if target == torch.float32 else buffer(t.shape, target, slot).copy_(x)
+            res = t if t.dtype == target else buffer(t.shape, target, slot).copy_(t)
+        else:
+            x = buffer(t.shape, torch.float32, slot).copy_(t)  # fp32 workspace (never write into the mmap'd base)
+            for kind, a, w in todo[name]:
+                if kind == "full":
+                    x.add_(a.full[name] - x, alpha=w)
+                else:
+                    A, B = a.lora[name[: -len(".weight")]]
+                    x.addmm_(B, A, alpha=w * a.scaling)
+            if not all_finite(x):
+                raise FinetuneError(f"{out}: not written: the adapters make {name} overflow (NaN or infinite "
+                                    f"values); check their weights")
+            res = x if target == torch.float32 else buffer(t.shape, target, slot).copy_(x)
+        if res is not t and not all_finite(res):
+            raise FinetuneError(f"{out}: not written: {name} does not fit in {str(target).replace('torch.', '')} "
+                                f"(values overflow to infinity); choose another --dtype")
+        return res
 
     plan = [(k, b.shapes[k], out_dtype or b.dtypes[k]) for k in b.names]
     if fmt == "pth":
@@ -269,8 +281,9 @@ def import_rwkv_lm_lora(file: str | Path, alpha: float, base: str | Path, out: s
     from finetune.checkpoint import read_state_dict
 
     check_output(out, force=force or overwrite, inputs=[file, base], marker=ADAPTER_META, flag="--overwrite")
-    if alpha is None or not alpha > 0:
-        raise FinetuneError("--alpha must be a positive number (RWKV-LM-LoRA files do not record it)")
+    if alpha is None or not math.isfinite(alpha) or alpha <= 0:
+        raise FinetuneError(f"--alpha must be a positive finite number, got {alpha} (RWKV-LM-LoRA files do not "
+                            f"record it: give the lora_alpha of the training run)")
     b = LazyBase(base)
     sd = read_state_dict(file)
     pairs: dict[str, list] = {}

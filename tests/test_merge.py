@@ -19,6 +19,7 @@ from finetune.checkpoint import fingerprint
 from finetune.models.rwkv4 import config_from_state_dict
 from finetune.merge import merge_adapters
 from finetune import load_model
+from finetune.errors import FinetuneError
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = (2, 64, 128)  # n_layer, n_embd, vocab
@@ -570,3 +571,100 @@ def test_every_writer_on_a_full_disk(env, tmp_path):
         assert rc == 1, (args, rc, err)
         assert err.count("\n") == 1 and "File too large" in err and "Traceback" not in err, (args, err)
     assert list(out.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Nothing non-finite, nothing inconsistent (issue 10 item 6)
+
+
+def repack(src: Path, dest: Path, edit) -> Path:
+    """A copy of a packed adapter with its rwkv_lora metadata edited by `edit(meta)` (as a user might damage it)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        md = dict(f.metadata())
+    meta = json.loads(md["rwkv_lora"])
+    edit(meta)
+    md["rwkv_lora"] = json.dumps(meta)
+    save_file(load_file(str(src)), str(dest), metadata=md)
+    return dest
+
+
+def test_weights_and_scalings_must_be_finite_and_consistent(env, tmp_path, capsys):
+    d, base, a1, _ = env
+    out = tmp_path / "m.pth"
+    for w in ("inf", "nan", "1e309", "-inf"):
+        assert cli.main(["merge", "--base", str(base), "--adapter", f"{a1}:{w}", "--out", str(out)]) == 1
+        one_line_error(capsys, "finite")
+    with pytest.raises(FinetuneError, match="finite"):
+        load_model(base, adapters=[(a1, float("nan"))])
+    packed = pack_adapter(a1, tmp_path / "a1.safetensors")
+    for bad in (-1000, float("inf"), float("nan"), 8 / 4 * 1.01):
+        damaged = repack(packed, tmp_path / "damaged.safetensors", lambda m: m.update(scaling=bad))
+        assert cli.main(["merge", "--base", str(base), "--adapter", str(damaged), "--out", str(out)]) == 1
+        one_line_error(capsys, "contradicts r=4, alpha=8")
+        with pytest.raises(FinetuneError, match="contradicts"):
+            load_model(base, adapters=[damaged])
+    for field, value, needle in (("r", 0, "r must be"), ("alpha", float("inf"), "alpha must be"),
+                                 ("r", 2, "rank 4")):
+        damaged = repack(packed, tmp_path / "damaged.safetensors",
+                         lambda m: m.update({field: value, "scaling": 8 / 2 if field == "r" else m["scaling"]}))
+        assert cli.main(["merge", "--base", str(base), "--adapter", str(damaged), "--out", str(out)]) == 1
+        one_line_error(capsys, needle)
+    assert not out.exists() and no_temp_files(tmp_path)
+
+
+def test_adapters_with_nan_values_are_refused(env, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    d, base, a1, _ = env
+    import shutil
+
+    bad = tmp_path / "nan-adapter"
+    shutil.copytree(a1, bad)
+    t = load_file(str(bad / "adapter_model.safetensors"))
+    k = next(k for k in t if "lora_B" in k)
+    t[k][0, 0] = float("nan")
+    save_file(t, str(bad / "adapter_model.safetensors"))
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(bad), "--out", str(tmp_path / "m.pth")]) == 1
+    one_line_error(capsys, "NaN or infinite")
+    assert not (tmp_path / "m.pth").exists()
+
+
+def test_an_adapter_without_a_base_record_needs_force(env, tmp_path, capsys):
+    from finetune.adapters import write_adapter_dir
+
+    d, base, a1, _ = env
+    A = read_adapter(a1)
+    anonymous = write_adapter_dir(tmp_path / "anon", {**A.meta, "base": {}}, A.lora, A.full)
+    out = tmp_path / "m.pth"
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(anonymous), "--out", str(out)]) == 1
+    one_line_error(capsys, "does not record which base")
+    with pytest.raises(FinetuneError, match="does not record which base"):
+        load_model(base, adapters=[anonymous])
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(anonymous), "--out", str(out), "--force"]) == 0
+    torch.testing.assert_close(plugged_logits(base, [a1]), load_model(out)(torch.tensor([TOKENS]))[0], rtol=0,
+                               atol=1e-4)
+    assert load_model(base, adapters=[anonymous], force=True) is not None
+
+
+def test_a_merge_that_overflows_writes_nothing(env, tmp_path, capsys):
+    """fp16 cannot hold 1e5: the merged tensor would be inf. Refused before anything is renamed into place."""
+    from finetune.adapters import write_adapter_dir
+
+    d, base, a1, _ = env
+    A = read_adapter(a1)
+    big = {**A.full, "blocks.0.ln1.weight": torch.full_like(A.full["blocks.0.ln1.weight"], 1e5)}
+    loud = write_adapter_dir(tmp_path / "loud", A.meta, A.lora, big)
+    out = tmp_path / "m16.pth"
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(loud), "--out", str(out), "--dtype",
+                     "fp16"]) == 1
+    one_line_error(capsys, "blocks.0.ln1.weight does not fit in float16")
+    assert not out.exists() and no_temp_files(tmp_path)
+    # a weighted adapter that overflows float32 itself (W + 2 * (3e38 - W))
+    huge = write_adapter_dir(tmp_path / "huge", A.meta, A.lora,
+                             {**A.full, "blocks.0.ln1.weight": torch.full_like(A.full["blocks.0.ln1.weight"], 3e38)})
+    assert cli.main(["merge", "--base", str(base), "--adapter", f"{huge}:2", "--out", str(out)]) == 1
+    one_line_error(capsys, "overflow")
+    assert not out.exists() and no_temp_files(tmp_path)
