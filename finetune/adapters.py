@@ -284,6 +284,12 @@ def _read(path: Path) -> Adapter:
         except Exception as e:
             raise FinetuneError(f"{path / TRAINED_TENSORS}: corrupted or truncated ({str(e).splitlines()[0]})") \
                 from None
+    if not pairs and not full:
+        # applying nothing and reporting success would be a silent wrong result
+        if (path / "adapter_model.bin").exists():
+            raise FinetuneError(f"{path}: no LoRA tensors found (adapter_model.bin is a pickle and is never loaded; "
+                                f"save the adapter with safetensors)")
+        raise FinetuneError(f"{path}: no LoRA tensors found (no {PEFT_WEIGHTS} or {TRAINED_TENSORS})")
     return Adapter(path=path, meta=meta, lora=pairs, full=full)
 
 
@@ -451,6 +457,8 @@ def _read_packed(path: Path) -> Adapter:
         raise FinetuneError(f"{path}: corrupted or truncated adapter file ({_first_line(e)})") from None
     if meta.get("kind") == "state":
         return Adapter(path=path, meta=meta, state=_check_state(state, path))
+    if not lora and not full:
+        raise FinetuneError(f"{path}: no LoRA tensors found in the packed adapter")
     return Adapter(path=path, meta=meta, lora=_check_pairs(lora, path), full=full)
 
 

@@ -668,3 +668,21 @@ def test_a_merge_that_overflows_writes_nothing(env, tmp_path, capsys):
     assert cli.main(["merge", "--base", str(base), "--adapter", f"{huge}:2", "--out", str(out)]) == 1
     one_line_error(capsys, "overflow")
     assert not out.exists() and no_temp_files(tmp_path)
+
+
+def test_an_adapter_with_only_a_pickle_is_refused(env, tmp_path, capsys):
+    """peft's old adapter_model.bin is a pickle: never loaded, and never silently 'merged' as nothing."""
+    d, base, a1, _ = env
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "rwkv_lora.json").write_bytes((a1 / "rwkv_lora.json").read_bytes())
+    (pickled / "adapter_config.json").write_bytes((a1 / "adapter_config.json").read_bytes())
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(a1 / "adapter_model.safetensors")), pickled / "adapter_model.bin")
+    out = tmp_path / "m.pth"
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(pickled), "--out", str(out)]) == 1
+    one_line_error(capsys, "no LoRA tensors found (adapter_model.bin is a pickle and is never loaded")
+    assert not out.exists()
+    with pytest.raises(FinetuneError, match="no LoRA tensors found"):
+        load_model(base, adapters=[pickled])
