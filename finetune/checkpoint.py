@@ -17,6 +17,10 @@ from finetune.errors import FinetuneError, first_line
 from finetune.models import Family, detect, parse_dtype
 from finetune.tensorfiles import archive_name, save_pth, save_safetensors
 
+# what a checkpoint's tensors may be: quantized or integer files cannot be trained, merged or run here
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a {name: tensor} dict (CPU). Any problem is a one-line FinetuneError."""
     path = Path(path)
@@ -125,6 +129,18 @@ def check_keys(sd: dict[str, torch.Tensor], family: Family, config, path: str | 
     for k, shape in expected.items():
         if tuple(sd[k].shape) != shape:
             raise FinetuneError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {shape}")
+    for k, v in sd.items():
+        if v.dtype not in FLOAT_DTYPES:
+            raise FinetuneError(f"{path}: {k} is {str(v.dtype).replace('torch.', '')}; only float checkpoints "
+                                f"(fp32, fp16, bf16) can be used (is it a quantized file? use the original)")
+
+
+def check_values(sd: dict[str, torch.Tensor], path: str | Path = "<memory>") -> None:
+    """Raise a one-line FinetuneError naming the first tensor that holds NaN or an infinity."""
+    for k, v in sd.items():
+        if not all_finite(v):
+            raise FinetuneError(f"{path}: {k} holds NaN or infinite values; the checkpoint is damaged (a diverged "
+                                f"training run?)")
 
 
 def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory>") -> torch.nn.Module:
@@ -133,6 +149,7 @@ def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path 
     family = detect(state_dict, path)
     config = family.config_from_state_dict(state_dict, path)
     check_keys(state_dict, family, config, path)
+    check_values(state_dict, path)
     with torch.device("meta"):
         model = family.model_class(config)
     model.load_state_dict(state_dict, strict=True, assign=True)

@@ -54,12 +54,14 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def describe_checkpoint(path: str | Path) -> str:
-    from finetune.checkpoint import describe_dtypes, fingerprint, read_state_dict
+    from finetune.checkpoint import check_keys, check_values, describe_dtypes, fingerprint, read_state_dict
     from finetune.models import detect
 
     sd = read_state_dict(path)
     family = detect(sd, path)
     cfg = family.config_from_state_dict(sd, path)
+    check_keys(sd, family, cfg, path)  # what train, generate and merge would refuse, info refuses too
+    check_values(sd, path)
     n = sum(v.numel() for v in sd.values())
     lines = [
         f"file:        {path}",
