@@ -686,3 +686,34 @@ def test_an_adapter_with_only_a_pickle_is_refused(env, tmp_path, capsys):
     assert not out.exists()
     with pytest.raises(FinetuneError, match="no LoRA tensors found"):
         load_model(base, adapters=[pickled])
+
+
+def test_outputs_honour_the_umask(env, tmp_path):
+    """Every writer: files 0666 & ~umask, directories 0777 & ~umask (a teammate or a server can read them)."""
+    import stat
+
+    d, base, a1, _ = env
+    exported = tmp_path / "for-import.pth"
+    assert cli.main(["export-lora", str(a1), "--out", str(exported)]) == 0
+    for mask in (0o022, 0o007):
+        out = tmp_path / f"umask-{mask:o}"
+        old = os.umask(mask)
+        try:
+            commands = [
+                ["init", "--n-layer", "1", "--n-embd", "8", "--vocab", "16", "--out", str(out / "init.pth")],
+                ["pack", str(a1), "--out", str(out / "packed.safetensors")],
+                ["export-lora", str(a1), "--out", str(out / "exported.pth")],
+                ["import-lora", str(exported), "--alpha", "8", "--base", str(base), "--out", str(out / "imported")],
+                ["merge", "--base", str(base), "--adapter", str(a1), "--out", str(out / "m.pth")],
+                ["merge", "--base", str(base), "--adapter", str(a1), "--out", str(out / "m.safetensors")],
+                ["merge", "--base", str(base), "--adapter", str(a1), "--out", str(out / "hf"), "--format", "hf"],
+            ]
+            for args in commands:
+                assert cli.main(args) == 0, args
+        finally:
+            os.umask(old)
+        paths = [p for p in out.rglob("*")]
+        assert len(paths) > 10
+        for p in paths:
+            want = (0o777 if p.is_dir() else 0o666) & ~mask
+            assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
