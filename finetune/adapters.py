@@ -19,8 +19,10 @@ Merging and plug-in read `rwkv_lora.json` and never ask the user for alpha.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -41,6 +43,8 @@ PEFT_CONFIG = "adapter_config.json"
 STATE_TENSORS = "state.safetensors"
 FORMAT = "rwkv-lora-adapter"
 FORMAT_VERSION = 1
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer an adapter carries (packed: a header entry of that name)
+TOKENIZER_HASH = "tokenizer.json sha256:"
 
 # the projections LoRA can adapt, by part
 LORA_PARTS: dict[str, tuple[str, ...]] = {
@@ -140,12 +144,80 @@ def save_adapter(peft_model: nn.Module, out_dir: str | Path, meta: dict[str, Any
             save_safetensors(full, tmp / TRAINED_TENSORS)
         cfg = next(iter(peft_model.peft_config.values()))
         meta = dict(meta)
+        meta["tokenizer"], tokenizer_json = tokenizer_record(meta.get("tokenizer"))
+        if tokenizer_json is not None:
+            (tmp / TOKENIZER_FILE).write_bytes(tokenizer_json)
         meta.update(format=FORMAT, version=FORMAT_VERSION, kind=meta.get("kind", "lora"),
                     r=cfg.r, alpha=cfg.lora_alpha, use_rslora=bool(cfg.use_rslora),
                     scaling=lora_scaling(cfg.r, cfg.lora_alpha, bool(cfg.use_rslora)),
                     trained_tensors=sorted(full))
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return out_dir
+
+
+def tokenizer_record(spec: str | None) -> tuple[str | None, bytes | None]:
+    """What an adapter records for a tokenizer setting, and the file it carries: "world" (built in), or for a
+    tokenizer.json path its content hash "tokenizer.json sha256:<hex>" and the file itself, so that the adapter
+    finds its tokenizer wherever it is used. Anything else (an identity already, e.g. a data manifest's) is kept."""
+    if spec is None:
+        return None, None
+    spec = str(spec)
+    if spec == "world":
+        return "world", None
+    path = Path(spec)
+    if path.is_file():
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise FinetuneError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
+        return TOKENIZER_HASH + hashlib.sha256(data).hexdigest(), data
+    return spec, None
+
+
+def _check_tokenizer(meta: dict[str, Any], data: bytes | None, where: Path) -> bytes | None:
+    record = meta.get("tokenizer")
+    if data is None:
+        return None
+    if not (isinstance(record, str) and record.startswith(TOKENIZER_HASH)):
+        raise FinetuneError(f"{where}: carries a tokenizer.json but records tokenizer {record!r}")
+    if hashlib.sha256(data).hexdigest() != record[len(TOKENIZER_HASH):]:
+        raise FinetuneError(f"{where}: its tokenizer.json does not match the sha256 the adapter records; the adapter "
+                            f"is damaged or was edited")
+    return data
+
+
+def adapter_tokenizer_json(a: "Adapter") -> str | None:
+    """The text of the tokenizer.json an adapter was trained with: the one it carries, or (adapters from before
+    tokenizers travelled with them) the file its record names when that exists here. None for World and when
+    unknown."""
+    if a.tokenizer_json is not None:
+        return a.tokenizer_json.decode("utf-8")
+    record = a.meta.get("tokenizer")
+    if isinstance(record, str) and record.endswith(".json") and Path(record).is_file():
+        return Path(record).read_text(encoding="utf-8")
+    return None
+
+
+def adapter_tokenizer(a: "Adapter"):
+    """The adapter's tokenizer as a `finetune.tokenizer.Tokenizer`, or None when it records none. One-line
+    FinetuneError when it records one it does not carry and that is not here."""
+    from finetune.tokenizer import load_tokenizer
+
+    record = a.meta.get("tokenizer")
+    if record is None:
+        return None
+    if record == "world" or str(record).startswith("world"):
+        return load_tokenizer("world")
+    if a.tokenizer_json is not None and Path(a.path).is_dir():
+        return load_tokenizer(str(Path(a.path) / TOKENIZER_FILE))
+    text = adapter_tokenizer_json(a)
+    if text is None:
+        raise FinetuneError(f"adapter {a.path}: records tokenizer {record!r} but does not carry it and no such file "
+                            f"is here; pass --tokenizer")
+    with tempfile.TemporaryDirectory() as tmp:  # a packed adapter: the tokenizer is read once, from a private copy
+        path = Path(tmp) / TOKENIZER_FILE
+        path.write_text(text, encoding="utf-8")
+        return load_tokenizer(str(path))
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -165,6 +237,8 @@ class Adapter:
     """checkpoint name -> tensor trained in full (replaces the base tensor), float32."""
     state: torch.Tensor | None = None
     """kind "state": the learned start state [n_layer, 5, C], float32."""
+    tokenizer_json: bytes | None = None
+    """The tokenizer.json the adapter carries (its `tokenizer` record is then "tokenizer.json sha256:<hex>")."""
 
     @property
     def kind(self) -> str:
@@ -255,8 +329,16 @@ def _read(path: Path) -> Adapter:
         raise FinetuneError(f"{path / ADAPTER_META}: unreadable adapter metadata ({e})") from None
     if meta.get("format") != FORMAT:
         raise FinetuneError(f"{path / ADAPTER_META}: not an rwkv-lora adapter (format {meta.get('format')!r})")
+    tokenizer_json = None
+    if (path / TOKENIZER_FILE).is_file():
+        try:
+            tokenizer_json = (path / TOKENIZER_FILE).read_bytes()
+        except OSError as e:
+            raise FinetuneError(f"{path / TOKENIZER_FILE}: unreadable ({e.strerror})") from None
+    tokenizer_json = _check_tokenizer(meta, tokenizer_json, path)
     if meta.get("kind") == "state":
-        return Adapter(path=path, meta=meta, state=_read_state(path / STATE_TENSORS, meta))
+        return Adapter(path=path, meta=meta, state=_read_state(path / STATE_TENSORS, meta),
+                       tokenizer_json=tokenizer_json)
     lora: dict[str, list] = {}
     weights = path / PEFT_WEIGHTS
     if weights.exists():
@@ -290,7 +372,7 @@ def _read(path: Path) -> Adapter:
             raise FinetuneError(f"{path}: no LoRA tensors found (adapter_model.bin is a pickle and is never loaded; "
                                 f"save the adapter with safetensors)")
         raise FinetuneError(f"{path}: no LoRA tensors found (no {PEFT_WEIGHTS} or {TRAINED_TENSORS})")
-    return Adapter(path=path, meta=meta, lora=pairs, full=full)
+    return Adapter(path=path, meta=meta, lora=pairs, full=full, tokenizer_json=tokenizer_json)
 
 
 def save_state_adapter(state: torch.Tensor, out_dir: str | Path, meta: dict[str, Any]) -> Path:
@@ -299,6 +381,9 @@ def save_state_adapter(state: torch.Tensor, out_dir: str | Path, meta: dict[str,
     with atomic_dir(out_dir) as tmp:
         save_safetensors({"state": state.detach().float().cpu().contiguous()}, tmp / STATE_TENSORS)
         meta = dict(meta)
+        meta["tokenizer"], tokenizer_json = tokenizer_record(meta.get("tokenizer"))
+        if tokenizer_json is not None:
+            (tmp / TOKENIZER_FILE).write_bytes(tokenizer_json)
         meta.update(format=FORMAT, version=FORMAT_VERSION, kind="state", state_shape=list(state.shape))
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return out_dir
@@ -415,6 +500,8 @@ def pack_adapter(src: str | Path, out: str | Path, force: bool = False) -> Path:
         tensors["state"] = a.state.contiguous()
     meta = {k: json.dumps(v, default=str) for k, v in a.meta.items() if k not in ("format",)}
     meta.update(format=FORMAT, packed="1", rwkv_lora=json.dumps(a.meta, default=str))
+    if a.tokenizer_json is not None:
+        meta[TOKENIZER_FILE] = a.tokenizer_json.decode("utf-8")  # the tokenizer travels in the header
     with atomic_file(out) as tmp:
         save_safetensors(tensors, tmp, metadata=meta)
     return out
@@ -455,11 +542,13 @@ def _read_packed(path: Path) -> Adapter:
         raise
     except Exception as e:
         raise FinetuneError(f"{path}: corrupted or truncated adapter file ({_first_line(e)})") from None
+    tokenizer_json = md[TOKENIZER_FILE].encode("utf-8") if TOKENIZER_FILE in md else None
+    tokenizer_json = _check_tokenizer(meta, tokenizer_json, path)
     if meta.get("kind") == "state":
-        return Adapter(path=path, meta=meta, state=_check_state(state, path))
+        return Adapter(path=path, meta=meta, state=_check_state(state, path), tokenizer_json=tokenizer_json)
     if not lora and not full:
         raise FinetuneError(f"{path}: no LoRA tensors found in the packed adapter")
-    return Adapter(path=path, meta=meta, lora=_check_pairs(lora, path), full=full)
+    return Adapter(path=path, meta=meta, lora=_check_pairs(lora, path), full=full, tokenizer_json=tokenizer_json)
 
 
 def _first_line(e: BaseException) -> str:
@@ -472,20 +561,27 @@ def _first_line(e: BaseException) -> str:
 
 
 def write_adapter_dir(out_dir: str | Path, meta: dict[str, Any], lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                      full: dict[str, torch.Tensor]) -> Path:
+                      full: dict[str, torch.Tensor], tokenizer_json: bytes | None = None) -> Path:
     """Write our adapter directory format from (A, B) pairs and full tensors, without a model (atomic).
 
-    meta needs base, tokenizer, r, alpha, parts, train; scaling is alpha / r unless meta says use_rslora.
+    meta needs base, tokenizer, r, alpha, parts, train; scaling is alpha / r unless meta says use_rslora. A
+    tokenizer given as a tokenizer.json path is recorded by its hash and copied in (`tokenizer_record`), as is
+    `tokenizer_json` (the content of the file `meta["tokenizer"]` records by hash).
     """
     from peft import LoraConfig
     out_dir = Path(out_dir)
     r, alpha = int(meta["r"]), float(meta["alpha"])
     use_rslora = bool(meta.get("use_rslora", False))
     meta = dict(meta)
+    if tokenizer_json is None:
+        meta["tokenizer"], tokenizer_json = tokenizer_record(meta.get("tokenizer"))
+    _check_tokenizer(meta, tokenizer_json, out_dir)
     meta.update(format=FORMAT, version=FORMAT_VERSION, kind=meta.get("kind", "lora"), r=r, alpha=alpha,
                 use_rslora=use_rslora, scaling=lora_scaling(r, alpha, use_rslora), trained_tensors=sorted(full))
     _validated(Adapter(path=out_dir, meta=meta, lora=dict(lora), full=dict(full)))  # nothing non-finite is written
     with atomic_dir(out_dir) as tmp:
+        if tokenizer_json is not None:
+            (tmp / TOKENIZER_FILE).write_bytes(tokenizer_json)
         if lora:
             cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(lora), use_rslora=use_rslora, bias="none")
             cfg.save_pretrained(str(tmp))

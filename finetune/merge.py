@@ -23,7 +23,6 @@ import argparse
 import collections
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -32,6 +31,7 @@ import torch
 from finetune.atomic import atomic_dir, atomic_file, check_output
 from finetune.checkpoint import all_finite
 from finetune.errors import FinetuneError
+from finetune.hf import hf_config, hf_name, tokenizer_vocab_size, world_tokenizer_json, write_tokenizer_files
 from finetune.tensorfiles import ST_DTYPES, archive_name, save_pth, write_pth_streaming, write_safetensors_streaming
 
 FORMATS = ("pth", "safetensors", "hf")
@@ -113,12 +113,13 @@ def _first_line(e: BaseException) -> str:
 
 def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype: str | torch.dtype | None = None,
                    fmt: str | None = None, force: bool = False, log: Callable[[str], None] | None = None,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False, tokenizer: str | None = None) -> dict[str, Any]:
     """Merge adapters (paths, `PATH:W` strings, or (path, weight) pairs) into `base`, writing `out`.
 
     fmt: "pth" (BlinkDL, default unless `out` ends in .safetensors), "safetensors", or "hf" (a Hugging Face
     RwkvForCausalLM directory). `force`: accept adapters made for another base (shapes must still fit); `force` or
     `overwrite`: replace an existing output (an existing directory only if it is an HF directory merge wrote).
+    `tokenizer` (world or a tokenizer.json path): what an hf directory gets, instead of the adapters' record.
     Returns a summary dict (tensors changed, dtype, format, seconds).
     """
     import time
@@ -151,6 +152,7 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
                                 f"be merged (plug it in with --adapter when generating)")
         check_adapter(a, b.shapes, b.fingerprint, force=force, base_name=str(b.path))
     out_dtype = parse_dtype(dtype) if dtype is not None else None
+    tokenizer_json = hf_tokenizer_json(tokenizer, loaded, b.config.vocab_size, log) if fmt == "hf" else None
 
     # what happens to each tensor: a list of (kind, adapter, weight)
     todo: dict[str, list] = collections.defaultdict(list)
@@ -204,13 +206,12 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
         with atomic_file(out) as tmp:
             write_safetensors_streaming(tmp, plan, produce)
     else:
-        tokenizer = next((a.meta.get("tokenizer") for a, _ in loaded if a.meta.get("tokenizer")), None)
         provenance = {"written_by": "rwkv-lora merge", "format": "hf",
                       "base": {"path": str(b.path), "fingerprint": b.fingerprint},
                       "adapters": [{"path": str(a.path), "weight": w} for a, w in loaded],
                       "dtype": str(out_dtype or "as base").replace("torch.", "")}
         with atomic_dir(out) as tmp:
-            write_hf_dir(tmp, b, plan, produce, tokenizer, log)
+            write_hf_dir(tmp, b, plan, produce, tokenizer_json)
             (tmp / HF_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
     summary = {"out": str(out), "format": fmt, "tensors_changed": len(todo), "tensors": len(plan),
                "dtype": str(out_dtype or "as base").replace("torch.", ""), "seconds": time.perf_counter() - t0,
@@ -222,39 +223,53 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
 # Hugging Face directories
 
 
-def hf_name(key: str) -> str:
-    """BlinkDL checkpoint name -> Hugging Face RwkvForCausalLM name."""
-    if key == "head.weight":
-        return key
-    if key.startswith("emb."):
-        return "rwkv.embeddings." + key[4:]
-    key = key.replace(".ln0.", ".pre_ln.").replace(".att.", ".attention.").replace(".ffn.", ".feed_forward.")
-    for short, long in (("k", "key"), ("v", "value"), ("r", "receptance")):
-        if key.endswith(f".time_mix_{short}"):
-            key = key[: -len(short)] + long
-    return "rwkv." + key
+def hf_tokenizer_json(arg: str | None, adapters: Sequence, vocab_size: int,
+                      log: Callable[[str], None] | None = None) -> str:
+    """The tokenizer.json an HF directory gets: `arg` (world or a tokenizer.json path) if given, else the first
+    adapter's (World, or the tokenizer.json it carries), else World for a World-sized vocabulary. An HF directory
+    is never written without a tokenizer: a one-line FinetuneError when none is known."""
+    from finetune.adapters import adapter_tokenizer_json, tokenizer_record
+    from finetune.tokenizer import WORLD_VOCAB_SIZE, WorldTokenizer, read_world_vocab
+
+    text, world = None, False
+    if arg is not None:
+        record, data = tokenizer_record(arg)
+        if record != "world" and data is None:
+            raise FinetuneError(f"--tokenizer {arg}: neither world nor a tokenizer.json file")
+        world, text = record == "world", data.decode("utf-8") if data is not None else None
+    else:
+        for a, _ in adapters:
+            record = a.meta.get("tokenizer")
+            if record is None:
+                continue
+            world = str(record).startswith("world")
+            text = None if world else adapter_tokenizer_json(a)
+            if not world and text is None:
+                raise FinetuneError(f"adapter {a.path}: records tokenizer {record!r} but does not carry it and no "
+                                    f"such file is here; pass --tokenizer world|PATH/tokenizer.json")
+            break
+        else:
+            if vocab_size != WORLD_VOCAB_SIZE:
+                raise FinetuneError("--format hf writes a tokenizer and no adapter records one; pass --tokenizer "
+                                    "world|PATH/tokenizer.json")
+            world = True
+            if log is not None:
+                log("note: no adapter records a tokenizer; the HF directory gets the World tokenizer (the model has "
+                    "World's vocabulary size)")
+    if world:
+        text = world_tokenizer_json(read_world_vocab(WorldTokenizer().vocab_path))
+    n = tokenizer_vocab_size(text)
+    if n > vocab_size:
+        raise FinetuneError(f"the tokenizer has {n} tokens but the model only {vocab_size}; pass the right "
+                            f"--tokenizer")
+    return text
 
 
-def hf_config(config, dtype: torch.dtype) -> dict[str, Any]:
-    return {
-        "architectures": ["RwkvForCausalLM"], "model_type": "rwkv",
-        "vocab_size": config.vocab_size, "hidden_size": config.n_embd, "num_hidden_layers": config.n_layer,
-        "attention_hidden_size": config.n_embd, "intermediate_size": config.dim_ffn, "context_length": 4096,
-        "layer_norm_epsilon": 1e-5, "bos_token_id": 0, "eos_token_id": 0, "rescale_every": 0,
-        "tie_word_embeddings": False, "use_cache": True,
-        "dtype": str(dtype).replace("torch.", ""),
-    }
-
-
-def write_hf_dir(tmp: Path, base: LazyBase, plan, produce, tokenizer: str | None,
-                 log: Callable[[str], None] | None) -> None:
+def write_hf_dir(tmp: Path, base: LazyBase, plan, produce, tokenizer_json: str) -> None:
     main_dtype = collections.Counter(d for k, _, d in plan if k.endswith(".weight")).most_common(1)[0][0]
     (tmp / "config.json").write_text(json.dumps(hf_config(base.config, main_dtype), indent=2) + "\n")
     write_safetensors_streaming(tmp / "model.safetensors", plan, produce, rename=hf_name)
-    if tokenizer and str(tokenizer).endswith(".json") and Path(tokenizer).is_file():
-        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-    elif log is not None:
-        log(f"note: tokenizer {tokenizer!r} is not a tokenizer.json file; none copied into the HF directory")
+    write_tokenizer_files(tmp, tokenizer_json)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -368,6 +383,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                         "replaces an existing output like --overwrite")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output file (or an HF directory that merge wrote; never another one)")
+    p.add_argument("--tokenizer", help="hf format: the tokenizer to write (world or PATH/tokenizer.json; default: "
+                                       "the one the adapters record and carry)")
     p.set_defaults(func=run_merge)
 
     p = sub.add_parser("pack", help="pack an adapter directory into one .safetensors file",
@@ -405,7 +422,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_merge(args: argparse.Namespace) -> int:
     s = merge_adapters(args.base, args.adapter, args.out, dtype=args.dtype, fmt=args.fmt, force=args.force, log=print,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, tokenizer=args.tokenizer)
     print(f"wrote {s['out']} ({s['format']}, {s['dtype']}): {s['tensors_changed']} of {s['tensors']} tensors changed "
           f"by {len(s['adapters'])} adapter(s) in {s['seconds']:.1f}s")
     return 0

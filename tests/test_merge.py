@@ -717,3 +717,93 @@ def test_outputs_honour_the_umask(env, tmp_path):
         for p in paths:
             want = (0o777 if p.is_dir() else 0o666) & ~mask
             assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizers travel with adapters (issue 10 item 15)
+
+
+def test_the_tokenizer_travels_with_the_adapter(tmp_path, monkeypatch, capsys):
+    """Recorded by content hash and carried (directory and packed file): generate and merge --format hf find it
+    from anywhere, after the original file is gone."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    from finetune.tokenizer import load_tokenizer
+
+    work = tmp_path / "work"
+    work.mkdir()
+    base = write_checkpoint(work / "base.pth", random_rwkv4_state_dict(*SHAPE, seed=11))
+    tok_path = make_char_tokenizer(work / "tokenizer.json")
+    original = tok_path.read_bytes()
+    monkeypatch.chdir(work)
+    adapter = make_adapter(Path("base.pth"), work / "adapter", seed=3, tokenizer="tokenizer.json")  # relative
+    meta = json.loads((adapter / "rwkv_lora.json").read_text())
+    assert meta["tokenizer"] == "tokenizer.json sha256:" + hashlib.sha256(original).hexdigest()
+    assert (adapter / "tokenizer.json").read_bytes() == original
+    packed = pack_adapter(adapter, work / "adapter.safetensors")
+    tok_path.unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ours = load_tokenizer(str(adapter / "tokenizer.json"))
+    for a in (adapter, packed):
+        assert cli.main(["generate", "--model", str(base), "--adapter", str(a), "--prompt", "hello", "--max-tokens",
+                         "4", "--temperature", "0"]) == 0, capsys.readouterr().err
+        out = elsewhere / f"hf-{a.name}"
+        assert cli.main(["merge", "--base", str(base), "--adapter", str(a), "--out", str(out), "--format",
+                         "hf"]) == 0
+        assert json.loads((out / "tokenizer.json").read_text()) == json.loads(original)
+        hf_tok = AutoTokenizer.from_pretrained(str(out))
+        text = "Hello there, how are you?"
+        assert hf_tok(text)["input_ids"] == ours.encode(text)
+        assert hf_tok.eos_token_id == 0
+    capsys.readouterr()
+    # a carried tokenizer.json that does not match its record is refused
+    (adapter / "tokenizer.json").write_text((adapter / "tokenizer.json").read_text().replace('"a"', '"b"', 1))
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(elsewhere / "x.pth")]) == 1
+    one_line_error(capsys, "does not match the sha256")
+
+
+def test_hf_output_always_has_a_tokenizer(env, tmp_path, capsys):
+    d, base, a1, _ = env  # a1 records no tokenizer and the vocabulary is not World's
+    out = tmp_path / "hf"
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(a1), "--out", str(out), "--format", "hf"]) == 1
+    one_line_error(capsys, "pass --tokenizer")
+    assert not out.exists()
+    tok = make_char_tokenizer(tmp_path / "tok.json")
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(a1), "--out", str(out), "--format", "hf",
+                     "--tokenizer", str(tok)]) == 0
+    assert (out / "tokenizer.json").read_bytes() == tok.read_bytes() and (out / "tokenizer_config.json").is_file()
+
+
+WORLD_TEXTS = ["Hello world, this is a test.\n\nUser: hi\n\nAssistant:", "中文测试，你好世界！🙂 emoji",
+               "def f(x):\n    return x**2  # code\n\t\t", "   multiple   spaces\r\n  x", "naïve café ÿ \x00\x01"]
+
+
+def test_world_vocab_hf_directory_generates_with_transformers_pipeline(tmp_path):
+    """A World-vocab merge gets a tokenizer.json that transformers loads: the same ids as the World tokenizer, and
+    `pipeline("text-generation")` continues a prompt greedily with the tokens our model picks."""
+    from transformers import AutoTokenizer, pipeline
+
+    from finetune.tokenizer import load_tokenizer
+
+    base = write_checkpoint(tmp_path / "world.pth", random_rwkv4_state_dict(2, 16, 65536, seed=4))
+    adapter = make_adapter(base, tmp_path / "adapter", seed=1, tokenizer="world")
+    merge_adapters(base, [adapter], tmp_path / "merged.pth")
+    merge_adapters(base, [adapter], tmp_path / "hf", fmt="hf")
+    world = load_tokenizer("world")
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for text in WORLD_TEXTS:
+        assert hf_tok(text)["input_ids"] == world.encode(text), text
+        assert hf_tok.decode(world.encode(text)) == text
+    prompt = "The quick brown fox"
+    ids = world.encode(prompt)
+    model = load_model(tmp_path / "merged.pth")
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    pipe = pipeline("text-generation", model=str(tmp_path / "hf"))
+    out = pipe(prompt, max_new_tokens=6, do_sample=False, return_tensors=True)
+    assert list(out[0]["generated_token_ids"]) == ids
