@@ -154,6 +154,9 @@ def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path 
         model = family.model_class(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.checkpoint_dtypes = {k: v.dtype for k, v in state_dict.items()}
+    # the base's identity as stored, before any cast: adapters made on this file must plug in whatever dtype the
+    # user then asks for (fingerprinting the cast weights made `--dtype fp16` refuse them)
+    model.base_fingerprint = fingerprint(state_dict)
     for name, p in model.named_parameters():  # decays always in fp32 (exact: bf16/fp16 -> fp32 loses nothing)
         if name.endswith(family.fp32_params) and p.dtype != torch.float32:
             p.data = p.data.float()

@@ -807,3 +807,15 @@ def test_world_vocab_hf_directory_generates_with_transformers_pipeline(tmp_path)
     pipe = pipeline("text-generation", model=str(tmp_path / "hf"))
     out = pipe(prompt, max_new_tokens=6, do_sample=False, return_tensors=True)
     assert list(out[0]["generated_token_ids"]) == ids
+
+
+def test_an_adapter_plugs_in_whatever_dtype_the_model_is_loaded_in(env, capsys):
+    """The fingerprint is the stored base's, not the cast model's: --dtype fp16/bf16 accept the base's adapter."""
+    d, base, a1, _ = env
+    ref = plugged_logits(base, [a1])
+    for dtype, tol in (("fp16", 5e-2), ("bf16", 2e-1)):
+        logits = plugged_logits(base, [a1], dtype=dtype)
+        assert (logits - ref).abs().max() <= tol * ref.abs().max(), dtype
+    tok = make_char_tokenizer(d / "tok16.json")
+    assert cli.main(["generate", "--model", str(base), "--adapter", str(a1), "--tokenizer", str(tok), "--prompt", "hi",
+                     "--max-tokens", "3", "--dtype", "fp16"]) == 0, capsys.readouterr().err
