@@ -23,6 +23,7 @@ import argparse
 import collections
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -339,26 +340,41 @@ def import_rwkv_lm_lora(file: str | Path, alpha: float, base: str | Path, out: s
 
 
 def export_rwkv_lm_lora(adapter: str | Path, out: str | Path, force: bool = False) -> dict[str, Any]:
-    """Write an adapter in RWKV-LM-LoRA's layout (`.pth`, fp32). Their merge uses alpha / r, so the alpha to give
-    them is scaling * r (== our alpha unless rsLoRA was used); it is returned and printed. An existing `out` is
-    replaced only with `force`."""
+    """Write an adapter in RWKV-LM-LoRA's layout (`.pth`, fp32) and return the integer lora_alpha to merge it with.
+
+    Their merge (and rwkv.cpp's merge script, which takes an integer alpha) computes W + alpha / r * B @ A with
+    r = lora_B.shape[1], so the alpha to give them is scaling * r. When that is not an integer (rsLoRA, or a
+    fractional alpha) it is rounded and lora_B is scaled by exact / rounded, so the merged weights stay the same;
+    `notes` says so, and warns when LoRA on att.output would be lost by RWKV-LM-LoRA's --lora_load. An existing
+    `out` is replaced only with `force`."""
     from finetune.adapters import adapter_files, read_adapter
 
     check_output(out, force=force, inputs=adapter_files(adapter))
     a = read_adapter(adapter)
     if a.state is not None:
         raise FinetuneError(f"adapter {adapter}: a state adapter has no LoRA weights to export")
+    r = int(a.meta["r"])
+    exact = a.scaling * r
+    alpha = max(1, round(exact))
+    factor = exact / alpha
+    notes = []
+    if not math.isclose(factor, 1.0, rel_tol=1e-9):
+        notes.append(f"note: the adapter's alpha for an alpha / r merge is {exact:.6g}, not an integer (rwkv.cpp's "
+                     f"merge script needs one): exported for lora_alpha={alpha}, with lora_B scaled by "
+                     f"{factor:.6g} so that the merged weights are unchanged")
     sd: dict[str, torch.Tensor] = {}
     for module, (A, B) in sorted(a.lora.items()):
         sd[f"{module}.lora_A"] = A.contiguous()
-        sd[f"{module}.lora_B"] = B.contiguous()
+        sd[f"{module}.lora_B"] = (B.double() * factor).float() if factor != 1.0 else B.contiguous()
     for name, t in sorted(a.full.items()):
         sd[name] = t.contiguous()
-    r = next(iter(a.lora.values()))[0].shape[0] if a.lora else int(a.meta.get("r", 1))
-    alpha = a.scaling * r
+    output = [m for m in a.lora if m.endswith(".att.output")]
+    if output:
+        notes.append(f"warning: {len(output)} LoRA pairs adapt att.output: merging keeps them, but RWKV-LM-LoRA's "
+                     f"--lora_load has no LoRA on att.output and drops them if you continue training there")
     with atomic_file(out) as tmp:
         save_pth(sd, tmp, archive=archive_name(out))
-    return {"out": str(out), "alpha": alpha, "r": r, "tensors": len(sd)}
+    return {"out": str(out), "alpha": alpha, "r": r, "tensors": len(sd), "notes": notes}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -446,7 +462,9 @@ def run_import(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     s = export_rwkv_lm_lora(args.adapter, args.out, force=args.force)
-    print(f"wrote {s['out']}: {s['tensors']} tensors; merge it with lora_alpha={s['alpha']:g} (r={s['r']})")
+    for note in s["notes"]:
+        print(note, file=sys.stderr)
+    print(f"wrote {s['out']}: {s['tensors']} tensors; merge it with lora_alpha={s['alpha']} (r={s['r']})")
     return 0
 
 

@@ -819,3 +819,28 @@ def test_an_adapter_plugs_in_whatever_dtype_the_model_is_loaded_in(env, capsys):
     tok = make_char_tokenizer(d / "tok16.json")
     assert cli.main(["generate", "--model", str(base), "--adapter", str(a1), "--tokenizer", str(tok), "--prompt", "hi",
                      "--max-tokens", "3", "--dtype", "fp16"]) == 0, capsys.readouterr().err
+
+
+def test_export_lora_gives_an_integer_alpha_and_warns_about_att_output(env, tmp_path, capsys):
+    """rsLoRA r=2 alpha=4: the alpha / r merge needs alpha = 4 * sqrt(2) = 5.66; exported for lora_alpha=6 with B
+    rescaled, so W + 6 / 2 * B' @ A is still W + 4 / sqrt(2) * B @ A. LoRA on att.output is flagged."""
+    from finetune.adapters import write_adapter_dir
+
+    d, base, _, a2 = env
+    A2 = read_adapter(a2)
+    rs = write_adapter_dir(tmp_path / "rs", {**A2.meta, "use_rslora": True}, A2.lora, A2.full)
+    out = tmp_path / "rs.pth"
+    assert cli.main(["export-lora", str(rs), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "lora_alpha=6 (r=2)" in captured.out and "5.65685" in captured.err
+    assert "att.output" in captured.err and "--lora_load" in captured.err
+    ex = torch.load(out, weights_only=True)
+    for module, (A, B) in A2.lora.items():
+        a, b = ex[f"{module}.lora_A"], ex[f"{module}.lora_B"]
+        theirs = (6 / b.shape[1]) * (b.double() @ a.double())
+        expect = (4 / 2 ** 0.5) * (B.double() @ A.double())
+        torch.testing.assert_close(theirs, expect, rtol=1e-6, atol=1e-7)
+    # an integer alpha is exported as is, without a note
+    assert cli.main(["export-lora", str(a2), "--out", str(tmp_path / "plain.pth")]) == 0
+    captured = capsys.readouterr()
+    assert "lora_alpha=4 (r=2)" in captured.out and "note" not in captured.err
