@@ -560,6 +560,14 @@ def _first_line(e: BaseException) -> str:
 # Writing an adapter directory from plain tensors (import from other tools)
 
 
+def peft_config(r: int, alpha: float, use_rslora: bool, modules: list[str], dropout: float = 0.0) -> dict[str, Any]:
+    """adapter_config.json as peft writes it for our LoRA (the keys `LoraConfig` needs; the rest take peft's
+    defaults), so that `PeftModel.from_pretrained` loads the directory; written without importing peft."""
+    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+            "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora, "bias": "none",
+            "target_modules": modules, "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None}
+
+
 def write_adapter_dir(out_dir: str | Path, meta: dict[str, Any], lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
                       full: dict[str, torch.Tensor], tokenizer_json: bytes | None = None) -> Path:
     """Write our adapter directory format from (A, B) pairs and full tensors, without a model (atomic).
@@ -568,7 +576,6 @@ def write_adapter_dir(out_dir: str | Path, meta: dict[str, Any], lora: dict[str,
     tokenizer given as a tokenizer.json path is recorded by its hash and copied in (`tokenizer_record`), as is
     `tokenizer_json` (the content of the file `meta["tokenizer"]` records by hash).
     """
-    from peft import LoraConfig
     out_dir = Path(out_dir)
     r, alpha = int(meta["r"]), float(meta["alpha"])
     use_rslora = bool(meta.get("use_rslora", False))
@@ -583,8 +590,8 @@ def write_adapter_dir(out_dir: str | Path, meta: dict[str, Any], lora: dict[str,
         if tokenizer_json is not None:
             (tmp / TOKENIZER_FILE).write_bytes(tokenizer_json)
         if lora:
-            cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(lora), use_rslora=use_rslora, bias="none")
-            cfg.save_pretrained(str(tmp))
+            config = peft_config(r, alpha, use_rslora, sorted(lora), meta.get("dropout") or 0.0)
+            (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             tensors = {}
             for module, (A, B) in lora.items():
                 tensors[f"base_model.model.{module}.lora_A.weight"] = A.float().contiguous()

@@ -50,8 +50,9 @@ def make_adapter(base_path: Path, out_dir: Path, seed: int, r: int = 4, alpha: f
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("merge")
     base = write_checkpoint(d / "base.pth", random_rwkv4_state_dict(*SHAPE, seed=11))
-    a1 = make_adapter(base, d / "a1", seed=1)
-    a2 = make_adapter(base, d / "a2", seed=2, r=2, alpha=4, parts=("att",), train=("ln",))
+    tok = make_char_tokenizer(d / "a1-tokenizer.json")
+    a1 = make_adapter(base, d / "a1", seed=1, tokenizer=str(tok))
+    a2 = make_adapter(base, d / "a2", seed=2, r=2, alpha=4, parts=("att",), train=("ln",))  # records no tokenizer
     return d, base, a1, a2
 
 
@@ -429,6 +430,7 @@ def test_pack_export_import_refuse_existing_outputs(env, tmp_path, capsys):
         assert out.read_bytes() == b"precious"
         assert cli.main([cmd, str(a1), "--out", str(out), "--force"]) == 0
         assert out.read_bytes() != b"precious"
+        capsys.readouterr()
     # import-lora into a directory that is not an adapter: never, even with --overwrite
     exported = tmp_path / "e.pth"
     notes = tmp_path / "notes"
@@ -767,13 +769,13 @@ def test_the_tokenizer_travels_with_the_adapter(tmp_path, monkeypatch, capsys):
 
 
 def test_hf_output_always_has_a_tokenizer(env, tmp_path, capsys):
-    d, base, a1, _ = env  # a1 records no tokenizer and the vocabulary is not World's
+    d, base, _, a2 = env  # a2 records no tokenizer and the vocabulary is not World's
     out = tmp_path / "hf"
-    assert cli.main(["merge", "--base", str(base), "--adapter", str(a1), "--out", str(out), "--format", "hf"]) == 1
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(a2), "--out", str(out), "--format", "hf"]) == 1
     one_line_error(capsys, "pass --tokenizer")
     assert not out.exists()
     tok = make_char_tokenizer(tmp_path / "tok.json")
-    assert cli.main(["merge", "--base", str(base), "--adapter", str(a1), "--out", str(out), "--format", "hf",
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(a2), "--out", str(out), "--format", "hf",
                      "--tokenizer", str(tok)]) == 0
     assert (out / "tokenizer.json").read_bytes() == tok.read_bytes() and (out / "tokenizer_config.json").is_file()
 
@@ -844,3 +846,16 @@ def test_export_lora_gives_an_integer_alpha_and_warns_about_att_output(env, tmp_
     assert cli.main(["export-lora", str(a2), "--out", str(tmp_path / "plain.pth")]) == 0
     captured = capsys.readouterr()
     assert "lora_alpha=4 (r=2)" in captured.out and "note" not in captured.err
+
+
+def test_250_character_output_names(env, tmp_path):
+    d, base, a1, _ = env
+    names = {"pth": "p" * 246 + ".pth", "safetensors": "s" * 238 + ".safetensors", "hf": "h" * 250}
+    for fmt, name in names.items():
+        assert len(name) == 250
+        assert cli.main(["merge", "--base", str(base), "--adapter", str(a1), "--out", str(tmp_path / name),
+                         "--format", fmt]) == 0
+    assert cli.main(["pack", str(a1), "--out", str(tmp_path / ("k" * 238 + ".safetensors"))]) == 0
+    assert cli.main(["init", "--n-layer", "1", "--n-embd", "8", "--vocab", "16", "--out",
+                     str(tmp_path / ("i" * 246 + ".pth"))]) == 0
+    assert len(list(tmp_path.iterdir())) == 5 and no_temp_files(tmp_path)
