@@ -20,7 +20,10 @@ Merging and plug-in read `rwkv_lora.json` and never ask the user for alpha.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +33,12 @@ import torch
 import torch.nn as nn
 
 from finetune import checkpoint
-from finetune.atomic import atomic_dir, atomic_file
+from finetune.checkpoint import all_finite
+from finetune.atomic import atomic_dir, atomic_file, check_output
 from finetune.errors import FinetuneError
 from finetune.models import RNNState, family_for
 from finetune.quant import linear as quant_linear, load_model as load_quantized
+from finetune.tensorfiles import save_safetensors
 
 ADAPTER_META = "rwkv_lora.json"
 TRAINED_TENSORS = "trained_tensors.safetensors"
@@ -42,6 +47,8 @@ PEFT_CONFIG = "adapter_config.json"
 STATE_TENSORS = "state.safetensors"
 FORMAT = "rwkv-lora-adapter"
 FORMAT_VERSION = 1
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer an adapter carries (packed: a header entry of that name)
+TOKENIZER_HASH = "tokenizer.json sha256:"
 
 # the projections LoRA can adapt, by part
 LORA_PARTS: dict[str, tuple[str, ...]] = {
@@ -135,22 +142,88 @@ def save_adapter(peft_model: nn.Module, out_dir: str | Path, meta: dict[str, Any
     meta must hold at least: base (dict with fingerprint and shapes), tokenizer, r, alpha, parts, train; the
     format/version/kind/scaling fields are filled in here.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
         full = trained_full_tensors(peft_model, meta.get("train", ()))
         if full:
-            save_file(full, str(tmp / TRAINED_TENSORS))
+            save_safetensors(full, tmp / TRAINED_TENSORS)
         cfg = next(iter(peft_model.peft_config.values()))
         meta = dict(meta)
+        meta["tokenizer"], tokenizer_json = tokenizer_record(meta.get("tokenizer"))
+        if tokenizer_json is not None:
+            (tmp / TOKENIZER_FILE).write_bytes(tokenizer_json)
         meta.update(format=FORMAT, version=FORMAT_VERSION, kind=meta.get("kind", "lora"),
                     r=cfg.r, alpha=cfg.lora_alpha, use_rslora=bool(cfg.use_rslora),
                     scaling=lora_scaling(cfg.r, cfg.lora_alpha, bool(cfg.use_rslora)),
                     trained_tensors=sorted(full))
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return out_dir
+
+
+def tokenizer_record(spec: str | None) -> tuple[str | None, bytes | None]:
+    """What an adapter records for a tokenizer setting, and the file it carries: "world" (built in), or for a
+    tokenizer.json path its content hash "tokenizer.json sha256:<hex>" and the file itself, so that the adapter
+    finds its tokenizer wherever it is used. Anything else (an identity already, e.g. a data manifest's) is kept."""
+    if spec is None:
+        return None, None
+    spec = str(spec)
+    if spec == "world":
+        return "world", None
+    path = Path(spec)
+    if path.is_file():
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise FinetuneError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
+        return TOKENIZER_HASH + hashlib.sha256(data).hexdigest(), data
+    return spec, None
+
+
+def _check_tokenizer(meta: dict[str, Any], data: bytes | None, where: Path) -> bytes | None:
+    record = meta.get("tokenizer")
+    if data is None:
+        return None
+    if not (isinstance(record, str) and record.startswith(TOKENIZER_HASH)):
+        raise FinetuneError(f"{where}: carries a tokenizer.json but records tokenizer {record!r}")
+    if hashlib.sha256(data).hexdigest() != record[len(TOKENIZER_HASH):]:
+        raise FinetuneError(f"{where}: its tokenizer.json does not match the sha256 the adapter records; the adapter "
+                            f"is damaged or was edited")
+    return data
+
+
+def adapter_tokenizer_json(a: "Adapter") -> str | None:
+    """The text of the tokenizer.json an adapter was trained with: the one it carries, or (adapters from before
+    tokenizers travelled with them) the file its record names when that exists here. None for World and when
+    unknown."""
+    if a.tokenizer_json is not None:
+        return a.tokenizer_json.decode("utf-8")
+    record = a.meta.get("tokenizer")
+    if isinstance(record, str) and record.endswith(".json") and Path(record).is_file():
+        return Path(record).read_text(encoding="utf-8")
+    return None
+
+
+def adapter_tokenizer(a: "Adapter"):
+    """The adapter's tokenizer as a `finetune.tokenizer.Tokenizer`, or None when it records none. One-line
+    FinetuneError when it records one it does not carry and that is not here."""
+    from finetune.tokenizer import load_tokenizer
+
+    record = a.meta.get("tokenizer")
+    if record is None:
+        return None
+    if record == "world" or str(record).startswith("world"):
+        return load_tokenizer("world")
+    if a.tokenizer_json is not None and Path(a.path).is_dir():
+        return load_tokenizer(str(Path(a.path) / TOKENIZER_FILE))
+    text = adapter_tokenizer_json(a)
+    if text is None:
+        raise FinetuneError(f"adapter {a.path}: records tokenizer {record!r} but does not carry it and no such file "
+                            f"is here; pass --tokenizer")
+    with tempfile.TemporaryDirectory() as tmp:  # a packed adapter: the tokenizer is read once, from a private copy
+        path = Path(tmp) / TOKENIZER_FILE
+        path.write_text(text, encoding="utf-8")
+        return load_tokenizer(str(path))
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -170,6 +243,8 @@ class Adapter:
     """checkpoint name -> tensor trained in full (replaces the base tensor), float32."""
     state: RNNState | None = None
     """kind "state": the learned start state (unbatched, [L, ...] per field), float32."""
+    tokenizer_json: bytes | None = None
+    """The tokenizer.json the adapter carries (its `tokenizer` record is then "tokenizer.json sha256:<hex>")."""
 
     @property
     def kind(self) -> str:
@@ -185,6 +260,14 @@ class Adapter:
         return self.scaling * (B @ A)
 
 
+def adapter_files(path: str | Path) -> list[Path]:
+    """The adapter itself and every file it is made of: what a command reading it must never write over."""
+    path = Path(path)
+    if path.is_dir():
+        return [path, *sorted(p for p in path.iterdir() if p.is_file())]
+    return [path]
+
+
 def is_adapter(path: str | Path) -> bool:
     """An adapter directory or a packed adapter file (see `pack_adapter`)."""
     path = Path(path)
@@ -192,11 +275,54 @@ def is_adapter(path: str | Path) -> bool:
 
 
 def read_adapter(path: str | Path) -> Adapter:
-    """Read an adapter directory or packed file (safetensors only; nothing is unpickled). One-line FinetuneError on
-    any problem."""
+    """Read an adapter directory or packed file (safetensors only; nothing is unpickled) and check it: its metadata
+    (r, alpha and the scaling they imply), its ranks and that every value is finite. One-line FinetuneError on any
+    problem."""
+    return _validated(_read(Path(path)))
+
+
+def _validated(a: Adapter) -> Adapter:
+    where = a.path
+    kind = a.meta.get("kind", "lora")
+    if kind not in ("lora", "state"):
+        raise FinetuneError(f"{where}: unknown adapter kind {kind!r} (lora or state)")
+    if kind == "lora":
+        r, alpha, rslora, scaling = (a.meta.get(k) for k in ("r", "alpha", "use_rslora", "scaling"))
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise FinetuneError(f"{where}: r must be a positive integer, got {r!r}")
+        if not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
+            raise FinetuneError(f"{where}: alpha must be a positive number, got {alpha!r}")
+        if not isinstance(rslora if rslora is not None else False, bool):
+            raise FinetuneError(f"{where}: use_rslora must be true or false, got {rslora!r}")
+        expected = lora_scaling(r, alpha, bool(rslora))
+        # the scaling is recorded for readers, and must say what r and alpha say: a damaged or edited file that
+        # disagrees with itself is refused rather than merged with a made-up strength
+        if not _is_number(scaling) or not math.isfinite(scaling) or not math.isclose(scaling, expected,
+                                                                                     rel_tol=1e-6):
+            raise FinetuneError(f"{where}: scaling {scaling!r} contradicts r={r}, alpha={alpha:g}"
+                                f"{' (rsLoRA)' if rslora else ''}, which give {expected:g}; the adapter is damaged "
+                                f"or was edited")
+        for module, (A, _) in a.lora.items():
+            if A.shape[0] != r:
+                raise FinetuneError(f"{where}: {module} has rank {A.shape[0]} but the adapter says r={r}")
+    tensors = [(f"{m}.lora_A", A) for m, (A, _) in a.lora.items()] + \
+              [(f"{m}.lora_B", B) for m, (_, B) in a.lora.items()] + list(a.full.items())
+    if a.state is not None:
+        tensors.append(("state", a.state))
+    for name, t in tensors:
+        if not all_finite(t):
+            raise FinetuneError(f"{where}: {name} holds NaN or infinite values; the adapter is damaged (was its "
+                                f"training diverging?)")
+    return a
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _read(path: Path) -> Adapter:
     from safetensors.torch import load_file
 
-    path = Path(path)
     if not path.exists():
         raise FinetuneError(f"{path}: no such adapter")
     if path.is_file():
@@ -209,8 +335,16 @@ def read_adapter(path: str | Path) -> Adapter:
         raise FinetuneError(f"{path / ADAPTER_META}: unreadable adapter metadata ({e})") from None
     if meta.get("format") != FORMAT:
         raise FinetuneError(f"{path / ADAPTER_META}: not an rwkv-lora adapter (format {meta.get('format')!r})")
+    tokenizer_json = None
+    if (path / TOKENIZER_FILE).is_file():
+        try:
+            tokenizer_json = (path / TOKENIZER_FILE).read_bytes()
+        except OSError as e:
+            raise FinetuneError(f"{path / TOKENIZER_FILE}: unreadable ({e.strerror})") from None
+    tokenizer_json = _check_tokenizer(meta, tokenizer_json, path)
     if meta.get("kind") == "state":
-        return Adapter(path=path, meta=meta, state=_read_state(path / STATE_TENSORS, meta))
+        return Adapter(path=path, meta=meta, state=_read_state(path / STATE_TENSORS, meta),
+                       tokenizer_json=tokenizer_json)
     lora: dict[str, list] = {}
     weights = path / PEFT_WEIGHTS
     if weights.exists():
@@ -238,21 +372,28 @@ def read_adapter(path: str | Path) -> Adapter:
         except Exception as e:
             raise FinetuneError(f"{path / TRAINED_TENSORS}: corrupted or truncated ({str(e).splitlines()[0]})") \
                 from None
-    return Adapter(path=path, meta=meta, lora=pairs, full=full)
+    if not pairs and not full:
+        # applying nothing and reporting success would be a silent wrong result
+        if (path / "adapter_model.bin").exists():
+            raise FinetuneError(f"{path}: no LoRA tensors found (adapter_model.bin is a pickle and is never loaded; "
+                                f"save the adapter with safetensors)")
+        raise FinetuneError(f"{path}: no LoRA tensors found (no {PEFT_WEIGHTS} or {TRAINED_TENSORS})")
+    return Adapter(path=path, meta=meta, lora=pairs, full=full, tokenizer_json=tokenizer_json)
 
 
 def save_state_adapter(state: RNNState, out_dir: str | Path, meta: dict[str, Any]) -> Path:
     """Write a state adapter directory (state.safetensors + rwkv_lora.json), atomically. `state` is unbatched."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.tensors().items()}
     for k, v in tensors.items():
         if not torch.isfinite(v).all():
             raise FinetuneError(f"{out_dir}: the learned state's {k} is not finite; nothing written")
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / STATE_TENSORS))
+        save_safetensors(tensors, tmp / STATE_TENSORS)
         meta = dict(meta)
+        meta["tokenizer"], tokenizer_json = tokenizer_record(meta.get("tokenizer"))
+        if tokenizer_json is not None:
+            (tmp / TOKENIZER_FILE).write_bytes(tokenizer_json)
         meta.update(format=FORMAT, version=FORMAT_VERSION, kind="state",
                     state_shapes={k: list(v.shape) for k, v in tensors.items()})
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -367,12 +508,11 @@ def is_packed(path: str | Path) -> bool:
     return bool(header) and (header.get("__metadata__") or {}).get("format") == FORMAT
 
 
-def pack_adapter(src: str | Path, out: str | Path) -> Path:
-    """Write an adapter (directory or packed file) as one packed `.safetensors` file, atomically."""
-    from safetensors.torch import save_file
-
+def pack_adapter(src: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Write an adapter (directory or packed file) as one packed `.safetensors` file, atomically. An existing `out`
+    is replaced only with `force`; the adapter's own files never are."""
+    out = check_output(out, force=force, inputs=adapter_files(src))
     a = read_adapter(src)
-    out = Path(out)
     tensors: dict[str, torch.Tensor] = {}
     for module, (A, B) in sorted(a.lora.items()):
         tensors[f"lora.{module}.A"] = A.contiguous()
@@ -384,8 +524,10 @@ def pack_adapter(src: str | Path, out: str | Path) -> Path:
             tensors[f"state.{k}"] = v.contiguous()
     meta = {k: json.dumps(v, default=str) for k, v in a.meta.items() if k not in ("format",)}
     meta.update(format=FORMAT, packed="1", rwkv_lora=json.dumps(a.meta, default=str))
+    if a.tokenizer_json is not None:
+        meta[TOKENIZER_FILE] = a.tokenizer_json.decode("utf-8")  # the tokenizer travels in the header
     with atomic_file(out) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+        save_safetensors(tensors, tmp, metadata=meta)
     return out
 
 
@@ -424,9 +566,13 @@ def _read_packed(path: Path) -> Adapter:
         raise
     except Exception as e:
         raise FinetuneError(f"{path}: corrupted or truncated adapter file ({_first_line(e)})") from None
+    tokenizer_json = md[TOKENIZER_FILE].encode("utf-8") if TOKENIZER_FILE in md else None
+    tokenizer_json = _check_tokenizer(meta, tokenizer_json, path)
     if meta.get("kind") == "state":
-        return Adapter(path=path, meta=meta, state=_check_state(state, path))
-    return Adapter(path=path, meta=meta, lora=_check_pairs(lora, path), full=full)
+        return Adapter(path=path, meta=meta, state=_check_state(state, path), tokenizer_json=tokenizer_json)
+    if not lora and not full:
+        raise FinetuneError(f"{path}: no LoRA tensors found in the packed adapter")
+    return Adapter(path=path, meta=meta, lora=_check_pairs(lora, path), full=full, tokenizer_json=tokenizer_json)
 
 
 def _first_line(e: BaseException) -> str:
@@ -438,32 +584,45 @@ def _first_line(e: BaseException) -> str:
 # Writing an adapter directory from plain tensors (import from other tools)
 
 
+def peft_config(r: int, alpha: float, use_rslora: bool, modules: list[str], dropout: float = 0.0) -> dict[str, Any]:
+    """adapter_config.json as peft writes it for our LoRA (the keys `LoraConfig` needs; the rest take peft's
+    defaults), so that `PeftModel.from_pretrained` loads the directory; written without importing peft."""
+    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+            "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora, "bias": "none",
+            "target_modules": modules, "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None}
+
+
 def write_adapter_dir(out_dir: str | Path, meta: dict[str, Any], lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                      full: dict[str, torch.Tensor]) -> Path:
+                      full: dict[str, torch.Tensor], tokenizer_json: bytes | None = None) -> Path:
     """Write our adapter directory format from (A, B) pairs and full tensors, without a model (atomic).
 
-    meta needs base, tokenizer, r, alpha, parts, train; scaling is alpha / r unless meta says use_rslora.
+    meta needs base, tokenizer, r, alpha, parts, train; scaling is alpha / r unless meta says use_rslora. A
+    tokenizer given as a tokenizer.json path is recorded by its hash and copied in (`tokenizer_record`), as is
+    `tokenizer_json` (the content of the file `meta["tokenizer"]` records by hash).
     """
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     r, alpha = int(meta["r"]), float(meta["alpha"])
     use_rslora = bool(meta.get("use_rslora", False))
+    meta = dict(meta)
+    if tokenizer_json is None:
+        meta["tokenizer"], tokenizer_json = tokenizer_record(meta.get("tokenizer"))
+    _check_tokenizer(meta, tokenizer_json, out_dir)
+    meta.update(format=FORMAT, version=FORMAT_VERSION, kind=meta.get("kind", "lora"), r=r, alpha=alpha,
+                use_rslora=use_rslora, scaling=lora_scaling(r, alpha, use_rslora), trained_tensors=sorted(full))
+    _validated(Adapter(path=out_dir, meta=meta, lora=dict(lora), full=dict(full)))  # nothing non-finite is written
     with atomic_dir(out_dir) as tmp:
+        if tokenizer_json is not None:
+            (tmp / TOKENIZER_FILE).write_bytes(tokenizer_json)
         if lora:
-            cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(lora), use_rslora=use_rslora, bias="none")
-            cfg.save_pretrained(str(tmp))
+            config = peft_config(r, alpha, use_rslora, sorted(lora), meta.get("dropout") or 0.0)
+            (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             tensors = {}
             for module, (A, B) in lora.items():
                 tensors[f"base_model.model.{module}.lora_A.weight"] = A.float().contiguous()
                 tensors[f"base_model.model.{module}.lora_B.weight"] = B.float().contiguous()
-            save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+            save_safetensors(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
         if full:
-            save_file({k: v.float().contiguous() for k, v in full.items()}, str(tmp / TRAINED_TENSORS))
-        meta = dict(meta)
-        meta.update(format=FORMAT, version=FORMAT_VERSION, kind=meta.get("kind", "lora"), r=r, alpha=alpha,
-                    use_rslora=use_rslora, scaling=lora_scaling(r, alpha, use_rslora), trained_tensors=sorted(full))
+            save_safetensors({k: v.float().contiguous() for k, v in full.items()}, tmp / TRAINED_TENSORS)
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return out_dir
 
@@ -477,17 +636,23 @@ def parse_adapter_spec(spec) -> tuple[str, float]:
     if isinstance(spec, (tuple, list)):
         if len(spec) != 2:
             raise FinetuneError(f"adapter spec {spec!r}: expected (path, weight)")
-        return spec[0], float(spec[1])
+        return spec[0], _finite_weight(float(spec[1]), spec[0])
     if isinstance(spec, Adapter):
         return spec, 1.0
     text = str(spec)
     if ":" in text and not Path(text).exists():
         head, _, tail = text.rpartition(":")
         try:
-            return head, float(tail)
+            return head, _finite_weight(float(tail), spec)
         except ValueError:
             pass
     return text, 1.0
+
+
+def _finite_weight(w: float, spec: Any) -> float:
+    if not math.isfinite(w):
+        raise FinetuneError(f"adapter {spec}: the weight must be a finite number, got {w}")
+    return w
 
 
 def check_adapter(adapter: Adapter, shapes: dict[str, tuple[int, ...]], base_fingerprint: str | None,
@@ -518,6 +683,9 @@ def check_adapter(adapter: Adapter, shapes: dict[str, tuple[int, ...]], base_fin
                 raise FinetuneError(f"adapter {name} was made for another base: its start state's {k} is "
                                     f"{tuple(t.shape)}, {base_name} needs {tuple(state_shapes[k])}")
     recorded = (adapter.meta.get("base") or {}).get("fingerprint")
+    if not recorded and not force:
+        raise FinetuneError(f"adapter {name} does not record which base it was made for (no base fingerprint); "
+                            f"pass --force (force=True) to apply it to {base_name} anyway")
     if recorded and base_fingerprint and recorded != base_fingerprint and not force:
         raise FinetuneError(f"adapter {name} was made for another base (fingerprint {recorded}, {base_name} has "
                             f"{base_fingerprint}); pass --force (force=True) to apply it anyway")

@@ -20,6 +20,11 @@ import torch
 from finetune.atomic import atomic_file
 from finetune.errors import FinetuneError, first_line
 from finetune.models import Family, detect, parse_dtype
+from finetune.tensorfiles import archive_name, save_pth, save_safetensors
+
+# what a checkpoint's tensors may be: quantized or integer files cannot be trained, merged or run here
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a {name: tensor} dict (CPU). Any problem is a one-line FinetuneError."""
@@ -61,6 +66,14 @@ def _zipfile(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN and no infinity in a float tensor (non-float tensors are finite)."""
+    if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
+        return True
+    lo, hi = torch.aminmax(t)  # one pass and no tensor-sized temporary; NaN propagates, an infinity is an extreme
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 def fingerprint(sd: dict[str, torch.Tensor]) -> str:
     """A short id of a base model: its shapes and a few of its values (rounded to bf16, so the same base stored in
     fp32 or bf16 has the same fingerprint). Adapters record it; merge and plug-in refuse a different base."""
@@ -88,11 +101,9 @@ def save_checkpoint(model_or_state_dict, path: str | Path) -> Path:
     path = Path(path)
     with atomic_file(path) as tmp:
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata={"format": "pt"})
+            save_safetensors(sd, tmp, metadata={"format": "pt"})
         else:
-            torch.save(sd, tmp)
+            save_pth(sd, tmp, archive=archive_name(path))
     return path
 
 
@@ -127,6 +138,18 @@ def check_keys(sd: dict[str, torch.Tensor], family: Family, config, path: str | 
     for k, shape in expected.items():
         if tuple(sd[k].shape) != shape:
             raise FinetuneError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {shape}")
+    for k, v in sd.items():
+        if v.dtype not in FLOAT_DTYPES:
+            raise FinetuneError(f"{path}: {k} is {str(v.dtype).replace('torch.', '')}; only float checkpoints "
+                                f"(fp32, fp16, bf16) can be used (is it a quantized file? use the original)")
+
+
+def check_values(sd: dict[str, torch.Tensor], path: str | Path = "<memory>") -> None:
+    """Raise a one-line FinetuneError naming the first tensor that holds NaN or an infinity."""
+    for k, v in sd.items():
+        if not all_finite(v):
+            raise FinetuneError(f"{path}: {k} holds NaN or infinite values; the checkpoint is damaged (a diverged "
+                                f"training run?)")
 
 
 def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory>",
@@ -144,9 +167,13 @@ def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path 
     family = detect(state_dict, path)
     config = family.config_from_state_dict(state_dict, path)
     check_keys(state_dict, family, config, path)
+    check_values(state_dict, path)
     with torch.device("meta"):
         model = family.model_class(config)
     model.checkpoint_dtypes = {k: v.dtype for k, v in state_dict.items()}
+    # the base's identity as stored, before any cast: adapters made on this file must plug in whatever dtype the
+    # user then asks for (fingerprinting the cast weights made `--dtype fp16` refuse them)
+    model.base_fingerprint = fingerprint(state_dict)
     if dtype is None and convert is None:
         model.load_state_dict(state_dict, strict=True, assign=True)
         for name, p in model.named_parameters():  # decays always in fp32 (exact: bf16/fp16 -> fp32 loses nothing)

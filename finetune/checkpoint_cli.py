@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from finetune.atomic import check_output
 from finetune.errors import FinetuneError
 from finetune.models import ARCHES
 
@@ -28,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="storage dtype (released models are bf16; default fp32)")
     p.add_argument("--out", required=True, help="output .pth (or .safetensors) path")
+    p.add_argument("--force", "--overwrite", action="store_true", dest="force",
+                   help="replace an existing file at --out")
     p.set_defaults(func=run_init)
 
     p = sub.add_parser(
@@ -45,6 +48,7 @@ def run_init(args: argparse.Namespace) -> int:
     for name in ("n_layer", "n_embd", "vocab", "head_size"):
         if getattr(args, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be a positive integer")
+    check_output(args.out, force=args.force)  # before any work: a base checkpoint is never replaced by accident
     family = FAMILIES[ARCHES[args.arch]]
     fields = {f.name for f in dataclasses.fields(family.config_class)}
     extra = {}
@@ -63,12 +67,14 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def describe_checkpoint(path: str | Path) -> str:
-    from finetune.checkpoint import describe_dtypes, fingerprint, read_state_dict
+    from finetune.checkpoint import check_keys, check_values, describe_dtypes, fingerprint, read_state_dict
     from finetune.models import detect
 
     sd = read_state_dict(path)
     family = detect(sd, path)
     cfg = family.config_from_state_dict(sd, path)
+    check_keys(sd, family, cfg, path)  # what train, generate and merge would refuse, info refuses too
+    check_values(sd, path)
     n = sum(v.numel() for v in sd.values())
     lines = [
         f"file:        {path}",

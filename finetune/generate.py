@@ -127,29 +127,29 @@ def generate_text(model, tokenizer, prompt: str, max_tokens: int = 100, stop: It
 def resolve_tokenizer(arg: str | None, adapters: Sequence, vocab_size: int):
     from finetune.tokenizer import load_tokenizer
 
-    spec = arg
-    if spec is None:
-        from finetune.adapters import parse_adapter_spec, read_adapter
+    tok = None
+    if arg is None:  # the tokenizer the adapters record (and carry), wherever they were trained
+        from finetune.adapters import adapter_tokenizer, parse_adapter_spec, read_adapter
 
         for a in adapters:
-            tok = read_adapter(parse_adapter_spec(a)[0]).meta.get("tokenizer")
-            if tok:
-                spec = str(tok)
+            tok = adapter_tokenizer(read_adapter(parse_adapter_spec(a)[0]))
+            if tok is not None:
                 break
-    if spec is None:
-        if vocab_size == 65536:
+    if tok is None:
+        spec = arg
+        if spec is None:
+            if vocab_size == 65536:
+                spec = "world"
+            else:
+                raise FinetuneError(f"no tokenizer given and the model's vocabulary ({vocab_size}) is not World's; "
+                                    f"pass --tokenizer PATH/tokenizer.json")
+        if spec.startswith("world"):
             spec = "world"
-        else:
-            raise FinetuneError(f"no tokenizer given and the model's vocabulary ({vocab_size}) is not World's; pass "
-                                f"--tokenizer PATH/tokenizer.json")
-    if spec.startswith("world"):
-        spec = "world"
-    elif not spec.endswith(".json") or not Path(spec).is_file():
-        raise FinetuneError(f"tokenizer {spec!r} (from the adapter's metadata) is not 'world' nor a tokenizer.json "
-                            f"file here; pass --tokenizer")
-    tok = load_tokenizer(spec)
+        elif not spec.endswith(".json") or not Path(spec).is_file():
+            raise FinetuneError(f"tokenizer {spec!r} is not 'world' nor a tokenizer.json file here")
+        tok = load_tokenizer(spec)
     if tok.vocab_size > vocab_size:
-        raise FinetuneError(f"tokenizer {spec} has {tok.vocab_size} tokens but the model only {vocab_size}")
+        raise FinetuneError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model only {vocab_size}")
     return tok
 
 

@@ -21,26 +21,23 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import json
 import math
-import os
-import pickle
-import shutil
-import struct
+import sys
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from finetune.atomic import atomic_dir, atomic_file
+from finetune.atomic import atomic_dir, atomic_file, check_output
+from finetune.checkpoint import all_finite
 from finetune.errors import FinetuneError
+from finetune.hf import hf_config, hf_name, tokenizer_vocab_size, world_tokenizer_json, write_tokenizer_files
+from finetune.tensorfiles import ST_DTYPES, archive_name, save_pth, write_pth_streaming, write_safetensors_streaming
 
 FORMATS = ("pth", "safetensors", "hf")
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
+HF_MARKER = "rwkv_lora_merge.json"  # provenance written into HF output directories; marks them as ours to replace
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -101,7 +98,7 @@ class LazyBase:
 
 
 def _dtype_from_st(name: str) -> torch.dtype:
-    rev = {v: k for k, v in _ST_DTYPES.items()}
+    rev = {v: k for k, v in ST_DTYPES.items()}
     if name not in rev:
         raise ValueError(f"unsupported dtype {name}")
     return rev[name]
@@ -117,16 +114,19 @@ def _first_line(e: BaseException) -> str:
 
 
 def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype: str | torch.dtype | None = None,
-                   fmt: str | None = None, force: bool = False, log: Callable[[str], None] | None = None
-                   ) -> dict[str, Any]:
+                   fmt: str | None = None, force: bool = False, log: Callable[[str], None] | None = None,
+                   overwrite: bool = False, tokenizer: str | None = None) -> dict[str, Any]:
     """Merge adapters (paths, `PATH:W` strings, or (path, weight) pairs) into `base`, writing `out`.
 
     fmt: "pth" (BlinkDL, default unless `out` ends in .safetensors), "safetensors", or "hf" (a Hugging Face
-    RwkvForCausalLM directory). Returns a summary dict (tensors changed, dtype, format, seconds).
+    RwkvForCausalLM directory). `force`: accept adapters made for another base (shapes must still fit); `force` or
+    `overwrite`: replace an existing output (an existing directory only if it is an HF directory merge wrote).
+    `tokenizer` (world or a tokenizer.json path): what an hf directory gets, instead of the adapters' record.
+    Returns a summary dict (tensors changed, dtype, format, seconds).
     """
     import time
 
-    from finetune.adapters import check_adapter, parse_adapter_spec, read_adapter
+    from finetune.adapters import Adapter, adapter_files, check_adapter, parse_adapter_spec, read_adapter
     from finetune.models import parse_dtype
 
     t0 = time.perf_counter()
@@ -136,8 +136,17 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
         raise FinetuneError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
     if not adapters:
         raise FinetuneError("give at least one --adapter")
-    b = LazyBase(base)
     specs = [parse_adapter_spec(s) for s in adapters]
+    # before any work: never write over the base or an adapter (or a directory holding them), replace an existing
+    # output only when asked, and an existing directory only when it is an HF directory this command wrote
+    inputs = [Path(base), *(f for p, _ in specs if not isinstance(p, Adapter) for f in adapter_files(p))]
+    check_output(out, force=force or overwrite, inputs=inputs, marker=HF_MARKER if fmt == "hf" else None,
+                 flag="--overwrite")
+    if fmt == "hf" and out.exists() and not out.is_dir():
+        raise FinetuneError(f"{out}: exists and is not a directory (the hf format writes a directory)")
+    if fmt != "hf" and out.is_dir():
+        raise FinetuneError(f"{out}: is a directory; give a file name for the {fmt} format")
+    b = LazyBase(base)
     loaded = [(read_adapter(p), w) for p, w in specs]
     for a, _ in loaded:
         if a.state is not None:
@@ -155,9 +164,8 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
                 log(f"warning: {note}")
             else:
                 warnings.warn(note, stacklevel=2)
-    if out.resolve() == b.path.resolve():
-        raise FinetuneError(f"{out}: the output would overwrite the base checkpoint")
     out_dtype = parse_dtype(dtype) if dtype is not None else None
+    tokenizer_json = hf_tokenizer_json(tokenizer, loaded, b.config.vocab_size, log) if fmt == "hf" else None
 
     # what happens to each tensor: a list of (kind, adapter, weight)
     todo: dict[str, list] = collections.defaultdict(list)
@@ -179,30 +187,42 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
         return buffers[dt, slot][: math.prod(shape)].view(shape)
 
     def produce(name: str, slot: int = 0) -> torch.Tensor:
+        # every tensor is checked before it is written: nothing non-finite ever reaches the output
         t = b.get(name)
+        if not all_finite(t):
+            raise FinetuneError(f"{b.path}: {name} holds NaN or infinite values; the base checkpoint is damaged")
         target = out_dtype or t.dtype
         if name not in todo:
-            return t if t.dtype == target else buffer(t.shape, target, slot).copy_(t)
-        x = buffer(t.shape, torch.float32, slot).copy_(t)  # fp32 workspace (never write into the mmap'd base)
-        for kind, a, w in todo[name]:
-            if kind == "full":
-                x.add_(a.full[name] - x, alpha=w)
-            else:
-                A, B = a.lora[name[: -len(".weight")]]
-                x.addmm_(B, A, alpha=w * a.scaling)
-        return x if target == torch.float32 else buffer(t.shape, target, slot).copy_(x)
+            res = t if t.dtype == target else buffer(t.shape, target, slot).copy_(t)
+        else:
+            x = buffer(t.shape, torch.float32, slot).copy_(t)  # fp32 workspace (never write into the mmap'd base)
+            for kind, a, w in todo[name]:
+                if kind == "full":
+                    x.add_(a.full[name] - x, alpha=w)
+                else:
+                    A, B = a.lora[name[: -len(".weight")]]
+                    x.addmm_(B, A, alpha=w * a.scaling)
+            if not all_finite(x):
+                raise FinetuneError(f"{out}: not written: the adapters make {name} overflow (NaN or infinite "
+                                    f"values); check their weights")
+            res = x if target == torch.float32 else buffer(t.shape, target, slot).copy_(x)
+        if res is not t and not all_finite(res):
+            raise FinetuneError(f"{out}: not written: {name} does not fit in {str(target).replace('torch.', '')} "
+                                f"(values overflow to infinity); choose another --dtype")
+        return res
 
     plan = [(k, b.shapes[k], out_dtype or b.dtypes[k]) for k in b.names]
     if fmt == "pth":
         with atomic_file(out) as tmp:
-            write_pth_streaming(tmp, plan, produce)
+            write_pth_streaming(tmp, plan, produce, archive=archive_name(out))
     elif fmt == "safetensors":
         with atomic_file(out) as tmp:
             write_safetensors_streaming(tmp, plan, produce)
     else:
-        tokenizer = next((a.meta.get("tokenizer") for a, _ in loaded if a.meta.get("tokenizer")), None)
-        if out.exists() and not out.is_dir():
-            raise FinetuneError(f"{out}: exists and is not a directory (the hf format writes a directory)")
+        provenance = {"written_by": "rwkv-lora merge", "format": "hf",
+                      "base": {"path": str(b.path), "fingerprint": b.fingerprint},
+                      "adapters": [{"path": str(a.path), "weight": w} for a, w in loaded],
+                      "dtype": str(out_dtype or "as base").replace("torch.", "")}
         with atomic_dir(out) as tmp:
             if b.family.name == "rwkv7":  # transformers has no RWKV-7 of its own: rwkv7-hf's converter writes it
                 from finetune.hf7 import write_rwkv7_hf_dir
@@ -211,7 +231,8 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
                 write_rwkv7_hf_dir(tmp, lambda pth: write_pth_streaming(pth, plan, produce), main_dtype,
                                    b.config.vocab_size, out, log)
             else:
-                write_hf_dir(tmp, b, plan, produce, tokenizer, log)
+                write_hf_dir(tmp, b, plan, produce, tokenizer_json)
+            (tmp / HF_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
     summary = {"out": str(out), "format": fmt, "tensors_changed": len(todo), "tensors": len(plan),
                "dtype": str(out_dtype or "as base").replace("torch.", ""), "seconds": time.perf_counter() - t0,
                "adapters": [(str(a.path), w) for a, w in loaded]}
@@ -219,158 +240,56 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Streaming writers
+# Hugging Face directories
 
 
-def write_pth_streaming(path: str | Path, plan: list[tuple[str, tuple, torch.dtype]],
-                        produce: Callable[[str], torch.Tensor]) -> None:
-    """A torch.save zip checkpoint of {name: tensor}, written without holding the tensors together.
+def hf_tokenizer_json(arg: str | None, adapters: Sequence, vocab_size: int,
+                      log: Callable[[str], None] | None = None) -> str:
+    """The tokenizer.json an HF directory gets: `arg` (world or a tokenizer.json path) if given, else the first
+    adapter's (World, or the tokenizer.json it carries), else World for a World-sized vocabulary. An HF directory
+    is never written without a tokenizer: a one-line FinetuneError when none is known."""
+    from finetune.adapters import adapter_tokenizer_json, tokenizer_record
+    from finetune.tokenizer import WORLD_VOCAB_SIZE, WorldTokenizer, read_world_vocab
 
-    torch writes the skeleton (pickle, records, space reserved for every storage) under `skip_data` from
-    never-touched `torch.empty` tensors; each tensor is then produced and written at its storage's offset. The CRC-32
-    fields are left at 0 (torch's reader does not need them); `torch.load` (mmap or not) reads the file as usual.
-    """
-    path = str(path)
-    skeleton = {k: torch.empty(shape, dtype=dtype) for k, shape, dtype in plan}
-    old_crc = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
-        with torch.serialization.skip_data():
-            torch.save(skeleton, path)
-    finally:
-        torch.serialization.set_crc32_options(old_crc)
-    del skeleton
-    where = _pth_storage_offsets(path)
-    with open(path, "r+b") as f:
-        def write(k: str, t: torch.Tensor) -> None:
-            offset, nbytes = where[k]
-            data = _bytes_view(t)
-            if len(data) != nbytes:
-                raise RuntimeError(f"{k}: {len(data)} bytes for a {nbytes}-byte record")
-            os.pwrite(f.fileno(), data, offset)
-
-        _pipelined(plan, produce, write)
-        os.fsync(f.fileno())
-
-
-def _pipelined(plan, produce: Callable[..., torch.Tensor], write: Callable[[str, torch.Tensor], None]) -> None:
-    """produce(key, slot) for each planned tensor, handing each to `write` on a writer thread: the next tensor is
-    computed while the previous one is written (two buffer slots; slot i % 2 is reused only after write i - 2 ended,
-    which is guaranteed since write i - 1 is awaited before write i starts)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for i, (k, shape, dtype) in enumerate(plan):
-            t = produce(k, i % 2)
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(write, k, t)
-        if pending is not None:
-            pending.result()
+    text, world = None, False
+    if arg is not None:
+        record, data = tokenizer_record(arg)
+        if record != "world" and data is None:
+            raise FinetuneError(f"--tokenizer {arg}: neither world nor a tokenizer.json file")
+        world, text = record == "world", data.decode("utf-8") if data is not None else None
+    else:
+        for a, _ in adapters:
+            record = a.meta.get("tokenizer")
+            if record is None:
+                continue
+            world = str(record).startswith("world")
+            text = None if world else adapter_tokenizer_json(a)
+            if not world and text is None:
+                raise FinetuneError(f"adapter {a.path}: records tokenizer {record!r} but does not carry it and no "
+                                    f"such file is here; pass --tokenizer world|PATH/tokenizer.json")
+            break
+        else:
+            if vocab_size != WORLD_VOCAB_SIZE:
+                raise FinetuneError("--format hf writes a tokenizer and no adapter records one; pass --tokenizer "
+                                    "world|PATH/tokenizer.json")
+            world = True
+            if log is not None:
+                log("note: no adapter records a tokenizer; the HF directory gets the World tokenizer (the model has "
+                    "World's vocabulary size)")
+    if world:
+        text = world_tokenizer_json(read_world_vocab(WorldTokenizer().vocab_path))
+    n = tokenizer_vocab_size(text)
+    if n > vocab_size:
+        raise FinetuneError(f"the tokenizer has {n} tokens but the model only {vocab_size}; pass the right "
+                            f"--tokenizer")
+    return text
 
 
-def _bytes_view(t: torch.Tensor) -> memoryview:
-    t = t.detach().contiguous()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-class _OffsetsUnpickler(pickle.Unpickler):
-    """Reads our own freshly written data.pkl only to learn which storage record each key uses. Every global is
-    replaced by an inert stub; nothing is executed."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return lambda storage, *args: storage
-        if module == "torch":
-            return name
-        raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
-
-    def persistent_load(self, pid):
-        return pid[2]  # ('storage', storage type, key, location, numel)
-
-
-def _pth_storage_offsets(path: str) -> dict[str, tuple[int, int]]:
-    """{key: (byte offset, size)} of each tensor's storage record in a torch.save zip (records are stored
-    uncompressed; the CRCs are not checked, they are 0 in our skeleton)."""
-    with zipfile.ZipFile(path) as z:
-        infos = {i.filename: i for i in z.infolist()}
-    pkl = next(n for n in infos if n.endswith("/data.pkl"))
-    prefix = pkl[: -len("data.pkl")]
-    with open(path, "rb") as f:
-        def record(info: zipfile.ZipInfo) -> tuple[int, int]:
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise RuntimeError(f"compressed record {info.filename}")
-            f.seek(info.header_offset)
-            head = f.read(30)
-            n_name, n_extra = struct.unpack("<HH", head[26:30])
-            return info.header_offset + 30 + n_name + n_extra, info.file_size
-
-        offset, size = record(infos[pkl])
-        f.seek(offset)
-        keys = _OffsetsUnpickler(io.BytesIO(f.read(size))).load()
-        return {name: record(infos[f"{prefix}data/{storage_key}"]) for name, storage_key in keys.items()}
-
-
-def write_safetensors_streaming(path: str | Path, plan: list[tuple[str, tuple, torch.dtype]],
-                                produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None,
-                                rename: Callable[[str], str] = lambda k: k) -> None:
-    """A safetensors file written tensor by tensor (header first: shapes and dtypes are known in advance)."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for k, shape, dtype in plan:
-        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-        header[rename(k)] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        _pipelined(plan, produce, lambda k, t: f.write(_bytes_view(t)))  # one writer thread: in order
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def hf_name(key: str) -> str:
-    """BlinkDL checkpoint name -> Hugging Face RwkvForCausalLM name."""
-    if key == "head.weight":
-        return key
-    if key.startswith("emb."):
-        return "rwkv.embeddings." + key[4:]
-    key = key.replace(".ln0.", ".pre_ln.").replace(".att.", ".attention.").replace(".ffn.", ".feed_forward.")
-    for short, long in (("k", "key"), ("v", "value"), ("r", "receptance")):
-        if key.endswith(f".time_mix_{short}"):
-            key = key[: -len(short)] + long
-    return "rwkv." + key
-
-
-def hf_config(config, dtype: torch.dtype) -> dict[str, Any]:
-    return {
-        "architectures": ["RwkvForCausalLM"], "model_type": "rwkv",
-        "vocab_size": config.vocab_size, "hidden_size": config.n_embd, "num_hidden_layers": config.n_layer,
-        "attention_hidden_size": config.n_embd, "intermediate_size": config.dim_ffn, "context_length": 4096,
-        "layer_norm_epsilon": 1e-5, "bos_token_id": 0, "eos_token_id": 0, "rescale_every": 0,
-        "tie_word_embeddings": False, "use_cache": True,
-        "dtype": str(dtype).replace("torch.", ""),
-    }
-
-
-def write_hf_dir(tmp: Path, base: LazyBase, plan, produce, tokenizer: str | None,
-                 log: Callable[[str], None] | None) -> None:
+def write_hf_dir(tmp: Path, base: LazyBase, plan, produce, tokenizer_json: str) -> None:
     main_dtype = collections.Counter(d for k, _, d in plan if k.endswith(".weight")).most_common(1)[0][0]
     (tmp / "config.json").write_text(json.dumps(hf_config(base.config, main_dtype), indent=2) + "\n")
     write_safetensors_streaming(tmp / "model.safetensors", plan, produce, rename=hf_name)
-    if tokenizer and str(tokenizer).endswith(".json") and Path(tokenizer).is_file():
-        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-    elif log is not None:
-        log(f"note: tokenizer {tokenizer!r} is not a tokenizer.json file; none copied into the HF directory")
+    write_tokenizer_files(tmp, tokenizer_json)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -387,14 +306,19 @@ def _lora_key(key: str) -> tuple[str, int] | None:
 
 
 def import_rwkv_lm_lora(file: str | Path, alpha: float, base: str | Path, out: str | Path,
-                        tokenizer: str | None = None, force: bool = False) -> dict[str, Any]:
+                        tokenizer: str | None = None, force: bool = False, overwrite: bool = False
+                        ) -> dict[str, Any]:
     """Convert an RWKV-LM-LoRA checkpoint into our adapter directory. Tensors under base names count as trained in
-    full only when they differ from the base (files that carry the whole frozen base are fine)."""
-    from finetune.adapters import FULL_GROUPS, LORA_PARTS, check_adapter, write_adapter_dir, Adapter
+    full only when they differ from the base (files that carry the whole frozen base are fine). An existing `out` is
+    replaced only with `force` or `overwrite`, and only if it is an adapter directory."""
+    from finetune.adapters import (ADAPTER_META, FULL_GROUPS, LORA_PARTS, Adapter, check_adapter,
+                                   write_adapter_dir)
     from finetune.checkpoint import read_state_dict
 
-    if alpha is None or not alpha > 0:
-        raise FinetuneError("--alpha must be a positive number (RWKV-LM-LoRA files do not record it)")
+    check_output(out, force=force or overwrite, inputs=[file, base], marker=ADAPTER_META, flag="--overwrite")
+    if alpha is None or not math.isfinite(alpha) or alpha <= 0:
+        raise FinetuneError(f"--alpha must be a positive finite number, got {alpha} (RWKV-LM-LoRA files do not "
+                            f"record it: give the lora_alpha of the training run)")
     b = LazyBase(base)
     sd = read_state_dict(file)
     pairs: dict[str, list] = {}
@@ -434,25 +358,42 @@ def import_rwkv_lm_lora(file: str | Path, alpha: float, base: str | Path, out: s
     return {"out": str(out), "r": r, "alpha": alpha, "lora_pairs": len(lora), "full": len(full)}
 
 
-def export_rwkv_lm_lora(adapter: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write an adapter in RWKV-LM-LoRA's layout (`.pth`, fp32). Their merge uses alpha / r, so the alpha to give
-    them is scaling * r (== our alpha unless rsLoRA was used); it is returned and printed."""
-    from finetune.adapters import read_adapter
+def export_rwkv_lm_lora(adapter: str | Path, out: str | Path, force: bool = False) -> dict[str, Any]:
+    """Write an adapter in RWKV-LM-LoRA's layout (`.pth`, fp32) and return the integer lora_alpha to merge it with.
 
+    Their merge (and rwkv.cpp's merge script, which takes an integer alpha) computes W + alpha / r * B @ A with
+    r = lora_B.shape[1], so the alpha to give them is scaling * r. When that is not an integer (rsLoRA, or a
+    fractional alpha) it is rounded and lora_B is scaled by exact / rounded, so the merged weights stay the same;
+    `notes` says so, and warns when LoRA on att.output would be lost by RWKV-LM-LoRA's --lora_load. An existing
+    `out` is replaced only with `force`."""
+    from finetune.adapters import adapter_files, read_adapter
+
+    check_output(out, force=force, inputs=adapter_files(adapter))
     a = read_adapter(adapter)
     if a.state is not None:
         raise FinetuneError(f"adapter {adapter}: a state adapter has no LoRA weights to export")
+    r = int(a.meta["r"])
+    exact = a.scaling * r
+    alpha = max(1, round(exact))
+    factor = exact / alpha
+    notes = []
+    if not math.isclose(factor, 1.0, rel_tol=1e-9):
+        notes.append(f"note: the adapter's alpha for an alpha / r merge is {exact:.6g}, not an integer (rwkv.cpp's "
+                     f"merge script needs one): exported for lora_alpha={alpha}, with lora_B scaled by "
+                     f"{factor:.6g} so that the merged weights are unchanged")
     sd: dict[str, torch.Tensor] = {}
     for module, (A, B) in sorted(a.lora.items()):
         sd[f"{module}.lora_A"] = A.contiguous()
-        sd[f"{module}.lora_B"] = B.contiguous()
+        sd[f"{module}.lora_B"] = (B.double() * factor).float() if factor != 1.0 else B.contiguous()
     for name, t in sorted(a.full.items()):
         sd[name] = t.contiguous()
-    r = next(iter(a.lora.values()))[0].shape[0] if a.lora else int(a.meta.get("r", 1))
-    alpha = a.scaling * r
+    output = [m for m in a.lora if m.endswith(".att.output")]
+    if output:
+        notes.append(f"warning: {len(output)} LoRA pairs adapt att.output: merging keeps them, but RWKV-LM-LoRA's "
+                     f"--lora_load has no LoRA on att.output and drops them if you continue training there")
     with atomic_file(out) as tmp:
-        torch.save(sd, tmp)
-    return {"out": str(out), "alpha": alpha, "r": r, "tensors": len(sd)}
+        save_pth(sd, tmp, archive=archive_name(out))
+    return {"out": str(out), "alpha": alpha, "r": r, "tensors": len(sd), "notes": notes}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -473,7 +414,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, dest="fmt",
                    help="pth (BlinkDL), safetensors, or hf (RwkvForCausalLM directory); default from --out's suffix")
     p.add_argument("--force", action="store_true", help="merge even if an adapter was made for another base "
-                                                        "(fingerprint mismatch; shapes must still fit)")
+                                                        "(fingerprint mismatch; shapes must still fit); also "
+                                                        "replaces an existing output like --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file (or an HF directory that merge wrote; never another one)")
+    p.add_argument("--tokenizer", help="hf format: the tokenizer to write (world or PATH/tokenizer.json; default: "
+                                       "the one the adapters record and carry)")
     p.set_defaults(func=run_merge)
 
     p = sub.add_parser("pack", help="pack an adapter directory into one .safetensors file",
@@ -481,6 +427,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "the metadata as JSON strings in the header) for sharing.")
     p.add_argument("adapter", help="adapter directory")
     p.add_argument("--out", required=True, help="output NAME.safetensors")
+    p.add_argument("--force", "--overwrite", action="store_true", dest="force",
+                   help="replace an existing output file (never one of the adapter's own files)")
     p.set_defaults(func=run_pack)
 
     p = sub.add_parser("import-lora", help="import an RWKV-LM-LoRA checkpoint as an adapter",
@@ -492,7 +440,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True, help="the base checkpoint it was trained on")
     p.add_argument("--out", required=True, help="output adapter directory")
     p.add_argument("--tokenizer", help="tokenizer to record (world or a tokenizer.json path)")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="accept a file whose shapes fit the base but that was made "
+                                                        "for another one; also replaces an existing output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing adapter directory at --out")
     p.set_defaults(func=run_import)
 
     p = sub.add_parser("export-lora", help="export an adapter in RWKV-LM-LoRA's .pth layout",
@@ -500,11 +450,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "tensors under checkpoint names). Prints the alpha to give their merge script.")
     p.add_argument("adapter", help="adapter directory or packed .safetensors")
     p.add_argument("--out", required=True, help="output .pth")
+    p.add_argument("--force", "--overwrite", action="store_true", dest="force",
+                   help="replace an existing output file (never one of the adapter's own files)")
     p.set_defaults(func=run_export)
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    s = merge_adapters(args.base, args.adapter, args.out, dtype=args.dtype, fmt=args.fmt, force=args.force, log=print)
+    s = merge_adapters(args.base, args.adapter, args.out, dtype=args.dtype, fmt=args.fmt, force=args.force, log=print,
+                       overwrite=args.overwrite, tokenizer=args.tokenizer)
     print(f"wrote {s['out']} ({s['format']}, {s['dtype']}): {s['tensors_changed']} of {s['tensors']} tensors changed "
           f"by {len(s['adapters'])} adapter(s) in {s['seconds']:.1f}s")
     return 0
@@ -513,21 +466,24 @@ def run_merge(args: argparse.Namespace) -> int:
 def run_pack(args: argparse.Namespace) -> int:
     from finetune.adapters import pack_adapter
 
-    out = pack_adapter(args.adapter, args.out)
+    out = pack_adapter(args.adapter, args.out, force=args.force)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
 def run_import(args: argparse.Namespace) -> int:
-    s = import_rwkv_lm_lora(args.file, args.alpha, args.base, args.out, tokenizer=args.tokenizer, force=args.force)
+    s = import_rwkv_lm_lora(args.file, args.alpha, args.base, args.out, tokenizer=args.tokenizer, force=args.force,
+                            overwrite=args.overwrite)
     print(f"wrote {s['out']}: {s['lora_pairs']} LoRA pairs (r={s['r']}, alpha={s['alpha']:g}), "
           f"{s['full']} tensors trained in full")
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
-    s = export_rwkv_lm_lora(args.adapter, args.out)
-    print(f"wrote {s['out']}: {s['tensors']} tensors; merge it with lora_alpha={s['alpha']:g} (r={s['r']})")
+    s = export_rwkv_lm_lora(args.adapter, args.out, force=args.force)
+    for note in s["notes"]:
+        print(note, file=sys.stderr)
+    print(f"wrote {s['out']}: {s['tensors']} tensors; merge it with lora_alpha={s['alpha']} (r={s['r']})")
     return 0
 
 

@@ -95,3 +95,50 @@ def test_a_shape_mismatch_names_the_key(tmp_path):
     sd["blocks.1.ffn.value.weight"] = torch.zeros(32, 100)
     with pytest.raises(FinetuneError, match=r"blocks\.1\.ffn\.value\.weight has shape"):
         load_model(write_checkpoint(tmp_path / "m.pth", sd))
+
+
+def test_init_refuses_an_existing_file(tmp_path, capsys):
+    out = tmp_path / "base.pth"
+    out.write_bytes(b"a base checkpoint")
+    args = ["init", "--n-layer", "1", "--n-embd", "8", "--vocab", "16", "--out", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force" in err and str(out) in err, err
+    assert out.read_bytes() == b"a base checkpoint"
+    assert main([*args, "--force"]) == 0
+    assert read_state_dict(out)["emb.weight"].shape == (16, 8)
+
+
+def test_non_float_and_non_finite_checkpoints_are_refused_everywhere(tmp_path, capsys, small_tokenizer):
+    """int8 (quantized) and NaN/inf checkpoints: info, generate, train and merge refuse them in one line."""
+    from test_lora import make_corpus, pattern_tokens
+    from test_merge import make_adapter
+
+    good = write_checkpoint(tmp_path / "good.pth", random_rwkv4_state_dict(2, 32, 97, seed=1))
+    adapter = make_adapter(good, tmp_path / "adapter", seed=1)
+    data = make_corpus(tmp_path / "train", pattern_tokens())
+    sd = random_rwkv4_state_dict(2, 32, 97, seed=1)
+    quantized = write_checkpoint(tmp_path / "int8.pth", {
+        k: (v * 100).to(torch.int8) if v.dim() == 2 else v for k, v in sd.items()})
+    nan = dict(sd)
+    nan["blocks.1.att.value.weight"] = nan["blocks.1.att.value.weight"].clone()
+    nan["blocks.1.att.value.weight"][3, 4] = float("nan")
+    inf = dict(sd)
+    inf["ln_out.bias"] = torch.full_like(sd["ln_out.bias"], float("inf"))
+    cases = [(quantized, "is int8; only float checkpoints"),
+             (write_checkpoint(tmp_path / "nan.pth", nan), "blocks.1.att.value.weight holds NaN or infinite"),
+             (write_checkpoint(tmp_path / "inf.bf16.pth", {k: v.bfloat16() for k, v in inf.items()}),
+              "ln_out.bias holds NaN or infinite")]
+    for path, reason in cases:
+        commands = [
+            ["info", path],
+            ["generate", "--model", path, "--prompt", "a", "--tokenizer", small_tokenizer, "--max-tokens", "2"],
+            ["train", "--model", path, "--data", data, "--out_dir", tmp_path / "run", "--ctx_len", "16",
+             "--max_steps", "1"],
+            ["merge", "--base", path, "--adapter", adapter, "--out", tmp_path / "m.pth", "--force"],
+        ]
+        for args in commands:
+            assert main([*map(str, args)]) == 1, args
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and reason in err and str(path) in err, (args, err)
+        assert not (tmp_path / "m.pth").exists() and not (tmp_path / "run" / "final").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from finetune.checkpoint import fingerprint
 from finetune.models.rwkv4 import config_from_state_dict
 from finetune.merge import merge_adapters
 from finetune import load_model
+from finetune.errors import FinetuneError
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = (2, 64, 128)  # n_layer, n_embd, vocab
@@ -48,8 +50,9 @@ def make_adapter(base_path: Path, out_dir: Path, seed: int, r: int = 4, alpha: f
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("merge")
     base = write_checkpoint(d / "base.pth", random_rwkv4_state_dict(*SHAPE, seed=11))
-    a1 = make_adapter(base, d / "a1", seed=1)
-    a2 = make_adapter(base, d / "a2", seed=2, r=2, alpha=4, parts=("att",), train=("ln",))
+    tok = make_char_tokenizer(d / "a1-tokenizer.json")
+    a1 = make_adapter(base, d / "a1", seed=1, tokenizer=str(tok))
+    a2 = make_adapter(base, d / "a2", seed=2, r=2, alpha=4, parts=("att",), train=("ln",))  # records no tokenizer
     return d, base, a1, a2
 
 
@@ -328,3 +331,531 @@ def test_pickles_are_never_loaded(env, capsys):
                    str(d / "evil-out")])
     assert rc == 1 and not (d / "pwned").exists() and not (d / "evil-out").exists()
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs never destroy data (issue 10): existing outputs, inputs, directories we did not write
+
+
+def run_cli(*args, cwd=None, preexec_fn=None, env=None):
+    """The real console entry point in a subprocess: exit status and stderr as a user sees them."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "finetune.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, preexec_fn=preexec_fn, env=env)
+
+
+def one_line_error(capsys, needle: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "Traceback" not in err, err
+    return err
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_merge_hf_never_deletes_an_existing_directory(env, tmp_path, capsys):
+    d, base, a1, _ = env
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    for flags in ([], ["--overwrite"], ["--force"]):
+        rc = cli.main(["merge", "--base", str(base), "--adapter", str(a1), "--out", str(mine), "--format", "hf",
+                       *flags])
+        assert rc == 1
+        one_line_error(capsys, "exists" if not flags else "did not write")
+        assert snapshot(mine) == {"thesis.tex": b"years of work"}
+    # our own HF output: kept without --overwrite, replaced with it (the provenance file marks it as ours)
+    hf = tmp_path / "hf"
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(a1), "--out", str(hf), "--format", "hf"]) == 0
+    provenance = json.loads((hf / "rwkv_lora_merge.json").read_text())
+    assert provenance["base"]["fingerprint"] == fingerprint(torch.load(base, weights_only=True))
+    assert provenance["adapters"] == [{"path": str(a1), "weight": 1.0}]
+    before = snapshot(hf)
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(a1), "--out", str(hf), "--format", "hf"]) == 1
+    one_line_error(capsys, "pass --overwrite")
+    assert snapshot(hf) == before
+    (hf / "stale.txt").write_text("from the previous output")
+    assert cli.main(["merge", "--base", str(base), "--adapter", f"{a1}:0.5", "--out", str(hf), "--format", "hf",
+                     "--overwrite"]) == 0
+    assert not (hf / "stale.txt").exists() and snapshot(hf)["model.safetensors"] != before["model.safetensors"]
+    assert no_temp_files(tmp_path)
+
+
+def test_merge_into_the_current_directory_is_refused(tmp_path, monkeypatch, capsys):
+    """`--out $PWD` (or `.`) with the base and the adapter in it: refused in one line, nothing touched."""
+    base = write_checkpoint(tmp_path / "base.pth", random_rwkv4_state_dict(*SHAPE, seed=11))
+    make_adapter(base, tmp_path / "adapter", seed=1)
+    before = snapshot(tmp_path)
+    args = ["merge", "--base", "base.pth", "--adapter", "adapter", "--format", "hf", "--overwrite", "--out"]
+    r = run_cli(*args, tmp_path, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert snapshot(tmp_path) == before
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*args, "."]) == 1
+    one_line_error(capsys, "not a valid output name")
+    assert snapshot(tmp_path) == before
+
+
+def test_outputs_never_write_over_inputs(env, tmp_path, capsys):
+    d, base, a1, _ = env
+    adapter = tmp_path / "adapter"
+    import shutil
+
+    shutil.copytree(a1, adapter)
+    before = snapshot(adapter)
+    base_bytes = base.read_bytes()
+    attempts = [
+        ["merge", "--base", base, "--adapter", adapter, "--out", base, "--force"],
+        ["merge", "--base", base, "--adapter", adapter, "--out", adapter / "adapter_model.safetensors", "--force"],
+        ["merge", "--base", base, "--adapter", adapter, "--out", adapter, "--format", "hf", "--force"],
+        ["pack", adapter, "--out", adapter / "adapter_model.safetensors", "--force"],
+        ["pack", adapter, "--out", adapter, "--force"],
+        ["export-lora", adapter, "--out", adapter / "trained_tensors.safetensors", "--force"],
+        ["import-lora", base, "--alpha", "8", "--base", base, "--out", base, "--force"],
+    ]
+    for args in attempts:
+        assert cli.main([*map(str, args)]) == 1, args
+        one_line_error(capsys, "input")
+        assert snapshot(adapter) == before and base.read_bytes() == base_bytes, args
+
+
+def test_pack_export_import_refuse_existing_outputs(env, tmp_path, capsys):
+    d, base, a1, _ = env
+    for cmd, out in (("pack", tmp_path / "p.safetensors"), ("export-lora", tmp_path / "e.pth")):
+        out.write_bytes(b"precious")
+        assert cli.main([cmd, str(a1), "--out", str(out)]) == 1
+        one_line_error(capsys, "--force")
+        assert out.read_bytes() == b"precious"
+        assert cli.main([cmd, str(a1), "--out", str(out), "--force"]) == 0
+        assert out.read_bytes() != b"precious"
+        capsys.readouterr()
+    # import-lora into a directory that is not an adapter: never, even with --overwrite
+    exported = tmp_path / "e.pth"
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("keep")
+    for flags in ([], ["--overwrite"]):
+        assert cli.main(["import-lora", str(exported), "--alpha", "8", "--base", str(base), "--out", str(notes),
+                         *flags]) == 1
+        one_line_error(capsys, "exists" if not flags else "did not write")
+        assert snapshot(notes) == {"a.txt": b"keep"}
+    # an adapter directory (ours) is replaced with --overwrite only
+    imported = tmp_path / "imported"
+    args = ["import-lora", str(exported), "--alpha", "8", "--base", str(base), "--out", str(imported)]
+    assert cli.main(args) == 0
+    assert cli.main(args) == 1
+    one_line_error(capsys, "--overwrite")
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert read_adapter(imported).meta["alpha"] == 8
+    assert no_temp_files(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Written files: valid zips, checked writes (a full disk is one line and leaves the previous output intact)
+
+
+def test_pth_writer_is_torch_save(tmp_path):
+    """Our streaming .pth writer produces torch.save's pickle byte for byte, valid CRCs (zipfile, unzip -t), the
+    final file's stem as the internal folder, 64-byte aligned records; torch.load reads it (mmap or not)."""
+    import io
+    import zipfile
+
+    from finetune.tensorfiles import save_pth
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(5, 3, generator=g), "h": torch.randn(7, generator=g).half(),
+               "b": torch.randn(2, 1, 4, generator=g).bfloat16(), "scalar": torch.tensor(2.5, dtype=torch.float64),
+               "empty": torch.zeros(0, 3)}
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    with zipfile.ZipFile(buf) as z:
+        theirs = z.read("archive/data.pkl")
+    tmp = tmp_path / ".x-tmp-name.tmp"
+    save_pth(tensors, tmp, archive="final-name")
+    with zipfile.ZipFile(tmp) as z:
+        assert z.testzip() is None
+        assert z.read("final-name/data.pkl") == theirs
+        names = z.namelist()
+        assert all(n.startswith("final-name/") for n in names)
+        with open(tmp, "rb") as f:
+            for info in z.infolist():
+                if "/data/" in info.filename:
+                    f.seek(info.header_offset + 26)
+                    n_name, n_extra = struct.unpack("<HH", f.read(4))
+                    assert (info.header_offset + 30 + n_name + n_extra) % 64 == 0, info.filename
+    assert subprocess.run(["unzip", "-tq", str(tmp)], capture_output=True).returncode == 0
+    for mmap in (False, True):
+        back = torch.load(tmp, weights_only=True, mmap=mmap)
+        assert list(back) == list(tensors)
+        assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_merged_pth_is_a_valid_zip_named_after_the_output(env):
+    import zipfile
+
+    d, base, a1, _ = env
+    out = d / ("n" * 240 + ".pth")  # a long name: temporaries must stay within NAME_MAX
+    merge_adapters(base, [a1], out)
+    with zipfile.ZipFile(out) as z:
+        assert z.testzip() is None
+        assert {n.split("/")[0] for n in z.namelist()} == {"n" * 240}
+    assert subprocess.run(["unzip", "-tq", str(out)], capture_output=True).returncode == 0
+    assert no_temp_files(d)
+
+
+def _full_disk(limit: int):
+    """preexec_fn for a child whose files cannot grow past `limit` bytes (writes fail with EFBIG, as on a full
+    disk; SIGXFSZ ignored so the process lives to report it)."""
+    import resource
+    import signal
+
+    def set_limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return set_limit
+
+
+def test_merge_pth_on_a_full_disk_keeps_the_previous_file(env, tmp_path):
+    d, base, a1, _ = env
+    out = tmp_path / "merged.pth"
+    merge_adapters(base, [a1], out)
+    before = out.read_bytes()
+    r = run_cli("merge", "--base", base, "--adapter", f"{a1}:0.5", "--out", out, "--overwrite",
+                preexec_fn=_full_disk(len(before) // 2))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and str(out) in r.stderr and "File too large" in r.stderr, r.stderr
+    assert "wrote" not in r.stdout
+    assert out.read_bytes() == before and no_temp_files(tmp_path)
+
+
+FULL_DISK_DRIVER = """
+import contextlib, io, json, resource, signal, sys
+from finetune import cli
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+results = []
+for args in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = cli.main(args)
+        except BaseException as e:
+            rc = f"raised {type(e).__name__}: {e}"
+    results.append([rc, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_every_writer_on_a_full_disk(env, tmp_path):
+    """init, pack, export-lora, import-lora and merge to safetensors/hf: one line, exit 1, no output, no temp."""
+    d, base, a1, _ = env
+    exported = tmp_path / "exported.pth"
+    export_args = ["export-lora", str(a1), "--out", str(exported)]
+    assert cli.main(export_args) == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    commands = [
+        ["init", "--n-layer", "2", "--n-embd", "64", "--vocab", "128", "--out", str(out / "init.pth")],
+        ["pack", str(a1), "--out", str(out / "packed.safetensors")],
+        ["export-lora", str(a1), "--out", str(out / "exported.pth")],
+        ["import-lora", str(exported), "--alpha", "8", "--base", str(base), "--out", str(out / "imported")],
+        ["merge", "--base", str(base), "--adapter", str(a1), "--out", str(out / "m.safetensors")],
+        ["merge", "--base", str(base), "--adapter", str(a1), "--out", str(out / "hf"), "--format", "hf"],
+    ]
+    env_vars = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", FULL_DISK_DRIVER, json.dumps(commands)], capture_output=True,
+                       text=True, env=env_vars)
+    assert r.returncode == 0, r.stderr
+    for args, (rc, err) in zip(commands, json.loads(r.stdout)):
+        assert rc == 1, (args, rc, err)
+        assert err.count("\n") == 1 and "File too large" in err and "Traceback" not in err, (args, err)
+    assert list(out.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Nothing non-finite, nothing inconsistent (issue 10 item 6)
+
+
+def repack(src: Path, dest: Path, edit) -> Path:
+    """A copy of a packed adapter with its rwkv_lora metadata edited by `edit(meta)` (as a user might damage it)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        md = dict(f.metadata())
+    meta = json.loads(md["rwkv_lora"])
+    edit(meta)
+    md["rwkv_lora"] = json.dumps(meta)
+    save_file(load_file(str(src)), str(dest), metadata=md)
+    return dest
+
+
+def test_weights_and_scalings_must_be_finite_and_consistent(env, tmp_path, capsys):
+    d, base, a1, _ = env
+    out = tmp_path / "m.pth"
+    for w in ("inf", "nan", "1e309", "-inf"):
+        assert cli.main(["merge", "--base", str(base), "--adapter", f"{a1}:{w}", "--out", str(out)]) == 1
+        one_line_error(capsys, "finite")
+    with pytest.raises(FinetuneError, match="finite"):
+        load_model(base, adapters=[(a1, float("nan"))])
+    packed = pack_adapter(a1, tmp_path / "a1.safetensors")
+    for bad in (-1000, float("inf"), float("nan"), 8 / 4 * 1.01):
+        damaged = repack(packed, tmp_path / "damaged.safetensors", lambda m: m.update(scaling=bad))
+        assert cli.main(["merge", "--base", str(base), "--adapter", str(damaged), "--out", str(out)]) == 1
+        one_line_error(capsys, "contradicts r=4, alpha=8")
+        with pytest.raises(FinetuneError, match="contradicts"):
+            load_model(base, adapters=[damaged])
+    for field, value, needle in (("r", 0, "r must be"), ("alpha", float("inf"), "alpha must be"),
+                                 ("r", 2, "rank 4")):
+        damaged = repack(packed, tmp_path / "damaged.safetensors",
+                         lambda m: m.update({field: value, "scaling": 8 / 2 if field == "r" else m["scaling"]}))
+        assert cli.main(["merge", "--base", str(base), "--adapter", str(damaged), "--out", str(out)]) == 1
+        one_line_error(capsys, needle)
+    assert not out.exists() and no_temp_files(tmp_path)
+
+
+def test_adapters_with_nan_values_are_refused(env, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    d, base, a1, _ = env
+    import shutil
+
+    bad = tmp_path / "nan-adapter"
+    shutil.copytree(a1, bad)
+    t = load_file(str(bad / "adapter_model.safetensors"))
+    k = next(k for k in t if "lora_B" in k)
+    t[k][0, 0] = float("nan")
+    save_file(t, str(bad / "adapter_model.safetensors"))
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(bad), "--out", str(tmp_path / "m.pth")]) == 1
+    one_line_error(capsys, "NaN or infinite")
+    assert not (tmp_path / "m.pth").exists()
+
+
+def test_an_adapter_without_a_base_record_needs_force(env, tmp_path, capsys):
+    from finetune.adapters import write_adapter_dir
+
+    d, base, a1, _ = env
+    A = read_adapter(a1)
+    anonymous = write_adapter_dir(tmp_path / "anon", {**A.meta, "base": {}}, A.lora, A.full)
+    out = tmp_path / "m.pth"
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(anonymous), "--out", str(out)]) == 1
+    one_line_error(capsys, "does not record which base")
+    with pytest.raises(FinetuneError, match="does not record which base"):
+        load_model(base, adapters=[anonymous])
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(anonymous), "--out", str(out), "--force"]) == 0
+    torch.testing.assert_close(plugged_logits(base, [a1]), load_model(out)(torch.tensor([TOKENS]))[0], rtol=0,
+                               atol=1e-4)
+    assert load_model(base, adapters=[anonymous], force=True) is not None
+
+
+def test_a_merge_that_overflows_writes_nothing(env, tmp_path, capsys):
+    """fp16 cannot hold 1e5: the merged tensor would be inf. Refused before anything is renamed into place."""
+    from finetune.adapters import write_adapter_dir
+
+    d, base, a1, _ = env
+    A = read_adapter(a1)
+    big = {**A.full, "blocks.0.ln1.weight": torch.full_like(A.full["blocks.0.ln1.weight"], 1e5)}
+    loud = write_adapter_dir(tmp_path / "loud", A.meta, A.lora, big)
+    out = tmp_path / "m16.pth"
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(loud), "--out", str(out), "--dtype",
+                     "fp16"]) == 1
+    one_line_error(capsys, "blocks.0.ln1.weight does not fit in float16")
+    assert not out.exists() and no_temp_files(tmp_path)
+    # a weighted adapter that overflows float32 itself (W + 2 * (3e38 - W))
+    huge = write_adapter_dir(tmp_path / "huge", A.meta, A.lora,
+                             {**A.full, "blocks.0.ln1.weight": torch.full_like(A.full["blocks.0.ln1.weight"], 3e38)})
+    assert cli.main(["merge", "--base", str(base), "--adapter", f"{huge}:2", "--out", str(out)]) == 1
+    one_line_error(capsys, "overflow")
+    assert not out.exists() and no_temp_files(tmp_path)
+
+
+def test_an_adapter_with_only_a_pickle_is_refused(env, tmp_path, capsys):
+    """peft's old adapter_model.bin is a pickle: never loaded, and never silently 'merged' as nothing."""
+    d, base, a1, _ = env
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "rwkv_lora.json").write_bytes((a1 / "rwkv_lora.json").read_bytes())
+    (pickled / "adapter_config.json").write_bytes((a1 / "adapter_config.json").read_bytes())
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(a1 / "adapter_model.safetensors")), pickled / "adapter_model.bin")
+    out = tmp_path / "m.pth"
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(pickled), "--out", str(out)]) == 1
+    one_line_error(capsys, "no LoRA tensors found (adapter_model.bin is a pickle and is never loaded")
+    assert not out.exists()
+    with pytest.raises(FinetuneError, match="no LoRA tensors found"):
+        load_model(base, adapters=[pickled])
+
+
+def test_outputs_honour_the_umask(env, tmp_path):
+    """Every writer: files 0666 & ~umask, directories 0777 & ~umask (a teammate or a server can read them)."""
+    import stat
+
+    d, base, a1, _ = env
+    exported = tmp_path / "for-import.pth"
+    assert cli.main(["export-lora", str(a1), "--out", str(exported)]) == 0
+    for mask in (0o022, 0o007):
+        out = tmp_path / f"umask-{mask:o}"
+        old = os.umask(mask)
+        try:
+            commands = [
+                ["init", "--n-layer", "1", "--n-embd", "8", "--vocab", "16", "--out", str(out / "init.pth")],
+                ["pack", str(a1), "--out", str(out / "packed.safetensors")],
+                ["export-lora", str(a1), "--out", str(out / "exported.pth")],
+                ["import-lora", str(exported), "--alpha", "8", "--base", str(base), "--out", str(out / "imported")],
+                ["merge", "--base", str(base), "--adapter", str(a1), "--out", str(out / "m.pth")],
+                ["merge", "--base", str(base), "--adapter", str(a1), "--out", str(out / "m.safetensors")],
+                ["merge", "--base", str(base), "--adapter", str(a1), "--out", str(out / "hf"), "--format", "hf"],
+            ]
+            for args in commands:
+                assert cli.main(args) == 0, args
+        finally:
+            os.umask(old)
+        paths = [p for p in out.rglob("*")]
+        assert len(paths) > 10
+        for p in paths:
+            want = (0o777 if p.is_dir() else 0o666) & ~mask
+            assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizers travel with adapters (issue 10 item 15)
+
+
+def test_the_tokenizer_travels_with_the_adapter(tmp_path, monkeypatch, capsys):
+    """Recorded by content hash and carried (directory and packed file): generate and merge --format hf find it
+    from anywhere, after the original file is gone."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    from finetune.tokenizer import load_tokenizer
+
+    work = tmp_path / "work"
+    work.mkdir()
+    base = write_checkpoint(work / "base.pth", random_rwkv4_state_dict(*SHAPE, seed=11))
+    tok_path = make_char_tokenizer(work / "tokenizer.json")
+    original = tok_path.read_bytes()
+    monkeypatch.chdir(work)
+    adapter = make_adapter(Path("base.pth"), work / "adapter", seed=3, tokenizer="tokenizer.json")  # relative
+    meta = json.loads((adapter / "rwkv_lora.json").read_text())
+    assert meta["tokenizer"] == "tokenizer.json sha256:" + hashlib.sha256(original).hexdigest()
+    assert (adapter / "tokenizer.json").read_bytes() == original
+    packed = pack_adapter(adapter, work / "adapter.safetensors")
+    tok_path.unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ours = load_tokenizer(str(adapter / "tokenizer.json"))
+    for a in (adapter, packed):
+        assert cli.main(["generate", "--model", str(base), "--adapter", str(a), "--prompt", "hello", "--max-tokens",
+                         "4", "--temperature", "0"]) == 0, capsys.readouterr().err
+        out = elsewhere / f"hf-{a.name}"
+        assert cli.main(["merge", "--base", str(base), "--adapter", str(a), "--out", str(out), "--format",
+                         "hf"]) == 0
+        assert json.loads((out / "tokenizer.json").read_text()) == json.loads(original)
+        hf_tok = AutoTokenizer.from_pretrained(str(out))
+        text = "Hello there, how are you?"
+        assert hf_tok(text)["input_ids"] == ours.encode(text)
+        assert hf_tok.eos_token_id == 0
+    capsys.readouterr()
+    # a carried tokenizer.json that does not match its record is refused
+    (adapter / "tokenizer.json").write_text((adapter / "tokenizer.json").read_text().replace('"a"', '"b"', 1))
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(elsewhere / "x.pth")]) == 1
+    one_line_error(capsys, "does not match the sha256")
+
+
+def test_hf_output_always_has_a_tokenizer(env, tmp_path, capsys):
+    d, base, _, a2 = env  # a2 records no tokenizer and the vocabulary is not World's
+    out = tmp_path / "hf"
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(a2), "--out", str(out), "--format", "hf"]) == 1
+    one_line_error(capsys, "pass --tokenizer")
+    assert not out.exists()
+    tok = make_char_tokenizer(tmp_path / "tok.json")
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(a2), "--out", str(out), "--format", "hf",
+                     "--tokenizer", str(tok)]) == 0
+    assert (out / "tokenizer.json").read_bytes() == tok.read_bytes() and (out / "tokenizer_config.json").is_file()
+
+
+WORLD_TEXTS = ["Hello world, this is a test.\n\nUser: hi\n\nAssistant:", "中文测试，你好世界！🙂 emoji",
+               "def f(x):\n    return x**2  # code\n\t\t", "   multiple   spaces\r\n  x", "naïve café ÿ \x00\x01"]
+
+
+def test_world_vocab_hf_directory_generates_with_transformers_pipeline(tmp_path):
+    """A World-vocab merge gets a tokenizer.json that transformers loads: the same ids as the World tokenizer, and
+    `pipeline("text-generation")` continues a prompt greedily with the tokens our model picks."""
+    from transformers import AutoTokenizer, pipeline
+
+    from finetune.tokenizer import load_tokenizer
+
+    base = write_checkpoint(tmp_path / "world.pth", random_rwkv4_state_dict(2, 16, 65536, seed=4))
+    adapter = make_adapter(base, tmp_path / "adapter", seed=1, tokenizer="world")
+    merge_adapters(base, [adapter], tmp_path / "merged.pth")
+    merge_adapters(base, [adapter], tmp_path / "hf", fmt="hf")
+    world = load_tokenizer("world")
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for text in WORLD_TEXTS:
+        assert hf_tok(text)["input_ids"] == world.encode(text), text
+        assert hf_tok.decode(world.encode(text)) == text
+    prompt = "The quick brown fox"
+    ids = world.encode(prompt)
+    model = load_model(tmp_path / "merged.pth")
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    pipe = pipeline("text-generation", model=str(tmp_path / "hf"))
+    out = pipe(prompt, max_new_tokens=6, do_sample=False, return_tensors=True)
+    assert list(out[0]["generated_token_ids"]) == ids
+
+
+def test_an_adapter_plugs_in_whatever_dtype_the_model_is_loaded_in(env, capsys):
+    """The fingerprint is the stored base's, not the cast model's: --dtype fp16/bf16 accept the base's adapter."""
+    d, base, a1, _ = env
+    ref = plugged_logits(base, [a1])
+    for dtype, tol in (("fp16", 5e-2), ("bf16", 2e-1)):
+        logits = plugged_logits(base, [a1], dtype=dtype)
+        assert (logits - ref).abs().max() <= tol * ref.abs().max(), dtype
+    tok = make_char_tokenizer(d / "tok16.json")
+    assert cli.main(["generate", "--model", str(base), "--adapter", str(a1), "--tokenizer", str(tok), "--prompt", "hi",
+                     "--max-tokens", "3", "--dtype", "fp16"]) == 0, capsys.readouterr().err
+
+
+def test_export_lora_gives_an_integer_alpha_and_warns_about_att_output(env, tmp_path, capsys):
+    """rsLoRA r=2 alpha=4: the alpha / r merge needs alpha = 4 * sqrt(2) = 5.66; exported for lora_alpha=6 with B
+    rescaled, so W + 6 / 2 * B' @ A is still W + 4 / sqrt(2) * B @ A. LoRA on att.output is flagged."""
+    from finetune.adapters import write_adapter_dir
+
+    d, base, _, a2 = env
+    A2 = read_adapter(a2)
+    rs = write_adapter_dir(tmp_path / "rs", {**A2.meta, "use_rslora": True}, A2.lora, A2.full)
+    out = tmp_path / "rs.pth"
+    assert cli.main(["export-lora", str(rs), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "lora_alpha=6 (r=2)" in captured.out and "5.65685" in captured.err
+    assert "att.output" in captured.err and "--lora_load" in captured.err
+    ex = torch.load(out, weights_only=True)
+    for module, (A, B) in A2.lora.items():
+        a, b = ex[f"{module}.lora_A"], ex[f"{module}.lora_B"]
+        theirs = (6 / b.shape[1]) * (b.double() @ a.double())
+        expect = (4 / 2 ** 0.5) * (B.double() @ A.double())
+        torch.testing.assert_close(theirs, expect, rtol=1e-6, atol=1e-7)
+    # an integer alpha is exported as is, without a note
+    assert cli.main(["export-lora", str(a2), "--out", str(tmp_path / "plain.pth")]) == 0
+    captured = capsys.readouterr()
+    assert "lora_alpha=4 (r=2)" in captured.out and "note" not in captured.err
+
+
+def test_250_character_output_names(env, tmp_path):
+    d, base, a1, _ = env
+    names = {"pth": "p" * 246 + ".pth", "safetensors": "s" * 238 + ".safetensors", "hf": "h" * 250}
+    for fmt, name in names.items():
+        assert len(name) == 250
+        assert cli.main(["merge", "--base", str(base), "--adapter", str(a1), "--out", str(tmp_path / name),
+                         "--format", fmt]) == 0
+    assert cli.main(["pack", str(a1), "--out", str(tmp_path / ("k" * 238 + ".safetensors"))]) == 0
+    assert cli.main(["init", "--n-layer", "1", "--n-embd", "8", "--vocab", "16", "--out",
+                     str(tmp_path / ("i" * 246 + ".pth"))]) == 0
+    assert len(list(tmp_path.iterdir())) == 5 and no_temp_files(tmp_path)
