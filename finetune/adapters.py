@@ -308,7 +308,7 @@ def _validated(a: Adapter) -> Adapter:
     tensors = [(f"{m}.lora_A", A) for m, (A, _) in a.lora.items()] + \
               [(f"{m}.lora_B", B) for m, (_, B) in a.lora.items()] + list(a.full.items())
     if a.state is not None:
-        tensors.append(("state", a.state))
+        tensors += [(f"state.{k}", v) for k, v in a.state.tensors().items()]
     for name, t in tensors:
         if not all_finite(t):
             raise FinetuneError(f"{where}: {name} holds NaN or infinite values; the adapter is damaged (was its "
