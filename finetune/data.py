@@ -189,7 +189,7 @@ class WindowDataset(Dataset):
         if ctx_len < 1:
             raise FinetuneError(f"ctx_len must be positive (got {ctx_len})")
         if schedule not in ("random", "magic_prime"):
-            raise FinetuneError(f"unknown data schedule {schedule!r} (choose random or magic_prime)")
+            raise FinetuneError(f"sampling: {schedule!r} is not one of random, magic_prime")
         if corpus.num_tokens < ctx_len + 1:
             raise FinetuneError(f"{corpus.path}: data shorter than one window ({corpus.num_tokens} tokens, "
                                 f"ctx_len {ctx_len} needs {ctx_len + 1})")
@@ -202,8 +202,9 @@ class WindowDataset(Dataset):
         if schedule == "magic_prime":
             self.magic_prime = magic_prime(corpus.num_tokens, ctx_len)
             if self.magic_prime is None:
-                raise FinetuneError(f"{corpus.path}: too short for the magic_prime schedule at ctx_len {ctx_len} "
-                                    f"({corpus.num_tokens} tokens; use schedule random)")
+                # the setting is `sampling` in recipes (`schedule` there is the learning-rate schedule)
+                raise FinetuneError(f"{corpus.path}: too short for sampling: magic_prime at ctx_len {ctx_len} "
+                                    f"({corpus.num_tokens} tokens; use sampling: random)")
             self.factor = int(self.magic_prime * (math.sqrt(5) - 1) / 2)
             self.windows_per_epoch = self.magic_prime
         else:
