@@ -9,8 +9,15 @@ The prompt is fed in parallel mode in chunks (`model.prefill`), then one token a
 are the model's own forward (a length-1 window takes a fast path inside it), for every RWKV generation; so a prompt
 longer than any training ctx_len just works.
 
-Sampling (ChatRWKV's conventions): temperature 0 = greedy; otherwise logits / T, top-k, then top-p (nucleus), then a
-draw. Penalties on the tokens generated so far: logits[t] -= alpha_presence + count[t] * alpha_frequency.
+Sampling and penalties follow ChatRWKV's `PIPELINE` (the `rwkv` package's rwkv/utils.py), so that its users' numbers
+mean the same here:
+- temperature 0 = greedy; otherwise probs = softmax(logits); top-p keeps the tokens whose probability is at least
+  that of the token where the descending cumulative sum first reaches top_p; top-k then keeps the k most likely;
+  then probs ** (1 / temperature), normalised, and a draw. (So top-p and top-k are judged at temperature 1.)
+- penalties: logits[t] -= presence + count[t] * frequency for every token t generated so far; after each token
+  every count is multiplied by the decay (alpha_decay, 0.996), then the new token's count grows by 1, or by 0 when
+  it decodes to a substring of " \t0123456789" (spaces, tabs, digits: such a token still gets the presence
+  penalty, never the frequency one).
 Generation stops at max tokens, at the end-of-document token 0, or when the text contains a stop string (which is
 not printed).
 """
@@ -18,6 +25,8 @@ not printed).
 from __future__ import annotations
 
 import argparse
+import math
+import numbers
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -26,6 +35,7 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.models import RNNState
+from finetune.tokenizer import Tokenizer, load_tokenizer
 
 CHAT_FORMATS = {"raven": ("Bob", "Alice"), "world": ("User", "Assistant")}
 
@@ -34,53 +44,150 @@ CHAT_FORMATS = {"raven": ("Bob", "Alice"), "world": ("User", "Assistant")}
 # Sampling
 
 
+PENALTY_DECAY = 0.996  # ChatRWKV's alpha_decay
+PENALTY_EXEMPT = " \t0123456789"  # a token decoding to a substring of this gets no frequency count (ChatRWKV's rule)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, numbers.Real) and math.isfinite(x)
+
+
+def check_sampling(temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, presence_penalty: float = 0.0,
+                   frequency_penalty: float = 0.0, penalty_decay: float = PENALTY_DECAY,
+                   max_tokens: int = 1) -> None:
+    """Refuse, in one line naming the option, a setting that would crash mid-generation or silently mean nothing
+    (a NaN temperature, top-p 0, a negative penalty, ...)."""
+    if not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
+        raise FinetuneError(f"--max-tokens {max_tokens}: must be a positive number of tokens")
+    if not _finite(temperature) or temperature < 0:
+        raise FinetuneError(f"--temperature {temperature}: must be a finite number >= 0 (0 = greedy)")
+    if not _finite(top_p) or not 0 < top_p <= 1:
+        raise FinetuneError(f"--top-p {top_p}: must be in (0, 1] (1 = off)")
+    if not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise FinetuneError(f"--top-k {top_k}: must be an integer >= 0 (0 = off)")
+    for flag, value in (("--presence-penalty", presence_penalty), ("--frequency-penalty", frequency_penalty)):
+        if not _finite(value) or value < 0:
+            raise FinetuneError(f"{flag} {value}: must be a finite number >= 0 (0 = off)")
+    if not _finite(penalty_decay) or not 0 <= penalty_decay <= 1:
+        raise FinetuneError(f"--penalty-decay {penalty_decay}: must be in [0, 1] (1 = no decay)")
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                   top_k: int = 0) -> torch.Tensor:
+    """The distribution ChatRWKV's `PIPELINE.sample_logits` draws from (temperature > 0), as float64 [V].
+
+    top-p and top-k are judged on softmax(logits) at temperature 1; the temperature then reshapes what is left
+    (probs ** (1 / T)). Computed in float64 so that a low temperature does not underflow every kept token to 0 (the
+    package computes in float32); top-p 1 keeps everything (the package's float32 cumulative sum can stop short of
+    1.0 and then keeps only the most likely token)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    if top_p < 1:
+        sorted_p = torch.sort(probs, descending=True).values
+        cum = torch.cumsum(sorted_p, dim=-1)
+        first = min(int(torch.searchsorted(cum, torch.tensor([top_p], dtype=cum.dtype))), cum.numel() - 1)
+        probs = torch.where(probs < sorted_p[first], torch.zeros_like(probs), probs)
+    if 0 < top_k < probs.numel():
+        keep = torch.zeros_like(probs, dtype=torch.bool)
+        keep[torch.topk(probs, top_k).indices] = True
+        probs = torch.where(keep, probs, torch.zeros_like(probs))
+    probs = probs.double()
+    if temperature != 1.0:
+        probs = probs ** (1.0 / temperature)
+    return probs / probs.sum()
+
+
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                   generator: torch.Generator | None = None) -> int:
-    """One token id from logits [V]. temperature 0 (or below) is greedy."""
-    logits = logits.float()
+    """One token id from logits [V] (see `sampling_probs`); temperature 0 is greedy."""
+    if not bool(torch.isfinite(logits).any()) or bool(torch.isnan(logits).any()):
+        raise FinetuneError("the model gave NaN (or no finite) logits; is the checkpoint (or an adapter) broken?")
     if temperature <= 0:
         return int(torch.argmax(logits))
-    logits = logits / temperature
-    if top_k and 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if 0 < top_p < 1:
-        sorted_p, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_p, dim=-1)
-        drop = cum - sorted_p >= top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    probs = sampling_probs(logits, temperature, top_p, top_k)
+    if not bool(probs.sum() > 0) or bool(torch.isnan(probs).any()):  # every kept token underflowed: greedy
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Penalties:
+    """ChatRWKV's repetition penalties, as `rwkv.utils.PIPELINE.generate` applies them: every token generated so
+    far is penalised by presence + count * frequency; after each new token all counts decay by `decay`, then the
+    new token's count grows by 1, or by 0 when it decodes to a substring of " \t0123456789" (so a space or digit
+    token gets the presence penalty but never a growing frequency penalty). Without a tokenizer no token is exempt.
+    """
+
+    def __init__(self, presence: float = 0.0, frequency: float = 0.0, decay: float = PENALTY_DECAY,
+                 tokenizer: Tokenizer | None = None) -> None:
+        self.presence = presence
+        self.frequency = frequency
+        self.decay = decay
+        self.tokenizer = tokenizer
+        self.counts: dict[int, float] = {}  # token -> decayed count; presence applies to every key
+        self._weights: dict[int, float] = {}
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits with the penalties subtracted (a new tensor; `logits` is left as it is)."""
+        if not self.counts or not (self.presence or self.frequency):
+            return logits
+        idx = torch.tensor(list(self.counts), dtype=torch.long)
+        # computed in float64 and rounded once, as the package's `out[n] -= presence + count * frequency` does
+        pen = self.presence + torch.tensor(list(self.counts.values()), dtype=torch.float64) * self.frequency
+        out = logits.clone()
+        out[idx] -= pen.to(out.dtype)
+        return out
+
+    def weight(self, token: int) -> float:
+        if token not in self._weights:
+            text = self.tokenizer.decode([token]) if self.tokenizer is not None else None
+            self._weights[token] = 0.0 if text is not None and text in PENALTY_EXEMPT else 1.0
+        return self._weights[token]
+
+    def update(self, token: int) -> None:
+        for t in self.counts:
+            self.counts[t] *= self.decay
+        self.counts[token] = self.counts.get(token, 0.0) + self.weight(token)
 
 
 def generate_tokens(model, prompt: Sequence[int], max_tokens: int = 100, temperature: float = 1.0,
                     top_p: float = 1.0, top_k: int = 0, presence_penalty: float = 0.0,
                     frequency_penalty: float = 0.0, seed: int | None = None, state: RNNState | None = None,
-                    stop_token: int | None = 0, chunk_len: int = 1024) -> Iterator[tuple[int, RNNState]]:
+                    stop_token: int | None = 0, chunk_len: int = 1024, penalty_decay: float = PENALTY_DECAY,
+                    tokenizer: Tokenizer | None = None) -> Iterator[tuple[int, RNNState]]:
     """Yield (token, state the token was sampled from: the prompt and the tokens before it) one at a time.
 
     The prompt goes through `model.prefill` (parallel mode, chunked); every generated token through `model.step`.
+    `tokenizer` only serves the penalties' whitespace/digit exemption (see `Penalties`).
     """
+    check_sampling(temperature, top_p, top_k, presence_penalty, frequency_penalty, penalty_decay, max_tokens)
     if len(prompt) == 0:
         raise FinetuneError("the prompt is empty (nothing to condition on)")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     logits, state = model.prefill(torch.as_tensor(list(prompt)), state, chunk_len=chunk_len)
     logits = logits[0].float()
-    counts: dict[int, float] = {}
+    penalties = Penalties(presence_penalty, frequency_penalty, penalty_decay, tokenizer)
     for _ in range(max_tokens):
-        if counts and (presence_penalty or frequency_penalty):
-            idx = torch.tensor(list(counts))
-            pen = presence_penalty + frequency_penalty * torch.tensor(list(counts.values()))
-            logits = logits.clone()
-            logits[idx] -= pen
-        token = sample_logits(logits, temperature, top_p, top_k, gen)
+        token = sample_logits(penalties.apply(logits), temperature, top_p, top_k, gen)
         if stop_token is not None and token == stop_token:
             return
         yield token, state
-        counts[token] = counts.get(token, 0.0) + 1.0
+        penalties.update(token)
         out, state = model.step([token], state)
         logits = out[0]
+
+
+def check_utf8(text: str, what: str) -> str:
+    """`text` itself, or a one-line error when it holds bytes that are not UTF-8: Python hands such command-line
+    bytes over as lone surrogates (surrogateescape), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        if "\udc80" <= bad <= "\udcff":  # an escaped byte
+            detail = f"byte 0x{ord(bad) - 0xDC00:02x}"
+        else:
+            detail = f"lone surrogate U+{ord(bad):04X}"
+        raise FinetuneError(f"{what} is not valid UTF-8 ({detail} at character {e.start})") from None
+    return text
 
 
 def generate_text(model, tokenizer, prompt: str, max_tokens: int = 100, stop: Iterable[str] = (),
@@ -89,12 +196,13 @@ def generate_text(model, tokenizer, prompt: str, max_tokens: int = 100, stop: It
     """Generate from a text prompt. Text is passed to `on_text` as soon as it is final (not the start of a stop
     string, not an incomplete UTF-8 character). Returns (text without the stop string, token ids, state after
     the prompt)."""
-    stop = [s for s in stop if s]
+    stop = [check_utf8(s, "a stop string") for s in stop if s]
     ids: list[int] = []
     emitted = 0
     text = ""
     prompt_state = None
-    for token, st in generate_tokens(model, tokenizer.encode(prompt), max_tokens=max_tokens, state=state,
+    prompt_ids = tokenizer.encode(check_utf8(prompt, "the prompt"))
+    for token, st in generate_tokens(model, prompt_ids, max_tokens=max_tokens, state=state, tokenizer=tokenizer,
                                      **sampling):
         if prompt_state is None:
             prompt_state = st
@@ -169,7 +277,24 @@ def load_for_generation(args: argparse.Namespace):
 def _sampling(args: argparse.Namespace) -> dict:
     return {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
             "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
-            "seed": args.seed}
+            "penalty_decay": args.penalty_decay, "seed": args.seed}
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every setting checked before the model is loaded (which can take a while)."""
+    check_sampling(args.temperature, args.top_p, args.top_k, args.presence_penalty, args.frequency_penalty,
+                   args.penalty_decay, args.max_tokens)
+
+
+def _stdin_lines() -> Iterator[str]:
+    """stdin's lines, decoded one at a time: a line that is not UTF-8 is a one-line error naming it (the lines
+    before it have been answered)."""
+    for n, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FinetuneError(f"stdin line {n} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                                f"{e.start})") from None
 
 
 def _write(text: str) -> None:
@@ -190,6 +315,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--top-k", type=int, default=0, help="0 = off")
         p.add_argument("--presence-penalty", type=float, default=0.0, help="ChatRWKV alpha_presence")
         p.add_argument("--frequency-penalty", type=float, default=0.0, help="ChatRWKV alpha_frequency")
+        p.add_argument("--penalty-decay", type=float, default=PENALTY_DECAY,
+                       help=f"ChatRWKV alpha_decay: the counts decay by this much per token ({PENALTY_DECAY})")
         p.add_argument("--seed", type=int)
         p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                        help="compute dtype; auto: bf16 where the CPU has native bf16 (AVX-512/AMX), else fp32")
@@ -214,19 +341,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    _check_args(args)
+    text = check_utf8(args.prompt, "--prompt").replace("\\n", "\n")
+    for stop in args.stop:
+        check_utf8(stop, "--stop")
     model, tok = load_for_generation(args)
-    text = args.prompt.replace("\\n", "\n")
     generate_text(model, tok, text, max_tokens=args.max_tokens, stop=args.stop, on_text=_write, **_sampling(args))
     _write("\n")
     return 0
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    _check_args(args)
     model, tok = load_for_generation(args)
     fmt = args.format or ("world" if tok.name == "world" else "raven")
     user, bot = CHAT_FORMATS[fmt]
     state = None
-    for line in sys.stdin:
+    for line in _stdin_lines():
         line = line.strip()
         if not line:
             continue

@@ -4,18 +4,24 @@ the generate and chat commands."""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import random_rwkv4_state_dict, write_checkpoint
 from finetune import cli
-from finetune.generate import generate_text, generate_tokens, sample_logits
+from finetune.generate import Penalties, generate_text, generate_tokens, sample_logits, sampling_probs
 from finetune.merge import merge_adapters
 from finetune import load_model
 from finetune.tokenizer import load_tokenizer
 from test_merge import make_adapter, make_char_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +127,7 @@ def test_generate_cli(env, capsys):
 
 def test_chat_keeps_state(env, capsys, monkeypatch):
     _, base, adapter, _, tok_path = env
-    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhow are you\n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hi\nhow are you\n"), encoding="utf-8"))
     assert cli.main(["chat", "--model", str(base), "--adapter", str(adapter), "--temperature", "0",
                      "--max-tokens", "15", "--format", "world"]) == 0
     out = capsys.readouterr().out
@@ -150,3 +156,143 @@ def test_directory_as_model_is_named(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1
     assert err.endswith(f"{tmp_path}: is a directory, not a checkpoint file")
+
+
+# ---- settings refused in one line, before the model is loaded
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--max-tokens", "-5"], "--max-tokens -5: must be a positive"),
+    (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+    (["--top-p", "-1"], "--top-p -1.0"),
+    (["--top-p", "2"], "--top-p 2.0"),
+    (["--top-p", "nan"], "--top-p nan"),
+    (["--top-k", "-3"], "--top-k -3: must be an integer >= 0"),
+    (["--temperature", "-1"], "--temperature -1.0: must be a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature nan"),
+    (["--temperature", "inf"], "--temperature inf"),
+    (["--presence-penalty", "-0.5"], "--presence-penalty -0.5: must be a finite number >= 0"),
+    (["--frequency-penalty", "inf"], "--frequency-penalty inf"),
+    (["--frequency-penalty", "nan"], "--frequency-penalty nan"),
+    (["--penalty-decay", "1.5"], "--penalty-decay 1.5: must be in [0, 1]"),
+])
+def test_bad_settings_are_refused_in_one_line(tmp_path, capsys, args, named):
+    # the checkpoint does not even exist: the settings are checked first, in a second, not after loading a model
+    for command in (["generate", "--prompt", "x"], ["chat"]):
+        rc = cli.main([*command, "--model", str(tmp_path / "none.pth"), *args])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and len(err.splitlines()) == 1 and named in err, err
+
+
+def test_invalid_utf8_prompt_is_one_line(env):
+    _, base, _, _, tok_path = env
+    # a shell hands the bytes over as they are; Python turns the invalid one into a lone surrogate
+    r = subprocess.run([sys.executable, "-m", "finetune.cli", "generate", "--model", str(base), "--tokenizer",
+                        str(tok_path), "--prompt", b"caf\xe9 au lait"], cwd=ROOT, capture_output=True)
+    err = r.stderr.decode().strip()
+    assert r.returncode == 1 and err == ("rwkv-lora generate: error: --prompt is not valid UTF-8 (byte 0xe9 at "
+                                         "character 3)")
+
+
+def test_invalid_utf8_on_chat_stdin_is_one_line(env, capsys, monkeypatch):
+    _, base, _, _, tok_path = env
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hi\nna\xefve\nnever read\n"), encoding="utf-8"))
+    rc = cli.main(["chat", "--model", str(base), "--tokenizer", str(tok_path), "--temperature", "0",
+                   "--max-tokens", "5", "--format", "raven"])
+    captured = capsys.readouterr()
+    assert rc == 1 and captured.out.startswith("Alice:") and captured.out.count("Alice:") == 1  # line 1 answered
+    assert captured.err.strip() == "rwkv-lora chat: error: stdin line 2 is not valid UTF-8 (byte 0xef at byte 2)"
+
+
+# ---- ChatRWKV's sampling and penalties, against the rwkv package's PIPELINE
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 0.5, 0), (0.7, 0.9, 0), (1.3, 0.8, 5), (2.0, 0.95, 20),
+                                                      (0.4, 0.6, 3), (0.0, 0.9, 0)])
+def test_sampling_distribution_is_chatrwkvs(monkeypatch, temperature, top_p, top_k):
+    from rwkv.utils import PIPELINE
+
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(int(10 * temperature + top_k))) * 1.5
+    seen = {}
+
+    def choice(a, p):  # what PIPELINE.sample_logits draws from
+        seen["p"] = np.asarray(p, dtype=np.float64)
+        return int(np.argmax(p))
+
+    monkeypatch.setattr(np.random, "choice", choice)
+    # sample_logits does not use its PIPELINE (model, tokenizer): called on the class, without building one
+    PIPELINE.sample_logits(None, logits.clone(), temperature=temperature, top_p=top_p, top_k=top_k)
+    if temperature == 0:
+        assert sample_logits(logits, temperature, top_p, top_k) == int(np.argmax(seen["p"]))
+        return
+    ours = sampling_probs(logits, temperature, top_p, top_k).numpy()
+    assert ((ours > 0) == (seen["p"] > 0)).all() and 1 < (ours > 0).sum() < 300
+    np.testing.assert_allclose(ours, seen["p"], rtol=1e-5, atol=1e-7)
+
+
+EXEMPT = [" ", "\t", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]  # tokens ChatRWKV counts with weight 0
+WORDS = [" the", " cat", " sat", " on", " mat", " and", " a", " dog", " ran", " far"]
+
+
+@pytest.fixture(scope="module")
+def world_model(tmp_path_factory):
+    """A random 2 x 32 RWKV-4 with the World vocabulary whose head favours a few space/digit tokens and a few words
+    (all share one direction with ln_out's bias), so that greedy decoding meets both kinds of repeats."""
+    tok = load_tokenizer("world")
+    sd = random_rwkv4_state_dict(2, 32, 65536, seed=0)
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(32, generator=g)
+    u = u / u.norm()
+    sd["ln_out.bias"] = u
+    for text, scale in [(t, 3.0) for t in EXEMPT] + [(w, 2.7) for w in WORDS]:
+        (tid,) = tok.encode(text)
+        sd["head.weight"][tid] = u * scale + torch.randn(32, generator=g) * 0.2
+    return write_checkpoint(tmp_path_factory.mktemp("world") / "world.pth", sd), tok
+
+
+def test_penalties_equal_chatrwkv_pipeline(world_model):
+    from rwkv.model import RWKV as BlinkRWKV
+    from rwkv.utils import PIPELINE, PIPELINE_ARGS
+
+    path, tok = world_model
+    presence, frequency, decay, n = 0.4, 1.0, 0.9, 48
+    pipeline = PIPELINE(BlinkRWKV(str(path), strategy="cpu fp32", verbose=False), "rwkv_vocab_v20230424")
+    expected = []
+    draw = pipeline.sample_logits
+
+    def recorded(*args, **kwargs):
+        expected.append(draw(*args, **kwargs))
+        return expected[-1]
+
+    pipeline.sample_logits = recorded
+    pipeline.generate("Hello", token_count=n, args=PIPELINE_ARGS(
+        temperature=0, top_p=0, alpha_presence=presence, alpha_frequency=frequency, alpha_decay=decay,
+        token_stop=[0]))
+    model = load_model(path)
+
+    def ours(**kw):
+        settings = dict(temperature=0, presence_penalty=presence, frequency_penalty=frequency, penalty_decay=decay,
+                        tokenizer=tok)
+        return [t for t, _ in generate_tokens(model, tok.encode("Hello"), max_tokens=n, **{**settings, **kw})]
+
+    assert ours() == expected and len(expected) == n
+    exempt = {tok.encode(t)[0] for t in EXEMPT}
+    assert sum(t in exempt for t in expected) >= 5  # spaces and digits: presence penalty only
+    assert any(expected.count(t) > 1 for t in set(expected) - exempt)  # words repeat: decayed counts matter
+    # both rules change this run: without the decay, or without the exemption, the tokens differ
+    assert ours(penalty_decay=1.0) != expected
+    assert ours(tokenizer=None) != expected
+
+
+def test_penalties_follow_the_formula():
+    tok = load_tokenizer("world")
+    space, word = tok.encode(" ")[0], tok.encode(" cat")[0]
+    pen = Penalties(presence=0.5, frequency=0.25, decay=0.9, tokenizer=tok)
+    logits = torch.zeros(65536)
+    for t in (word, space, word, space):
+        pen.update(t)
+    out = pen.apply(logits)
+    # word: seen at steps 1 and 3 -> count 0.9^3 + 0.9; space: seen but exempt -> count 0, presence only
+    assert out[word].item() == pytest.approx(-(0.5 + 0.25 * (0.9 ** 3 + 0.9)), abs=1e-6)
+    assert out[space].item() == pytest.approx(-0.5, abs=1e-6)
+    assert int((out != 0).sum()) == 2 and logits.abs().sum() == 0  # nothing else, and the input is untouched
