@@ -4,9 +4,12 @@
 // column j = value index), d_t = exp(w_t):
 //     y_t[j] = sum_i r_t[i] (u[i] k_t[i] v_t[j] + S_{t-1}[i][j]),    S_t[i][j] = k_t[i] v_t[j] + d_t[i] S_{t-1}[i][j]
 // Backward (G_t = dL/dS_t, G_T = gstate_out):
-//     gr_t[i] = sum_j S_{t-1}[i][j] gy_t[j] + u[i] k_t[i] (gy_t . v_t)     gk_t[i] = sum_j G_t[i][j] v_t[j] + r_t[i] u[i] (gy_t . v_t)
-//     gv_t[j] = sum_i G_t[i][j] k_t[i] + (r_t . u k_t) gy_t[j]             gw_t[i] = d_t[i] sum_j G_t[i][j] S_{t-1}[i][j]
-//     gu[i] += r_t[i] k_t[i] (gy_t . v_t)                                  G_{t-1}[i][j] = d_t[i] G_t[i][j] + r_t[i] gy_t[j]
+//     gr_t[i] = sum_j S_{t-1}[i][j] gy_t[j] + u[i] k_t[i] (gy_t . v_t)
+//     gk_t[i] = sum_j G_t[i][j] v_t[j] + r_t[i] u[i] (gy_t . v_t)
+//     gv_t[j] = sum_i G_t[i][j] k_t[i] + (r_t . u k_t) gy_t[j]
+//     gw_t[i] = d_t[i] sum_j G_t[i][j] S_{t-1}[i][j]
+//     gu[i] += r_t[i] k_t[i] (gy_t . v_t)
+//     G_{t-1}[i][j] = d_t[i] G_t[i][j] + r_t[i] gy_t[j]
 //
 // Like wkv_cuda.cu this file includes no torch header: plain launchers on raw pointers, the binding
 // (wkv6_cuda_bind.cpp) does the checks, the device guard, the allocations. Every thread is an independent "lane"
