@@ -239,15 +239,16 @@ def report(results: list[dict]) -> str:
                   "peak / model | time |", "|---|---|---|---|---|---|---|---|---|"]
         for r in loads:
             growth = r["peak"] - r["before"]
-            lines.append(f"| {r['file']} | {'tensor by tensor (ours)' if r['how'] == 'ours' else 'read, build, cast (before)'} "
-                         f"| {gb(r['file_bytes'])} | {gb(r['model_bytes'])} | {gb(growth)} | "
+            how = "tensor by tensor (ours)" if r["how"] == "ours" else "read, build, cast (before)"
+            lines.append(f"| {r['file']} | {how} | {gb(r['file_bytes'])} | {gb(r['model_bytes'])} | {gb(growth)} | "
                          f"{growth / r['model_bytes']:.2f}x | {gb(r['peak'])} | {r['peak'] / r['model_bytes']:.2f}x | "
                          f"{r['seconds']:.1f} s |")
         lines.append("")
     trains = [r for r in results if r["kind"] == "train"]
     if trains:
         lines += ["## LoRA training: r=64 att+ffn, ctx 1024, batch 1, gradient checkpointing, bf16-mixed", "",
-                  "| arch | shape | base | peak RSS | tok/s | RWKV-PEFT GPU memory (RWKV-7, same base) | ours vs theirs |",
+                  "| arch | shape | base | peak RSS | tok/s | RWKV-PEFT GPU memory (RWKV-7, same base) "
+                  "| ours vs theirs |",
                   "|---|---|---|---|---|---|---|"]
         for r in trains:
             theirs = RWKV_PEFT.get(r["shape"], (None, None))[1 if r["base"] == "nf4" else 0]

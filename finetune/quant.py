@@ -254,8 +254,8 @@ def swap_quantized_linears(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_model(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory>", dtype: torch.dtype | str | None = None,
-                quant: str | None = "none") -> nn.Module:
+def build_model(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory>",
+                dtype: torch.dtype | str | None = None, quant: str | None = "none") -> nn.Module:
     """The checkpoint's model in `dtype` (None: the device's default, see `default_dtype`), its block projections
     quantized (`quant` int8 / nf4) one tensor at a time while it is built: the peak memory is the model as it will
     be held, plus one tensor. quant none gives the plain model (still cast tensor by tensor)."""
