@@ -36,7 +36,7 @@ from finetune import checkpoint
 from finetune.checkpoint import all_finite
 from finetune.atomic import atomic_dir, atomic_file, check_output
 from finetune.errors import FinetuneError
-from finetune.models import RNNState, family_for
+from finetune.models import FAMILIES, Family, RNNState, family_for
 from finetune.quant import linear as quant_linear, load_model as load_quantized
 from finetune.tensorfiles import save_safetensors
 
@@ -50,47 +50,31 @@ FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"  # the tokenizer an adapter carries (packed: a header entry of that name)
 TOKENIZER_HASH = "tokenizer.json sha256:"
 
-# the projections LoRA can adapt, by part
-LORA_PARTS: dict[str, tuple[str, ...]] = {
-    "att": ("key", "value", "receptance", "output"),
-    "ffn": ("key", "value", "receptance"),
-}
+# RWKV-4's LoRA parts and trainable groups (what RWKV-LM-LoRA files, which are RWKV-4's, are described with); every
+# other use asks the model's own family (`finetune.models.family_for`)
+LORA_PARTS: dict[str, tuple[str, ...]] = FAMILIES["4"].lora_parts
+FULL_GROUPS = FAMILIES["4"].full_groups
 
 
-def _is_time(name: str) -> bool:
-    return ".att.time_" in name or ".ffn.time_" in name
-
-
-def _is_ln(name: str) -> bool:
-    return ".ln0." in name or ".ln1." in name or ".ln2." in name or name.startswith("ln_out.")
-
-
-# the small tensors users train in full next to LoRA, by group
-FULL_GROUPS = {
-    "time": _is_time,
-    "ln": _is_ln,
-    "emb": lambda n: n == "emb.weight",
-    "head": lambda n: n == "head.weight",
-}
-
-
-def lora_target_regex(parts: Iterable[str]) -> str:
-    """A regex for peft's `target_modules` that matches exactly the chosen projections (full-name match)."""
+def lora_target_regex(parts: Iterable[str], family: Family = FAMILIES["4"]) -> str:
+    """A regex for peft's `target_modules` that matches exactly the chosen projections of `family` (full-name
+    match)."""
     alts = []
     for part in parts:
-        if part not in LORA_PARTS:
-            raise FinetuneError(f"unknown LoRA part {part!r}; choose from {', '.join(LORA_PARTS)}")
-        alts.append(rf"blocks\.\d+\.{part}\.({'|'.join(LORA_PARTS[part])})")
+        if part not in family.lora_parts:
+            raise FinetuneError(f"unknown LoRA part {part!r} for {family.title}; choose from "
+                                f"{', '.join(family.lora_parts)}")
+        alts.append(rf"blocks\.\d+\.{part}\.({'|'.join(family.lora_parts[part])})")
     return "^(" + "|".join(alts) + ")$"
 
 
-def full_tensor_names(names: Iterable[str], groups: Iterable[str]) -> list[str]:
-    """Checkpoint names of the tensors trained in full for the given groups (time, ln, emb, head)."""
+def full_tensor_names(names: Iterable[str], groups: Iterable[str], family: Family = FAMILIES["4"]) -> list[str]:
+    """Checkpoint names of the tensors trained in full for the given groups (time, ln, emb, head) of `family`."""
     groups = list(groups)
     for g in groups:
-        if g not in FULL_GROUPS:
-            raise FinetuneError(f"unknown trainable group {g!r}; choose from {', '.join(FULL_GROUPS)}")
-    return [n for n in names if any(FULL_GROUPS[g](n) for g in groups)]
+        if g not in family.full_groups:
+            raise FinetuneError(f"unknown trainable group {g!r}; choose from {', '.join(family.full_groups)}")
+    return [n for n in names if any(family.full_groups[g](n) for g in groups)]
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, parts: Iterable[str] = ("att", "ffn"),
@@ -109,7 +93,8 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
     for p in model.parameters():
         p.requires_grad_(False)
     if parts and r > 0:
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(parts),
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                            target_modules=lora_target_regex(parts, family_for(model)),
                             use_rslora=use_rslora, init_lora_weights=init_lora_weights, bias="none")
         with warnings.catch_warnings():  # peft's note on torchao weights is about peft's own merge, never used here
             warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
@@ -117,7 +102,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
     else:
         raise FinetuneError("LoRA needs r > 0 and at least one part (att, ffn)")
     base = unwrap(peft_model)
-    for name in full_tensor_names(dict(base.named_parameters()), train):
+    for name in full_tensor_names(dict(base.named_parameters()), train, family_for(base)):
         base.get_parameter(name).requires_grad_(True)
     return peft_model
 
@@ -133,7 +118,8 @@ def trained_full_tensors(peft_model: nn.Module, groups: Iterable[str]) -> dict[s
     """The fully trained tensors, under checkpoint names, float32 on the CPU."""
     base = unwrap(peft_model)
     params = dict(base.named_parameters())
-    return {n: params[n].detach().float().cpu().contiguous() for n in full_tensor_names(params, groups)}
+    return {n: params[n].detach().float().cpu().contiguous()
+            for n in full_tensor_names(params, groups, family_for(base))}
 
 
 def save_adapter(peft_model: nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> Path:
