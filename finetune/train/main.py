@@ -82,7 +82,7 @@ def check_base_finite(sd: dict[str, torch.Tensor], path: str) -> None:
     not let the non-finite guard blame the learning rate later)."""
     for k, t in sd.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise FinetuneError(f"{path}: the base checkpoint has non-finite weights ({k} holds NaN or inf); "
+            raise FinetuneError(f"{path}: the base checkpoint has non-finite weights ({k} holds NaN or infinite values); "
                                 f"training cannot start from it: use an intact checkpoint")
 
 
