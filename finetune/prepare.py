@@ -18,7 +18,8 @@ Everything is written under temporary names and renamed together at the end (ind
 last), so an interrupted run never leaves a complete-looking `.bin`/`.idx` pair, and a failed one no temporary. No
 output may be one of the inputs (`prepare d.json --out d` would write the manifest over d.json); existing outputs
 are replaced only with `force=True` (--force), and then the old run's shards and masks the new one does not
-rewrite are removed.
+rewrite are removed. Temporaries that a run killed outright (SIGKILL) left for the same prefix are removed by the next
+run once their writer is gone (`remove_dead_temps`).
 """
 
 from __future__ import annotations
@@ -614,6 +615,38 @@ def _is_output_name(path: str, prefix: str) -> bool:
     return same_dir and _output_name_pattern(prefix).fullmatch(os.path.basename(path)) is not None
 
 
+_TEMP_NAME = re.compile(r"\.(?P<stem>.+)\.file-(?P<pid>\d+)-[0-9a-f]{8}\.tmp")  # atomic_file's temporaries
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_dead_temps(prefix: str) -> list[str]:
+    """Remove the temporaries that a run for `prefix` killed outright (SIGKILL, a power cut) left behind: only
+    names of our outputs for this prefix, and only when the process that wrote them is gone (a prepare running now
+    into the same prefix keeps its own)."""
+    directory = os.path.dirname(os.path.abspath(prefix))
+    stems = {n.encode()[:32].decode(errors="ignore") for n in
+             [os.path.basename(prefix) + ".json"] + [os.path.basename(prefix) + s for s in OUTPUT_SUFFIXES]}
+    removed = []
+    for name in os.listdir(directory):
+        m = _TEMP_NAME.fullmatch(name)
+        if m is None or int(m["pid"]) == os.getpid() or _pid_alive(int(m["pid"])):
+            continue
+        stem = m["stem"]
+        if stem in stems or _is_output_name(os.path.join(directory, stem), prefix):
+            os.remove(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
 def check_outputs(prefix: str, inputs: Sequence[str], force: bool) -> None:
     """Refuse, before any work, to write over an input or (without `force`) over existing outputs. The shard count
     is not known yet, so the candidates are: the manifest, the unsharded files, every shard file already on disk,
@@ -850,6 +883,7 @@ def prepare(
     if not os.path.isdir(out_dir):
         raise FinetuneError(f"{out}: output directory {out_dir} does not exist")
     check_outputs(out, paths, force)
+    remove_dead_temps(out)
     previous = _previous_outputs(out) if force else set()
     stats = Stats(strict=strict)
     sources = []

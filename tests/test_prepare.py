@@ -451,3 +451,26 @@ print(m["documents"], m["tokens"], (resource.getrusage(resource.RUSAGE_SELF).ru_
     docs, tokens, grown_mib = r.stdout.split()
     assert int(docs) == 1 and int(tokens) > 2_000_000
     assert float(grown_mib) < 200, f"a 4 MB line took {grown_mib} MiB more"
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next(tmp_path, small_tokenizer):
+    # SIGKILL leaves no chance to clean up: the next run for the same prefix removes what the dead process wrote
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        names = {f".out.bin.file-{dead.pid}-0123abcd.tmp": False,  # ours, writer gone: removed
+                 f".out-00002.idx.file-{dead.pid}-0123abcd.tmp": False,
+                 f".out.json.file-{alive.pid}-0123abcd.tmp": True,  # a run in progress: kept
+                 f".other.bin.file-{dead.pid}-0123abcd.tmp": True,  # another prefix's: kept
+                 "notes.txt": True}
+        for name in names:
+            (tmp_path / name).write_text("x")
+        (tmp_path / "in.txt").write_text("The fox and the grapes.")
+        prepare([str(tmp_path / "in.txt")], small_tokenizer, str(tmp_path / "out"), progress=False)
+    finally:
+        alive.kill()
+        alive.wait()
+    left = {p.name for p in tmp_path.iterdir()}
+    assert {n for n, keep in names.items() if keep} <= left
+    assert not {n for n, keep in names.items() if not keep} & left
