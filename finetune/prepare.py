@@ -647,11 +647,18 @@ def remove_dead_temps(prefix: str) -> list[str]:
     return removed
 
 
-def check_outputs(prefix: str, inputs: Sequence[str], force: bool) -> None:
+def check_outputs(prefix: str, inputs: Sequence[str], force: bool, sharded: bool = False) -> None:
     """Refuse, before any work, to write over an input or (without `force`) over existing outputs. The shard count
     is not known yet, so the candidates are: the manifest, the unsharded files, every shard file already on disk,
     and any input named like one of our outputs."""
     directory = os.path.dirname(os.path.abspath(prefix))
+    name = os.path.basename(prefix)
+    if name in ("", ".", ".."):  # `--out .` or `--out dir/` would write hidden files named ".bin", "..json"
+        raise FinetuneError(f"{prefix}: not a valid output prefix (give a name, e.g. data/novel)")
+    longest = f"{name}{'-00000' if sharded else ''}.mask.bin"
+    if len(longest.encode()) > os.pathconf(directory, "PC_NAME_MAX"):  # found now, not when renaming at the end
+        raise FinetuneError(f"{prefix}: output prefix too long (its outputs, such as {longest[-30:]!r}, would exceed "
+                            f"the file-name limit)")
     candidates = [f"{prefix}.json"] + [prefix + s for s in OUTPUT_SUFFIXES]
     candidates += sorted(os.path.join(os.path.dirname(prefix), n) for n in os.listdir(directory)
                          if _is_output_name(os.path.join(directory, n), prefix))
@@ -882,7 +889,7 @@ def prepare(
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise FinetuneError(f"{out}: output directory {out_dir} does not exist")
-    check_outputs(out, paths, force)
+    check_outputs(out, paths, force, sharded=shard_tokens is not None)
     remove_dead_temps(out)
     previous = _previous_outputs(out) if force else set()
     stats = Stats(strict=strict)

@@ -474,3 +474,18 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next(tmp_path, small_tok
     left = {p.name for p in tmp_path.iterdir()}
     assert {n for n, keep in names.items() if keep} <= left
     assert not {n for n, keep in names.items() if not keep} & left
+
+
+@pytest.mark.parametrize("out,reason", [(".", "not a valid output prefix"), ("sub/", "not a valid output prefix"),
+                                        ("x" * 247, "output prefix too long")])
+def test_bad_output_prefixes_are_refused_before_work(tmp_path, small_tokenizer, out, reason):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "in.txt").write_text("The fox and the grapes.")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(FinetuneError, match=reason):
+            prepare(["in.txt"], small_tokenizer, out, progress=False)
+    finally:
+        os.chdir(cwd)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["in.txt", "sub"]
