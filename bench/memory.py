@@ -224,8 +224,19 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def latest(results: list[dict]) -> list[dict]:
+    """The last result of each measurement (a rerun replaces the earlier line), in first-run order."""
+    keys = {"load": ("file", "how"), "train": ("arch", "shape", "base", "ctx"), "generate": ("file",)}
+    last: dict[tuple, dict] = {}
+    for r in results:
+        last[(r["kind"], *(r.get(k, 1024 if k == "ctx" else None) for k in keys[r["kind"]]))] = r
+    return list(last.values())
+
+
 def report(results: list[dict]) -> str:
     import torch
+
+    results = latest(results)
 
     lines = ["# Big models on small machines", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU capability "
@@ -254,6 +265,8 @@ def report(results: list[dict]) -> str:
         for r in trains:
             theirs = RWKV_PEFT.get(r["shape"], (None, None))[1 if r["base"] == "nf4" else 0]
             vs = f"{r['peak'] / 1e9 / theirs:.2f}x" if theirs and r["base"] in ("bf16", "nf4") else "-"
+            if vs != "-" and r.get("ctx", 1024) != 1024:
+                vs += f" (ours at ctx {r['ctx']}: not comparable)"
             theirs_s = f"{theirs} GB" if theirs and r["base"] in ("bf16", "nf4") else "-"
             lines.append(f"| {r['arch']} | {r['shape']} | {r.get('ctx', 1024)} | {r['base']} | {gb(r['peak'])} | "
                          f"{r['tok_s']:.1f} | "
