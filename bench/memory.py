@@ -271,6 +271,10 @@ def report(results: list[dict]) -> str:
             lines.append(f"| {r['arch']} | {r['shape']} | {r.get('ctx', 1024)} | {r['base']} | {gb(r['peak'])} | "
                          f"{r['tok_s']:.1f} | "
                          f"{theirs_s} | {vs} |")
+        done = {(r["shape"], r["base"]) for r in trains if r.get("ctx", 1024) == 1024}
+        missing = [f"{sh} {b}" for sh in SHAPES for b in ("bf16", "int8", "nf4") if (sh, b) not in done]
+        if missing:
+            lines += ["", f"Not measured at ctx 1024 in these runs: {', '.join(missing)}."]
         lines += ["", "Steps per run and per-step tok/s: " + "; ".join(
             f"{r['shape']} {r['base']}: {[round(x, 1) for x in r['rates']]}" for r in trains), ""]
     gens = [r for r in results if r["kind"] == "generate"]
@@ -279,7 +283,7 @@ def report(results: list[dict]) -> str:
         lines += [f"## Generation, one token per step ({r['file']}, {r['tokens']} tokens, best of interleaved "
                   f"rounds)", "", "| engine | tok/s | vs rwkv package cpu fp32i8 |", "|---|---|---|"]
         for k, v in r["best"].items():
-            lines.append(f"| {k} | {v:.1f} | {v / ref:.2f}x |")
+            lines.append(f"| {k} | {v:.2f} | {v / ref:.2f}x |")
         lines.append("")
     return "\n".join(lines)
 
