@@ -143,14 +143,14 @@ def work_load(path: str, how: str, tiny: str) -> dict:
             "model_bytes": size, "before": before, "peak": peak_bytes(), "seconds": seconds}
 
 
-def work_train(arch: str, shape: str, base: str, ckpt: str, data: str, out: str, steps: int) -> dict:
+def work_train(arch: str, shape: str, base: str, ckpt: str, data: str, out: str, steps: int, ctx: int = 1024) -> dict:
     import csv
 
     from finetune import cli
 
     precision = "32" if base == "fp32" else "bf16-mixed"
     quant = base if base in ("int8", "nf4") else "none"
-    args = ["train", "--model", ckpt, "--data", data, "--out_dir", out, "--ctx_len", "1024", "--micro_bsz", "1",
+    args = ["train", "--model", ckpt, "--data", data, "--out_dir", out, "--ctx_len", str(ctx), "--micro_bsz", "1",
             "--max_steps", str(steps), "--lr", "1e-4", "--lr_final", "1e-4", "--warmup_steps", "0",
             "--precision", precision, "--base_quant", quant, "--grad_checkpoint", "true", "--logger", "csv",
             "--lora.r", "64", "--lora.alpha", "128", "--lora.parts", "[att,ffn]", "--tokenizer", "world",
@@ -166,7 +166,8 @@ def work_train(arch: str, shape: str, base: str, ckpt: str, data: str, out: str,
                 rates.append(float(row["tokens_per_s"]))
                 losses.append(float(row["train_loss"]))
     timed = rates[1:] or rates  # the first step also pays for warm-up
-    return {"kind": "train", "arch": arch, "shape": shape, "base": base, "steps": steps, "peak": peak_bytes(),
+    return {"kind": "train", "arch": arch, "shape": shape, "base": base, "steps": steps, "ctx": ctx,
+            "peak": peak_bytes(),
             "tok_s": statistics.median(timed), "rates": rates, "losses": losses,
             "seconds": time.perf_counter() - t0}
 
@@ -223,8 +224,19 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def latest(results: list[dict]) -> list[dict]:
+    """The last result of each measurement (a rerun replaces the earlier line), in first-run order."""
+    keys = {"load": ("file", "how"), "train": ("arch", "shape", "base", "ctx"), "generate": ("file",)}
+    last: dict[tuple, dict] = {}
+    for r in results:
+        last[(r["kind"], *(r.get(k, 1024 if k == "ctx" else None) for k in keys[r["kind"]]))] = r
+    return list(last.values())
+
+
 def report(results: list[dict]) -> str:
     import torch
+
+    results = latest(results)
 
     lines = ["# Big models on small machines", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU capability "
@@ -246,16 +258,23 @@ def report(results: list[dict]) -> str:
         lines.append("")
     trains = [r for r in results if r["kind"] == "train"]
     if trains:
-        lines += ["## LoRA training: r=64 att+ffn, ctx 1024, batch 1, gradient checkpointing, bf16-mixed", "",
-                  "| arch | shape | base | peak RSS | tok/s | RWKV-PEFT GPU memory (RWKV-7, same base) "
+        lines += ["## LoRA training: r=64 att+ffn, batch 1, gradient checkpointing, bf16-mixed", "",
+                  "| arch | shape | ctx | base | peak RSS | tok/s | RWKV-PEFT GPU memory (RWKV-7, ctx 1024) "
                   "| ours vs theirs |",
-                  "|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|"]
         for r in trains:
             theirs = RWKV_PEFT.get(r["shape"], (None, None))[1 if r["base"] == "nf4" else 0]
             vs = f"{r['peak'] / 1e9 / theirs:.2f}x" if theirs and r["base"] in ("bf16", "nf4") else "-"
+            if vs != "-" and r.get("ctx", 1024) != 1024:
+                vs += f" (ours at ctx {r['ctx']}: not comparable)"
             theirs_s = f"{theirs} GB" if theirs and r["base"] in ("bf16", "nf4") else "-"
-            lines.append(f"| {r['arch']} | {r['shape']} | {r['base']} | {gb(r['peak'])} | {r['tok_s']:.1f} | "
+            lines.append(f"| {r['arch']} | {r['shape']} | {r.get('ctx', 1024)} | {r['base']} | {gb(r['peak'])} | "
+                         f"{r['tok_s']:.1f} | "
                          f"{theirs_s} | {vs} |")
+        done = {(r["shape"], r["base"]) for r in trains if r.get("ctx", 1024) == 1024}
+        missing = [f"{sh} {b}" for sh in SHAPES for b in ("bf16", "int8", "nf4") if (sh, b) not in done]
+        if missing:
+            lines += ["", f"Not measured at ctx 1024 in these runs: {', '.join(missing)}."]
         lines += ["", "Steps per run and per-step tok/s: " + "; ".join(
             f"{r['shape']} {r['base']}: {[round(x, 1) for x in r['rates']]}" for r in trains), ""]
     gens = [r for r in results if r["kind"] == "generate"]
@@ -264,7 +283,7 @@ def report(results: list[dict]) -> str:
         lines += [f"## Generation, one token per step ({r['file']}, {r['tokens']} tokens, best of interleaved "
                   f"rounds)", "", "| engine | tok/s | vs rwkv package cpu fp32i8 |", "|---|---|---|"]
         for k, v in r["best"].items():
-            lines.append(f"| {k} | {v:.1f} | {v / ref:.2f}x |")
+            lines.append(f"| {k} | {v:.2f} | {v / ref:.2f}x |")
         lines.append("")
     return "\n".join(lines)
 
@@ -276,6 +295,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--bases", nargs="+", default=["bf16", "int8", "nf4"], choices=["fp32", "bf16", "int8", "nf4"])
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps per training run (the first is warm-up)")
+    ap.add_argument("--ctx", type=int, default=1024, help="training window (1024 in the published comparison)")
     ap.add_argument("--load-shape", default="1.5B", choices=list(SHAPES))
     ap.add_argument("--gen-shape", default="0.1B", choices=list(SHAPES))
     ap.add_argument("--tokens", type=int, default=32)
@@ -287,7 +307,7 @@ def main() -> None:
         kind, *rest = args.worker
         fn = {"load": work_load, "train": work_train, "generate": work_generate}[kind]
         if kind == "train":
-            rest[-1] = int(rest[-1])
+            rest[6:] = [int(x) for x in rest[6:]]  # steps [, ctx]
         if kind == "generate":
             rest = [rest[0], int(rest[1]), int(rest[2])]
         print(json.dumps(fn(*rest)))
@@ -311,10 +331,11 @@ def main() -> None:
             L, C = SHAPES[shape]
             ckpt = write_checkpoint(d / f"{args.arch}-{shape}-bf16.pth", args.arch, L, C, "bf16")
             for base in args.bases:
-                out = d / f"run-{args.arch}-{shape}-{base}"
+                out = d / f"run-{args.arch}-{shape}-{base}-ctx{args.ctx}"
                 for f in ("last.ckpt", "metrics.csv"):
                     (out / f).unlink(missing_ok=True)
-                r = spawn(["train", args.arch, shape, base, str(ckpt), str(data), str(out), str(args.steps)], log)
+                r = spawn(["train", args.arch, shape, base, str(ckpt), str(data), str(out), str(args.steps),
+                           str(args.ctx)], log)
                 print(f"train {shape} {base}: peak {gb(r['peak'])}, {r['tok_s']:.1f} tok/s", file=sys.stderr)
     if args.what in ("generate", "all"):
         L, C = SHAPES[args.gen_shape]

@@ -18,7 +18,9 @@ IMPL `ours` or `hf` and flags `ckpt` (gradient checkpointing per block: ours `mo
 state carried, each chunk recomputed in the backward pass) and `bf16` (ours: bf16 base weights under
 `torch.autocast(bfloat16)`, fp32 LoRA weights: what `precision: bf16-mixed` runs). Reports tokens/s by the wall
 clock (median over the timed steps) and CPU seconds per token (steadier on a shared machine), and the ratios
-against the peer measured in the same run.
+against the peer measured in the same run. On a shared machine run one thread (the default): with two, every
+parallel region of these thousands of small ops waits for a descheduled sibling thread, and both the wall clock and
+the CPU time (spinning threads) then measure the machine's load rather than the code.
 """
 
 from __future__ import annotations
@@ -114,11 +116,15 @@ def lm_loss(logits: Any, targets: Any) -> Any:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def worker(case: str, pth: Path, hf_dir: Path, steps: int, warmup: int, mem_gb: float) -> dict[str, Any]:
+def worker(case: str, pth: Path, hf_dir: Path, steps: int, warmup: int, mem_gb: float,
+           threads: int) -> dict[str, Any]:
     """One case in this (fresh) process."""
     cap = int(mem_gb * 2 ** 30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))  # fail this case alone rather than push others into swap/OOM
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     impl, ctx, *flag_list = case.split(":")
     ctx, flags = int(ctx), set(flag_list)
@@ -161,18 +167,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per case (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--mem-gb", type=float, default=14.0, help="address-space cap per case")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per case (0: torch's default)")
     ap.add_argument("--work", default="/tmp/bench-train-rwkv7", help="where the checkpoint and its HF copy go")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     pth, hf_dir = make_checkpoint(Path(args.work))
     if args.worker:
-        print(json.dumps(worker(args.worker, pth, hf_dir, args.steps, args.warmup, args.mem_gb)))
+        print(json.dumps(worker(args.worker, pth, hf_dir, args.steps, args.warmup, args.mem_gb, args.threads)))
         return
 
     rows: dict[str, dict[str, Any] | None] = {}
     for case in args.cases:
         cmd = [sys.executable, __file__, "--worker", case, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--mem-gb", str(args.mem_gb), "--work", args.work]
+               "--mem-gb", str(args.mem_gb), "--threads", str(args.threads), "--work", args.work]
         t0 = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         if out.returncode != 0:
