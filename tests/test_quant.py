@@ -150,7 +150,8 @@ def test_plugin_lora_on_a_quantized_base(base, tmp_path):
     A, B = torch.randn(4, 128, generator=g) * 0.1, torch.randn(128, 4, generator=g) * 0.1
     meta = {"base": {"fingerprint": None}, "tokenizer": None, "r": 4, "alpha": 8, "parts": ["att"], "train": []}
     adapter = write_adapter_dir(tmp_path / "a", meta, {"blocks.0.att.value": (A, B)}, {})
-    model = attach_adapters(quant.load_model(base, dtype="fp32", quant="int8"), [adapter])
+    # force: the adapter records no base (this test is about the arithmetic, not the provenance check)
+    model = attach_adapters(quant.load_model(base, dtype="fp32", quant="int8"), [adapter], force=True)
     lin = model.blocks[0].att.value
     assert isinstance(lin, LoRALinear) and quant.is_quantized(lin.weight)
     x = torch.randn(2, 3, 128, generator=g)
@@ -266,6 +267,7 @@ LOAD_WORKER = textwrap.dedent("""
     def rss():
         return int(open("/proc/self/statm").read().split()[1]) * 4096
     load_model(tiny, dtype="bf16")  # warm-up: torch's first big ops page in ~70 MB of its own code, not the load's
+    open("/proc/self/clear_refs", "w").write("5")  # peak RSS (VmHWM) := current RSS: the warm-up's peak not counted
     before = rss()
     if how == "info":  # describe without materialising: a few probes are read
         from finetune.checkpoint_cli import describe_checkpoint
@@ -278,7 +280,7 @@ LOAD_WORKER = textwrap.dedent("""
     else:  # what load_model did before: read everything, build, then cast
         model = build_from_state_dict(read_state_dict(path), path)
         model.cast(torch.bfloat16)
-    # VmHWM (this process's own peak): ru_maxrss would start at the parent's RSS at fork (Linux keeps it over exec)
+    # VmHWM (this process's own peak since the reset): ru_maxrss would start at the parent's RSS at fork
     peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     print(json.dumps({"growth": peak - before, "model": size}))

@@ -215,7 +215,7 @@ def test_chat_on_v7_world_model_uses_world_format_and_keeps_state(merge_env, mon
     from finetune.tokenizer import load_tokenizer
 
     _, base, adapter, _ = merge_env
-    monkeypatch.setattr("sys.stdin", io.StringIO("hi there\nwhat is a bee?\n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hi there\nwhat is a bee?\n")))  # chat reads bytes
     assert cli.main(["chat", "--model", str(base), "--adapter", str(adapter), "--temperature", "0",
                      "--max-tokens", "8"]) == 0
     turns = [t for t in capsys.readouterr().out.split("\n\n") if t]
