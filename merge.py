@@ -7,7 +7,7 @@
 
 import sys
 
-from finetune.merge import main
+from finetune.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["merge", *sys.argv[1:]]))

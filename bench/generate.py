@@ -35,7 +35,8 @@ def main() -> None:
     import torch
 
     from conftest import random_rwkv4_state_dict
-    from finetune.adapters import LORA_PARTS, write_adapter_dir
+    from finetune.adapter_format import write_adapter
+    from finetune.models.rwkv4 import FAMILY
     from finetune.checkpoint import fingerprint
     from finetune import load_model
 
@@ -57,14 +58,14 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     lora = {}
     for i in range(args.n_layer):
-        for part, mods in LORA_PARTS.items():
+        for part, mods in FAMILY.lora_parts.items():
             for m in mods:
                 out_f, in_f = sd[f"blocks.{i}.{part}.{m}.weight"].shape
                 lora[f"blocks.{i}.{part}.{m}"] = (torch.randn(args.r, in_f, generator=g) * 0.01,
                                                   torch.randn(out_f, args.r, generator=g) * 0.01)
     meta = {"base": {"fingerprint": fingerprint(sd)}, "tokenizer": "world", "r": args.r, "alpha": 2 * args.r,
             "parts": ["att", "ffn"], "train": []}
-    adapter = write_adapter_dir(d / "adapter", meta, lora, {})
+    adapter = write_adapter(d / "adapter", meta, lora, {})
     del sd
 
     from rwkv.model import RWKV as BlinkRWKV

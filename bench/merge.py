@@ -55,7 +55,8 @@ print({"seconds": dt, "peak_rss": hwm(), "import_rss": base_rss})
 def build(d: Path, n_layer: int, n_embd: int, vocab: int, r: int) -> tuple[Path, Path]:
     import torch
 
-    from finetune.adapters import FULL_GROUPS, LORA_PARTS, write_adapter_dir
+    from finetune.adapter_format import write_adapter
+    from finetune.models.rwkv4 import FAMILY
     from finetune.checkpoint import fingerprint
     from finetune.models.rwkv4 import expected_shapes
     from finetune.models.rwkv4 import RWKVConfig
@@ -71,18 +72,18 @@ def build(d: Path, n_layer: int, n_embd: int, vocab: int, r: int) -> tuple[Path,
     torch.save(sd, base)
     lora, full = {}, {}
     for i in range(n_layer):
-        for part, mods in LORA_PARTS.items():
+        for part, mods in FAMILY.lora_parts.items():
             for m in mods:
                 out_f, in_f = sd[f"blocks.{i}.{part}.{m}.weight"].shape
                 lora[f"blocks.{i}.{part}.{m}"] = (torch.randn(r, in_f, generator=g) * 0.01,
                                                   torch.randn(out_f, r, generator=g) * 0.01)
     for k, v in sd.items():
-        if FULL_GROUPS["time"](k) or FULL_GROUPS["ln"](k):
+        if FAMILY.full_groups["time"](k) or FAMILY.full_groups["ln"](k):
             full[k] = v.float() + 0.01
     meta = {"base": {"fingerprint": fingerprint(sd), "n_layer": n_layer, "n_embd": n_embd, "vocab_size": vocab,
                      "dim_ffn": cfg.dim_ffn, "path": str(base)}, "tokenizer": None, "r": r, "alpha": 2 * r,
             "parts": ["att", "ffn"], "train": ["time", "ln"], "recipe": {"bench": True}}
-    write_adapter_dir(adapter, meta, lora, full)
+    write_adapter(adapter, meta, lora, full)
     del sd
     return base, adapter
 

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # imported on first use so that `import finetune.<module>` stays light (the CLI and data tools start fast)
     if name == "load_model":
-        from finetune.adapters import load_model
+        from finetune.plugin import load_model
 
         return load_model
     if name in ("RWKV", "RWKVConfig"):

@@ -8,12 +8,14 @@ safetensors, and written back in the same layout: never after an inference loade
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import mmap
 import os
 import sys
 from pathlib import Path
 from typing import Callable
+from typing import Any, Mapping
 
 import torch
 
@@ -74,18 +76,29 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
-def fingerprint(sd: dict[str, torch.Tensor]) -> str:
+# the tensors whose values a fingerprint reads (those a checkpoint lacks are skipped): a streaming reader loads only
+# these to fingerprint a base
+FINGERPRINT_PROBES = ("emb.weight", "blocks.0.att.time_decay", "blocks.0.att.key.weight", "ln_out.weight",
+                      "head.weight")
+
+
+def fingerprint(sd: Mapping[str, torch.Tensor]) -> str:
     """A short id of a base model: its shapes and a few of its values (rounded to bf16, so the same base stored in
-    fp32 or bf16 has the same fingerprint). Adapters record it; merge and plug-in refuse a different base."""
+    fp32 or bf16 has the same fingerprint). Adapters record it; merge and plug-in refuse a different base. Only the
+    shapes of tensors other than `FINGERPRINT_PROBES` are read."""
     h = hashlib.sha256()
     for k in sorted(sd):
         h.update(f"{k}:{tuple(sd[k].shape)};".encode())
-    probes = ["emb.weight", "blocks.0.att.time_decay", "blocks.0.att.key.weight", "ln_out.weight", "head.weight"]
-    for k in probes:
+    for k in FINGERPRINT_PROBES:
         if k in sd:
             t = sd[k].detach().reshape(-1)[:4096].float().to(torch.bfloat16).view(torch.int16)
             h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def base_record(config: Any, base_fingerprint: str, path: str | Path) -> dict[str, Any]:
+    """What an adapter records about its base: the fingerprint, the family config's dimensions and the path."""
+    return {"fingerprint": base_fingerprint, **dataclasses.asdict(config), "path": str(path)}
 
 
 def model_state_dict(model) -> dict[str, torch.Tensor]:
@@ -145,9 +158,16 @@ def check_keys(sd: dict[str, torch.Tensor], family: Family, config, path: str | 
 
 
 def check_values(sd: dict[str, torch.Tensor], path: str | Path = "<memory>") -> None:
-    """Raise a one-line FinetuneError naming the first tensor that holds NaN or an infinity."""
+    """Raise a one-line FinetuneError naming the first tensor that holds NaN or an infinity. Tensors memory-mapped
+    from `path` are read in chunks whose pages are released as they go (see `_release`): checking a checkpoint
+    costs a chunk of memory, not the file."""
+    mapped = _mapped_ranges(path)
     for k, v in sd.items():
-        if not all_finite(v):
+        finite = True
+        for rows in _row_chunks(v):
+            finite = finite and all_finite(v[rows])
+            _release(v[rows], mapped)
+        if not finite:
             raise FinetuneError(f"{path}: {k} holds NaN or infinite values; the checkpoint is damaged (a diverged "
                                 f"training run?)")
 
@@ -246,15 +266,19 @@ def _release(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
 def _copy_releasing(src: torch.Tensor, dtype: torch.dtype, mapped: list[tuple[int, int]]) -> torch.Tensor:
     """A new tensor (own memory) holding `src` in `dtype`, copied in row chunks whose file pages are released."""
     dst = torch.empty(src.shape, dtype=dtype)
-    if src.dim() == 0 or not src.is_contiguous():
-        dst.copy_(src)
-        _release(src, mapped)
-        return dst
-    rows = max(1, _CHUNK_BYTES // max(1, src[0].numel() * src.element_size()))
-    for i in range(0, src.shape[0], rows):
-        dst[i:i + rows].copy_(src[i:i + rows])
-        _release(src[i:i + rows], mapped)
+    for rows in _row_chunks(src):
+        dst[rows].copy_(src[rows])
+        _release(src[rows], mapped)
     return dst
+
+
+def _row_chunks(t: torch.Tensor) -> list[slice | tuple[()]]:
+    """Indices that cut `t` into blocks of whole rows of about _CHUNK_BYTES (the whole tensor when it has no rows
+    or is not contiguous: its pages are then not one range)."""
+    if t.dim() == 0 or not t.is_contiguous():
+        return [()]
+    rows = max(1, _CHUNK_BYTES // max(1, t[0].numel() * t.element_size()))
+    return [slice(i, i + rows) for i in range(0, t.shape[0], rows)]
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
@@ -264,7 +288,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
     Every dimension comes from the tensors themselves. `dtype=None` keeps each tensor's stored dtype; otherwise
     everything but the family's fp32 parameters (decays) is converted to it tensor by tensor while loading (peak
     memory about the model's size, not file + model). Adapters are plugged in by
-    `finetune.adapters.attach_adapters` (or `finetune.load_model(path, adapters=[...])`).
+    `finetune.plugin.attach_adapters` (or `finetune.load_model(path, adapters=[...])`).
     """
     sd = read_state_dict(path)
     model = build_from_state_dict(sd, path, dtype=None if dtype is None else parse_dtype(dtype))

@@ -7,9 +7,11 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from finetune.adapter_format import describe_adapter, is_adapter
 from finetune.atomic import check_output
 from finetune.errors import FinetuneError
 from finetune.models import ARCHES
+from finetune.models import DTYPE_NAMES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head-size", type=int, default=64,
                    help="RWKV-5/6/7: head size N; --n-embd must be a multiple of it (default 64, as published)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
                    help="storage dtype (released models are bf16; default fp32)")
     p.add_argument("--out", required=True, help="output .pth (or .safetensors) path")
     p.add_argument("--force", "--overwrite", action="store_true", dest="force",
@@ -93,12 +95,8 @@ def run_info(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.exists():
         raise FinetuneError(f"{path}: no such file or directory")
-    try:
-        from finetune import adapters  # the adapter formats (directory or packed file) describe themselves
-    except ImportError:
-        adapters = None
-    if adapters is not None and adapters.is_adapter(path):
-        print(adapters.describe_adapter(path))
+    if is_adapter(path):  # the adapter formats (directory or packed file) describe themselves
+        print(describe_adapter(path))
         return 0
     if path.is_dir():
         raise FinetuneError(f"{path}: a directory that is not an rwkv-lora adapter")

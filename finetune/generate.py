@@ -35,6 +35,8 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.models import RNNState
+from finetune.plugin import attach_adapters, load_model
+from finetune.quant import default_dtype
 from finetune.tokenizer import Tokenizer, load_tokenizer
 
 CHAT_FORMATS = {"raven": ("Bob", "Alice"), "world": ("User", "Assistant")}
@@ -237,7 +239,7 @@ def resolve_tokenizer(arg: str | None, adapters: Sequence, vocab_size: int):
 
     tok = None
     if arg is None:  # the tokenizer the adapters record (and carry), wherever they were trained
-        from finetune.adapters import adapter_tokenizer, parse_adapter_spec, read_adapter
+        from finetune.adapter_format import adapter_tokenizer, parse_adapter_spec, read_adapter
 
         for a in adapters:
             tok = adapter_tokenizer(read_adapter(parse_adapter_spec(a)[0]))
@@ -262,9 +264,6 @@ def resolve_tokenizer(arg: str | None, adapters: Sequence, vocab_size: int):
 
 
 def load_for_generation(args: argparse.Namespace):
-    from finetune.adapters import attach_adapters, load_model
-    from finetune.quant import default_dtype
-
     # auto: bf16 where this machine multiplies bf16 natively, else fp32 (bf16 is emulated, and slower, on AVX2 CPUs)
     dtype = default_dtype("cpu") if args.dtype == "auto" else args.dtype
     model = load_model(args.model, dtype=dtype, quant=args.quant)

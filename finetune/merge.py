@@ -25,16 +25,23 @@ import json
 import math
 import sys
 import warnings
+import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from finetune.adapter_format import (ADAPTER_META, Adapter, AdapterMeta, add_lora_delta_, adapter_files,
+                                     adapter_tokenizer_json, blend_full_, check_adapter, check_pairs, pack_adapter,
+                                     parse_adapter_spec, read_adapter, tokenizer_record, write_adapter)
 from finetune.atomic import atomic_dir, atomic_file, check_output
-from finetune.checkpoint import all_finite
-from finetune.errors import FinetuneError
+from finetune.checkpoint import (FINGERPRINT_PROBES, all_finite, base_record, check_keys, fingerprint,
+                                 read_state_dict)
+from finetune.errors import FinetuneError, first_line
 from finetune.hf import hf_config, hf_name, tokenizer_vocab_size, world_tokenizer_json, write_tokenizer_files
+from finetune.models import DTYPE_NAMES, detect, parse_dtype
 from finetune.tensorfiles import ST_DTYPES, archive_name, save_pth, write_pth_streaming, write_safetensors_streaming
+from finetune.tokenizer import WORLD_VOCAB_SIZE, WorldTokenizer, read_world_vocab
 
 FORMATS = ("pth", "safetensors", "hf")
 HF_MARKER = "rwkv_lora_merge.json"  # provenance written into HF output directories; marks them as ours to replace
@@ -49,9 +56,6 @@ class LazyBase:
     tensor by tensor. `shapes`, `dtypes`, `get(name)`, `fingerprint`, `config`."""
 
     def __init__(self, path: str | Path) -> None:
-        from finetune.checkpoint import check_keys, fingerprint, read_state_dict
-        from finetune.models import detect
-
         self.path = Path(path)
         if not self.path.is_file():
             raise FinetuneError(f"{self.path}: no such base checkpoint")
@@ -66,8 +70,8 @@ class LazyBase:
                 for k in keys:
                     sl = self._st.get_slice(k)
                     metas[k] = torch.empty(sl.get_shape(), dtype=_dtype_from_st(sl.get_dtype()), device="meta")
-            except Exception as e:
-                raise FinetuneError(f"{self.path}: cannot read safetensors base ({_first_line(e)})") from None
+            except Exception as e:  # safetensors raises its own exception types
+                raise FinetuneError(f"{self.path}: cannot read safetensors base ({first_line(e)})") from None
             self._sd = None
         else:
             self._sd = read_state_dict(self.path)  # mmap'd when the file is a zip checkpoint
@@ -78,23 +82,21 @@ class LazyBase:
         self.names = list(metas)
         self.shapes = {k: tuple(v.shape) for k, v in metas.items()}
         self.dtypes = {k: v.dtype for k, v in metas.items()}
-        probes = {"emb.weight", "blocks.0.att.time_decay", "blocks.0.att.key.weight", "ln_out.weight", "head.weight"}
-        fp_sd = {k: (self.get(k) if k in probes else v) for k, v in metas.items()}
-        self.fingerprint = fingerprint(fp_sd)
+        # the fingerprint reads only its probe tensors' values: load just those
+        self.fingerprint = fingerprint({k: (self.get(k) if k in FINGERPRINT_PROBES else v) for k, v in metas.items()})
 
     def get(self, name: str) -> torch.Tensor:
         if self._sd is not None:
             return self._sd[name]
         try:
             return self._st.get_tensor(name)
-        except Exception as e:
-            raise FinetuneError(f"{self.path}: cannot read {name} ({_first_line(e)}); is the file truncated?") \
+        except Exception as e:  # safetensors raises its own exception types
+            raise FinetuneError(f"{self.path}: cannot read {name} ({first_line(e)}); is the file truncated?") \
                 from None
 
-    def meta(self) -> dict[str, Any]:
-        c = self.config
-        return {"fingerprint": self.fingerprint, "n_layer": c.n_layer, "n_embd": c.n_embd,
-                "vocab_size": c.vocab_size, "dim_ffn": c.dim_ffn, "path": str(self.path)}
+    def record(self) -> dict[str, Any]:
+        """What an adapter made for this base records about it."""
+        return base_record(self.config, self.fingerprint, self.path)
 
 
 def _dtype_from_st(name: str) -> torch.dtype:
@@ -102,11 +104,6 @@ def _dtype_from_st(name: str) -> torch.dtype:
     if name not in rev:
         raise ValueError(f"unsupported dtype {name}")
     return rev[name]
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -124,11 +121,6 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
     `tokenizer` (world or a tokenizer.json path): what an hf directory gets, instead of the adapters' record.
     Returns a summary dict (tensors changed, dtype, format, seconds).
     """
-    import time
-
-    from finetune.adapters import Adapter, adapter_files, check_adapter, parse_adapter_spec, read_adapter
-    from finetune.models import parse_dtype
-
     t0 = time.perf_counter()
     out = Path(out)
     fmt = fmt or ("safetensors" if out.suffix == ".safetensors" else "pth")
@@ -152,8 +144,8 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
         if a.state is not None:
             raise FinetuneError(f"adapter {a.path}: a state adapter is a start state, not a weight change; it cannot "
                                 f"be merged (plug it in with --adapter when generating)")
-        check_adapter(a, b.shapes, b.fingerprint, force=force, base_name=str(b.path))
-        quantized = a.meta.get("base_quant") or (a.meta.get("recipe") or {}).get("base_quant") or "none"
+        check_adapter(a, b.shapes, b.fingerprint, family=b.family, force=force, base_name=str(b.path))
+        quantized = a.meta.extra.get("base_quant") or a.meta.recipe.get("base_quant") or "none"
         if quantized != "none":
             # the usual QLoRA practice: merge into the full-precision base; the adapter learned around the
             # quantized weights, so its fit to them is not what the merged model computes
@@ -177,7 +169,7 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
 
     # Two reused buffers (an fp32 workspace, an output-dtype buffer): allocating fresh memory for every tensor costs
     # more in page faults than the arithmetic. Two slots: tensor i+1 is computed (slot (i+1) % 2) while tensor i is
-    # being written by a writer thread (see `_pipelined`).
+    # being written by a writer thread (see `finetune.tensorfiles.pipelined`).
     big = max((math.prod(b.shapes[k]) for k in b.names), default=0)
     buffers: dict[torch.dtype, torch.Tensor] = {}
 
@@ -198,10 +190,10 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
             x = buffer(t.shape, torch.float32, slot).copy_(t)  # fp32 workspace (never write into the mmap'd base)
             for kind, a, w in todo[name]:
                 if kind == "full":
-                    x.add_(a.full[name] - x, alpha=w)
+                    blend_full_(x, a.full[name], w)
                 else:
                     A, B = a.lora[name[: -len(".weight")]]
-                    x.addmm_(B, A, alpha=w * a.scaling)
+                    add_lora_delta_(x, A, B, w * a.scaling)
             if not all_finite(x):
                 raise FinetuneError(f"{out}: not written: the adapters make {name} overflow (NaN or infinite "
                                     f"values); check their weights")
@@ -248,9 +240,6 @@ def hf_tokenizer_json(arg: str | None, adapters: Sequence, vocab_size: int,
     """The tokenizer.json an HF directory gets: `arg` (world or a tokenizer.json path) if given, else the first
     adapter's (World, or the tokenizer.json it carries), else World for a World-sized vocabulary. An HF directory
     is never written without a tokenizer: a one-line FinetuneError when none is known."""
-    from finetune.adapters import adapter_tokenizer_json, tokenizer_record
-    from finetune.tokenizer import WORLD_VOCAB_SIZE, WorldTokenizer, read_world_vocab
-
     text, world = None, False
     if arg is not None:
         record, data = tokenizer_record(arg)
@@ -259,7 +248,7 @@ def hf_tokenizer_json(arg: str | None, adapters: Sequence, vocab_size: int,
         world, text = record == "world", data.decode("utf-8") if data is not None else None
     else:
         for a, _ in adapters:
-            record = a.meta.get("tokenizer")
+            record = a.meta.tokenizer
             if record is None:
                 continue
             world = str(record).startswith("world")
@@ -311,10 +300,6 @@ def import_rwkv_lm_lora(file: str | Path, alpha: float, base: str | Path, out: s
     """Convert an RWKV-LM-LoRA checkpoint into our adapter directory. Tensors under base names count as trained in
     full only when they differ from the base (files that carry the whole frozen base are fine). An existing `out` is
     replaced only with `force` or `overwrite`, and only if it is an adapter directory."""
-    from finetune.adapters import (ADAPTER_META, FULL_GROUPS, LORA_PARTS, Adapter, check_adapter,
-                                   write_adapter_dir)
-    from finetune.checkpoint import read_state_dict
-
     check_output(out, force=force or overwrite, inputs=[file, base], marker=ADAPTER_META, flag="--overwrite")
     if alpha is None or not math.isfinite(alpha) or alpha <= 0:
         raise FinetuneError(f"--alpha must be a positive finite number, got {alpha} (RWKV-LM-LoRA files do not "
@@ -338,24 +323,20 @@ def import_rwkv_lm_lora(file: str | Path, alpha: float, base: str | Path, out: s
             raise FinetuneError(f"{file}: unknown tensor {key} (neither a LoRA factor nor a tensor of {b.path})")
     if not pairs and not full:
         raise FinetuneError(f"{file}: no LoRA factors and nothing that differs from the base")
-    from finetune.adapters import _check_pairs
-
-    lora = _check_pairs(pairs, Path(file))
+    lora = check_pairs(pairs, Path(file))
     ranks = {A.shape[0] for A, _ in lora.values()}
     if len(ranks) > 1:
         raise FinetuneError(f"{file}: LoRA factors of different ranks {sorted(ranks)}; one rank per adapter")
-    r = ranks.pop() if ranks else 1
-    parts = sorted({m.split(".")[2] for m in lora if m.startswith("blocks.") and m.split(".")[2] in LORA_PARTS})
-    train = sorted(g for g, pred in FULL_GROUPS.items() if any(pred(n) for n in full))
-    meta = {"base": b.meta(), "tokenizer": tokenizer, "r": r, "alpha": float(alpha), "dropout": None,
-            "parts": parts, "train": train,
-            "recipe": {"imported_from": str(file), "tool": "RWKV-LM-LoRA", "scaling_convention": "alpha / r"}}
-    from finetune.adapters import lora_scaling
-
-    probe = Adapter(path=Path(file), meta=dict(meta, scaling=lora_scaling(r, alpha)), lora=lora, full=full)
-    check_adapter(probe, b.shapes, b.fingerprint, force=force, base_name=str(b.path))
-    write_adapter_dir(out, meta, lora, full)
-    return {"out": str(out), "r": r, "alpha": alpha, "lora_pairs": len(lora), "full": len(full)}
+    fam = b.family
+    meta = AdapterMeta(
+        family=fam.name, base=b.record(), tokenizer=tokenizer, r=ranks.pop() if ranks else 1, alpha=float(alpha),
+        parts=sorted({m.split(".")[2] for m in lora if m.startswith("blocks.") and m.split(".")[2] in fam.lora_parts}),
+        train=sorted(g for g, pred in fam.full_groups.items() if any(pred(n) for n in full)),
+        recipe={"imported_from": str(file), "tool": "RWKV-LM-LoRA", "scaling_convention": "alpha / r"})
+    check_adapter(Adapter(path=Path(file), meta=meta, lora=lora, full=full), b.shapes, b.fingerprint, family=fam,
+                  force=force, base_name=str(b.path))
+    write_adapter(out, meta, lora, full)
+    return {"out": str(out), "r": meta.r, "alpha": alpha, "lora_pairs": len(lora), "full": len(full)}
 
 
 def export_rwkv_lm_lora(adapter: str | Path, out: str | Path, force: bool = False) -> dict[str, Any]:
@@ -366,13 +347,11 @@ def export_rwkv_lm_lora(adapter: str | Path, out: str | Path, force: bool = Fals
     fractional alpha) it is rounded and lora_B is scaled by exact / rounded, so the merged weights stay the same;
     `notes` says so, and warns when LoRA on att.output would be lost by RWKV-LM-LoRA's --lora_load. An existing
     `out` is replaced only with `force`."""
-    from finetune.adapters import adapter_files, read_adapter
-
     check_output(out, force=force, inputs=adapter_files(adapter))
     a = read_adapter(adapter)
     if a.state is not None:
         raise FinetuneError(f"adapter {adapter}: a state adapter has no LoRA weights to export")
-    r = int(a.meta["r"])
+    r = a.meta.r
     exact = a.scaling * r
     alpha = max(1, round(exact))
     factor = exact / alpha
@@ -410,7 +389,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", action="append", required=True, metavar="PATH[:W]",
                    help="adapter directory or packed .safetensors, optionally with a weight (repeatable)")
     p.add_argument("--out", required=True, help="output path (.pth / .safetensors file, or a directory for hf)")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="output dtype (default: the base's)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="output dtype (default: the base's)")
     p.add_argument("--format", choices=FORMATS, dest="fmt",
                    help="pth (BlinkDL), safetensors, or hf (RwkvForCausalLM directory); default from --out's suffix")
     p.add_argument("--force", action="store_true", help="merge even if an adapter was made for another base "
@@ -464,8 +443,6 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_pack(args: argparse.Namespace) -> int:
-    from finetune.adapters import pack_adapter
-
     out = pack_adapter(args.adapter, args.out, force=args.force)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0
@@ -485,12 +462,3 @@ def run_export(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     print(f"wrote {s['out']}: {s['tensors']} tensors; merge it with lora_alpha={s['alpha']} (r={s['r']})")
     return 0
-
-
-def main(argv: Iterable[str] | None = None) -> int:
-    """`python merge.py ...`: the same as `rwkv-lora merge ...`."""
-    import sys
-
-    from finetune.cli import main as cli_main
-
-    return cli_main(["merge", *(sys.argv[1:] if argv is None else list(argv))])

@@ -19,7 +19,7 @@ kernel was measured and left out: on an AVX2 CPU it is 30x slower than convertin
 tokens, and no faster for one token.)
 
 peft finds a `QuantLinear` by its name as it finds any `nn.Linear` (it is one), and wraps it; the plug-in
-`LoRALinear` of `finetune.adapters` computes its base product through `linear` here.
+`LoRALinear` of `finetune.plugin` computes its base product through `linear` here.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class _DropNoise(logging.Filter):
                     or "Calling register_constant() on Enum subclasses is deprecated" in msg)
 
 
-# attached when this module is imported (finetune.adapters imports it before anything imports peft)
+# attached when this module is imported (finetune.adapters imports it before it imports peft)
 for _name in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree"):  # filters do not reach child loggers
     logging.getLogger(_name).addFilter(_DropNoise())
 

@@ -27,7 +27,9 @@ import torch
 
 from finetune.atomic import atomic_file, check_output
 from finetune.errors import FinetuneError
-from finetune.models import Family, RNNState
+from finetune.adapter_format import ADAPTER_META, read_adapter, save_state_adapter
+from finetune.checkpoint import check_keys, fingerprint, read_state_dict
+from finetune.models import Family, RNNState, detect, get_family
 
 TIME_STATE = "blocks.{}.att.time_state"
 
@@ -89,8 +91,6 @@ def time_state_to_state(tensors: dict[str, torch.Tensor], family: Family, config
 
 def _base_record(sd: dict[str, torch.Tensor], path: str | Path) -> tuple[Family, Any, dict[str, Any]]:
     """The base's family, config and the `base` record adapters carry (as training writes it)."""
-    from finetune.checkpoint import check_keys, fingerprint
-    from finetune.models import detect
 
     family = detect(sd, path)
     config = family.config_from_state_dict(sd, path)
@@ -103,15 +103,12 @@ def _base_record(sd: dict[str, torch.Tensor], path: str | Path) -> tuple[Family,
 def export_state(adapter: str | Path, out: str | Path, drop_shifts: bool = False, force: bool = False
                  ) -> dict[str, Any]:
     """Write a state adapter (directory or packed file) as a time_state `.pth`, atomically. Returns a summary."""
-    from finetune.adapters import read_adapter
-    from finetune.models import get_family
-
     out = check_output(out, force=force, inputs=[adapter])
     a = read_adapter(adapter)
     if a.state is None:
         raise FinetuneError(f"{adapter}: a {a.kind} adapter, not a state adapter (train_type: state); LoRA adapters "
                             f"travel with pack or export-lora")
-    family = get_family(str(a.meta.get("family", "rwkv4")))
+    family = get_family(str(a.meta.family))
     _transposed(family, adapter)
     shift = max(float(a.state.att_shift.abs().max()), float(a.state.ffn_shift.abs().max()))
     if shift > 0 and not drop_shifts:
@@ -132,9 +129,6 @@ def export_state(adapter: str | Path, out: str | Path, drop_shifts: bool = False
 def import_state(file: str | Path, base: str | Path, out: str | Path, tokenizer: str | None = None,
                  force: bool = False) -> dict[str, Any]:
     """Turn a time_state `.pth` into a state adapter directory for `base` (checked against its shapes), atomically."""
-    from finetune.adapters import ADAPTER_META, save_state_adapter
-    from finetune.checkpoint import read_state_dict
-
     out = check_output(out, force=force, inputs=[file, base], marker=ADAPTER_META)
     sd = read_state_dict(base)  # memory-mapped for zip checkpoints: only shapes and a few values are read
     family, config, record = _base_record(sd, base)

@@ -118,7 +118,7 @@ def test_generate_cli(env, capsys):
     assert cli.main([*args, "--model", str(merged), "--tokenizer", str(tok_path)]) == 0
     assert capsys.readouterr().out == out_plugged
     # a packed adapter works the same
-    from finetune.adapters import pack_adapter
+    from finetune.adapter_format import pack_adapter
 
     packed = pack_adapter(adapter, Path(adapter).with_suffix(".safetensors"))
     assert cli.main([*args, "--model", str(base), "--adapter", f"{packed}:1.0"]) == 0

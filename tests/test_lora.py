@@ -157,7 +157,7 @@ def test_resume_gives_the_same_losses(setup_dir):
 def test_adapter_loads_with_peft_and_gives_the_same_logits(setup_dir):
     from peft import PeftModel
 
-    from finetune.adapters import read_adapter
+    from finetune.adapter_format import read_adapter
     from finetune import load_model
 
     tmp, ckpt, data, _ = setup_dir

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from conftest import random_rwkv4_state_dict, write_checkpoint
 from finetune import cli, quant
-from finetune.adapters import LoRALinear, add_lora, attach_adapters, read_adapter, unwrap
+from finetune.adapter_format import read_adapter
+from finetune.adapters import add_lora, unwrap
+from finetune.plugin import LoRALinear, attach_adapters
 from finetune.checkpoint import load_model as load_plain
 from finetune.train.config import load_config
 from finetune.errors import FinetuneError
@@ -144,7 +146,7 @@ def test_peft_adapts_the_quantized_linears(base):
 
 def test_plugin_lora_on_a_quantized_base(base, tmp_path):
     """attach_adapters' LoRALinear over an int8 base: y = x deq(W)^T + s * (x A^T) B^T, checked by hand."""
-    from finetune.adapters import write_adapter_dir
+    from finetune.adapter_format import write_adapter as write_adapter_dir
 
     g = torch.Generator().manual_seed(4)
     A, B = torch.randn(4, 128, generator=g) * 0.1, torch.randn(128, 4, generator=g) * 0.1

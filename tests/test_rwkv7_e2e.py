@@ -126,7 +126,7 @@ MERGE_TOKENS = torch.randint(0, WORLD, (20,), generator=torch.Generator().manual
 def v7_adapter(base: Path, out: Path, seed: int) -> Path:
     """A trained-looking RWKV-7 adapter: LoRA (r=4, B non-zero) on att r/k/v/o and ffn key/value, and every tensor of
     the family's `time` and `ln` groups perturbed and trained in full."""
-    from finetune.adapters import write_adapter_dir
+    from finetune.adapter_format import write_adapter as write_adapter_dir
     from finetune.checkpoint import read_state_dict
 
     sd = read_state_dict(base)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from finetune.models import RNNState
 
 from conftest import random_rwkv4_state_dict, write_checkpoint
-from finetune.adapters import read_adapter
+from finetune.adapter_format import read_adapter
 from finetune.errors import FinetuneError
 from finetune.train.config import load_config
 from finetune.train.distributed import lightning_strategy, strategy_spec
@@ -163,7 +163,7 @@ def test_infctx_trainer_loss_equals_window(tmp_path):
 
 def test_state_tuning_trains_saves_and_plugs_into_generation(tmp_path, capsys):
     from finetune import load_model
-    from finetune.adapters import pack_adapter
+    from finetune.adapter_format import pack_adapter
     from finetune.cli import main as cli
     from finetune.generate import generate_tokens
 

@@ -13,7 +13,7 @@ import torch
 from conftest import random_rwkv4_state_dict, write_checkpoint
 from finetune import cli, load_model
 from finetune.train import main as train_main
-from finetune.adapters import read_adapter, save_state_adapter
+from finetune.adapter_format import read_adapter, save_state_adapter
 from finetune.checkpoint import fingerprint
 from finetune.train.config import load_config
 from finetune.models import RNNState, get_family
@@ -130,8 +130,8 @@ def test_import_round_trips(env, exported, tmp_path, capsys):
     assert cli.main(["import-state", str(files["random"]), "--base", str(base), "--out", str(out),
                      "--tokenizer", "world"]) == 0
     original, imported = read_adapter(adapter), read_adapter(out)
-    assert imported.kind == "state" and imported.meta["family"] == "rwkv7" and imported.meta["tokenizer"] == "world"
-    assert imported.meta["base"]["fingerprint"] == original.meta["base"]["fingerprint"]
+    assert imported.kind == "state" and imported.meta.family == "rwkv7" and imported.meta.tokenizer == "world"
+    assert imported.meta.base["fingerprint"] == original.meta.base["fingerprint"]
     assert torch.equal(imported.state.wkv, original.state.wkv)
     assert not imported.state.att_shift.any() and not imported.state.ffn_shift.any()
     again = tmp_path / "again.pth"
@@ -147,7 +147,7 @@ def test_state_tuning_trains_v7_and_plugs_in(env, trained, exported):
     losses = [trained["losses"][s] for s in sorted(trained["losses"])]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
     a = read_adapter(trained["final"])
-    assert a.kind == "state" and a.meta["family"] == "rwkv7"
+    assert a.kind == "state" and a.meta.family == "rwkv7"
     assert a.state.wkv.shape == (L, H, HEAD, HEAD) and a.state.wkv.abs().max() > 1e-3
     # RWKV-7 learns the WKV state alone, as RWKV-PEFT does: nothing the state file cannot carry
     assert not a.state.att_shift.any() and not a.state.ffn_shift.any()

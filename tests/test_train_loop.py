@@ -14,7 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from finetune.adapters import read_adapter
+from finetune.adapter_format import read_adapter
 from finetune.errors import FinetuneError
 from finetune.train.main import main, setup
 from finetune.train.optim import lr_factor

@@ -34,7 +34,7 @@ def apply_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.M
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from finetune.adapters import TRAINED_TENSORS
+    from finetune.adapter_format import TRAINED_TENSORS
 
     adapter_dir = Path(adapter_dir)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))

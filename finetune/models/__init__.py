@@ -16,7 +16,7 @@ from finetune.models import rwkv4, rwkv5, rwkv6, rwkv7
 from finetune.models.family import Family, RNNState
 
 __all__ = ["FAMILIES", "Family", "RNNState", "detect", "detect_version", "family_for", "get_family", "parse_dtype",
-           "DTYPES"]
+           "DTYPES", "DTYPE_NAMES", "LORA_PART_CHOICES", "FULL_GROUP_CHOICES"]
 
 # generation (as `detect_version` names it) -> family; versions missing here are recognised but refused
 FAMILIES: dict[str, Family] = {
@@ -91,6 +91,12 @@ def family_for(model: torch.nn.Module) -> Family:
             return fam
     raise FinetuneError(f"{type(model).__name__} is not an RWKV model of a known family")
 
+
+# the choices settings and command lines offer, defined once: LoRA parts and full-training groups of any family,
+# and the dtype names
+LORA_PART_CHOICES: tuple[str, ...] = tuple(dict.fromkeys(p for f in FAMILIES.values() for p in f.lora_parts))
+FULL_GROUP_CHOICES: tuple[str, ...] = tuple(dict.fromkeys(g for f in FAMILIES.values() for g in f.full_groups))
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}

@@ -20,7 +20,9 @@ from typing import Any, Sequence
 
 import yaml
 
+from finetune.adapters import LORA_INITS
 from finetune.errors import FinetuneError
+from finetune.models import FULL_GROUP_CHOICES, LORA_PART_CHOICES
 
 PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -367,12 +369,13 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     lo.dropout = _require_real("lora.dropout", lo.dropout, minimum=0.0, below=1.0)
     lo.parts = _as_list(lo.parts)
     lo.train = _as_list(lo.train)
-    bad = [p for p in lo.parts if p not in ("att", "ffn")]
-    _require(not bad, f"lora.parts: unknown part {bad[0] if bad else ''!r}; choose from att, ffn")
-    _require(cfg.method == "full" or lo.parts, "lora.parts: name at least one of att, ffn")
-    bad = [g for g in lo.train if g not in ("time", "ln", "emb", "head")]
-    _require(not bad, f"lora.train: unknown group {bad[0] if bad else ''!r}; choose from time, ln, emb, head")
-    _require(lo.init in ("default", "gaussian", "pissa"), f"lora.init: {lo.init!r} is not one of default, gaussian, pissa")
+    parts, groups, inits = ", ".join(LORA_PART_CHOICES), ", ".join(FULL_GROUP_CHOICES), ", ".join(LORA_INITS)
+    bad = [p for p in lo.parts if p not in LORA_PART_CHOICES]
+    _require(not bad, f"lora.parts: unknown part {bad[0] if bad else ''!r}; choose from {parts}")
+    _require(cfg.method == "full" or lo.parts, f"lora.parts: name at least one of {parts}")
+    bad = [g for g in lo.train if g not in FULL_GROUP_CHOICES]
+    _require(not bad, f"lora.train: unknown group {bad[0] if bad else ''!r}; choose from {groups}")
+    _require(lo.init in LORA_INITS, f"lora.init: {lo.init!r} is not one of {inits}")
     _require(isinstance(lo.use_rslora, bool), "lora.use_rslora: must be true or false")
     for name in ("model", "data", "val_data", "tokenizer"):
         v = getattr(cfg, name)

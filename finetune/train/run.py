@@ -20,7 +20,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 
-from finetune.adapters import save_adapter, save_state_adapter
+from finetune.adapter_format import save_state_adapter
+from finetune.adapters import save_adapter
 from finetune.atomic import atomic_file, replace_dir, write_error
 from finetune.checkpoint import save_checkpoint
 from finetune.errors import FinetuneError, first_line
