@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from finetune.atomic import atomic_dir, atomic_file, check_output
 from finetune.checkpoint import all_finite
@@ -393,8 +395,6 @@ def read_adapter(path: str | Path) -> Adapter:
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own exception types
@@ -470,8 +470,6 @@ def is_packed(path: str | Path) -> bool:
 
 
 def _read_packed(path: Path) -> Adapter:
-    from safetensors import safe_open
-
     header = _safetensors_header(path)
     if header is None:
         raise FinetuneError(f"{path}: not an rwkv-lora adapter (not a safetensors file, or truncated)")

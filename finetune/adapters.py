@@ -50,6 +50,8 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
     init: "default" (peft: A kaiming-uniform, B zeros), "gaussian", or "pissa" (peft's names).
     Returns the `peft.PeftModel`; the model itself is `unwrap(peft_model)`.
     """
+    # peft is imported when a model is wrapped or saved, not with this module: `finetune.config` reads LORA_INITS
+    # and peft is slow to import
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     family = family_for(model)

@@ -14,10 +14,10 @@ import mmap
 import os
 import sys
 from pathlib import Path
-from typing import Callable
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
+from safetensors import safe_open
 
 from finetune.atomic import atomic_file
 from finetune.errors import FinetuneError, first_line
@@ -36,8 +36,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FinetuneError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         try:
             # tensor by tensor from safetensors' memory map (torch owns the mapping): nothing is read until used
             with safe_open(str(path), framework="pt") as f:

@@ -10,8 +10,9 @@ from pathlib import Path
 from finetune.adapter_format import describe_adapter, is_adapter
 from finetune.atomic import check_output
 from finetune.errors import FinetuneError
-from finetune.models import ARCHES
-from finetune.models import DTYPE_NAMES
+from finetune.checkpoint import (check_keys, check_values, describe_dtypes, fingerprint, read_state_dict,
+                                 save_checkpoint)
+from finetune.models import ARCHES, DTYPE_NAMES, FAMILIES, detect, family_for, parse_dtype
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,9 +45,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_init(args: argparse.Namespace) -> int:
-    from finetune.checkpoint import save_checkpoint
-    from finetune.models import FAMILIES, family_for, parse_dtype
-
     for name in ("n_layer", "n_embd", "vocab", "head_size"):
         if getattr(args, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be a positive integer")
@@ -69,9 +67,6 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def describe_checkpoint(path: str | Path) -> str:
-    from finetune.checkpoint import check_keys, check_values, describe_dtypes, fingerprint, read_state_dict
-    from finetune.models import detect
-
     sd = read_state_dict(path)
     family = detect(sd, path)
     cfg = family.config_from_state_dict(sd, path)

@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.adapter_format import adapter_tokenizer, parse_adapter_spec, read_adapter
 from finetune.models import RNNState
 from finetune.plugin import attach_adapters, load_model
 from finetune.quant import default_dtype
@@ -235,12 +236,8 @@ def generate_text(model, tokenizer, prompt: str, max_tokens: int = 100, stop: It
 
 
 def resolve_tokenizer(arg: str | None, adapters: Sequence, vocab_size: int):
-    from finetune.tokenizer import load_tokenizer
-
     tok = None
     if arg is None:  # the tokenizer the adapters record (and carry), wherever they were trained
-        from finetune.adapter_format import adapter_tokenizer, parse_adapter_spec, read_adapter
-
         for a in adapters:
             tok = adapter_tokenizer(read_adapter(parse_adapter_spec(a)[0]))
             if tok is not None:

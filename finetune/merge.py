@@ -1,13 +1,18 @@
 """Merging adapters into a base checkpoint, packing adapters into one file, and RWKV-LM-LoRA interop.
 
     rwkv-lora merge --base base.pth --adapter DIR [--adapter DIR2:0.5] --out merged.pth [--dtype bf16]
-                    [--format pth|safetensors|hf] [--force]
-    rwkv-lora pack DIR --out NAME.safetensors
-    rwkv-lora import-lora rwkv-lm-lora.pth --alpha 16 --base base.pth --out DIR
-    rwkv-lora export-lora DIR --out rwkv-lm-lora.pth
+                    [--format pth|safetensors|hf] [--tokenizer world|PATH] [--force] [--overwrite]
+    rwkv-lora pack DIR --out NAME.safetensors [--force]
+    rwkv-lora import-lora rwkv-lm-lora.pth --alpha 16 --base base.pth --out DIR [--overwrite]
+    rwkv-lora export-lora DIR --out rwkv-lm-lora.pth [--force]
 
-Merge: W' = W + weight * scaling * B @ A for every adapted matrix, W' = W + weight * (T - W) for every tensor trained
-in full, computed in fp32 and cast once to the base dtype (or --dtype). The output has exactly the base's keys and
+Every output is checked before any work (`finetune.atomic.check_output`): never one of the command's inputs, an
+existing file only with --force/--overwrite, an existing directory only if it is ours (an adapter, or an HF directory
+holding `rwkv_lora_merge.json`, the provenance merge writes there).
+
+Merge: W' = W + weight * lora_delta(A, B, scaling) for every adapted matrix (`finetune.adapter_format`), W' = W +
+weight * (T - W) for every tensor trained in full, computed in fp32, checked finite, and cast once to the base dtype
+(or --dtype). The output has exactly the base's keys and
 shapes, in BlinkDL's raw layout. It is produced tensor by tensor: the base is memory-mapped, each output tensor is
 computed, written at its place in the output file and dropped, so the peak memory is about one copy of the base.
 Outputs are written to a temp file (or directory) renamed into place; nothing is left behind on error.
@@ -40,7 +45,8 @@ from finetune.checkpoint import (FINGERPRINT_PROBES, all_finite, base_record, ch
 from finetune.errors import FinetuneError, first_line
 from finetune.hf import hf_config, hf_name, tokenizer_vocab_size, world_tokenizer_json, write_tokenizer_files
 from finetune.models import DTYPE_NAMES, detect, parse_dtype
-from finetune.tensorfiles import ST_DTYPES, archive_name, save_pth, write_pth_streaming, write_safetensors_streaming
+from finetune.tensorfiles import (ST_DTYPES, Plan, Producer, archive_name, save_pth, write_pth_streaming,
+                                  write_safetensors_streaming)
 from finetune.tokenizer import WORLD_VOCAB_SIZE, WorldTokenizer, read_world_vocab
 
 FORMATS = ("pth", "safetensors", "hf")
@@ -274,7 +280,8 @@ def hf_tokenizer_json(arg: str | None, adapters: Sequence, vocab_size: int,
     return text
 
 
-def write_hf_dir(tmp: Path, base: LazyBase, plan, produce, tokenizer_json: str) -> None:
+def write_hf_dir(tmp: Path, base: LazyBase, plan: Plan, produce: Producer, tokenizer_json: str) -> None:
+    """An RwkvForCausalLM directory into `tmp`: config, weights under transformers' names, tokenizer files."""
     main_dtype = collections.Counter(d for k, _, d in plan if k.endswith(".weight")).most_common(1)[0][0]
     (tmp / "config.json").write_text(json.dumps(hf_config(base.config, main_dtype), indent=2) + "\n")
     write_safetensors_streaming(tmp / "model.safetensors", plan, produce, rename=hf_name)

@@ -242,7 +242,7 @@ def test_rwkv_lm_lora_import_export(env, capsys):
     assert cli.main(["import-lora", str(d / "theirs.pth"), "--alpha", str(alpha), "--base", str(base),
                      "--out", str(d / "imported")]) == 0
     I = read_adapter(d / "imported")
-    assert I.scaling == A.scaling and sorted(I.full) == sorted(A.full) and sorted(I.lora) == sorted(A.lora)
+    assert I.scaling == A.scaling == 8 / 4 and sorted(I.full) == sorted(A.full) and sorted(I.lora) == sorted(A.lora)
     # the same adapter in our format (with the same bf16-rounded factors) merges to the same weights
     rounded = d / "a1-rounded"
     write_adapter(rounded, A.meta, {m: (a.bfloat16().float(), b.bfloat16().float())
