@@ -14,7 +14,8 @@ from conftest import write_checkpoint
 from finetune import FinetuneError, load_model
 from finetune.checkpoint import model_state_dict, read_state_dict
 from finetune.cli import main
-from finetune.models import FAMILIES, RNNState, detect, detect_version, rwkv5, rwkv6
+from finetune.models import FAMILIES, RNNState, detect, detect_version, family_for, rwkv5, rwkv6
+from finetune.state_files import state_to_time_state, time_state_to_state
 from rwkv56_checkpoints import random_rwkv5_state_dict, random_rwkv6_state_dict
 
 MAKERS = {"5.2": random_rwkv5_state_dict, "6": random_rwkv6_state_dict}
@@ -263,9 +264,9 @@ def test_time_state_files_through_rwkv_package(tmp_path, version):
     torch.testing.assert_close(embedded_logits, ref_logits, rtol=0, atol=1e-5)
     assert (plain_logits - ref_logits).abs().max() > 1e-2  # the state matters
 
-    module = rwkv5 if version == "5.2" else rwkv6
     model = load_model(tmp_path / "model.pth", dtype="fp32")
-    state = module.time_state_to_state(read_state_dict(state_path), model.config, state_path)
+    family = family_for(model)
+    state = time_state_to_state(read_state_dict(state_path), family, model.config, state_path)
     assert state.wkv.shape == (n_layer, H, N, N)
     with torch.no_grad():
         logits = model(torch.tensor([tokens]), state.expand(1))
@@ -276,15 +277,25 @@ def test_time_state_files_through_rwkv_package(tmp_path, version):
     torch.testing.assert_close(logits[0], ref_logits, rtol=0, atol=1e-4)
     torch.testing.assert_close(adapter_logits, logits, rtol=0, atol=0)
     assert (wrong[0] - ref_logits).abs().max() > 1e-2  # the transpose is not a no-op here
-    back = module.state_to_time_state(state.expand(1))
+    back = state_to_time_state(state.expand(1), family)
     assert back.keys() == time_state.keys() and all(torch.equal(back[k], v) for k, v in time_state.items())
 
     with pytest.raises(FinetuneError, match="blocks.1.att.time_state has shape"):
-        module.time_state_to_state({**time_state, "blocks.1.att.time_state": torch.zeros(N, H, N)}, model.config)
-    with pytest.raises(FinetuneError, match="holds exactly"):
-        module.time_state_to_state({"blocks.0.att.time_state": time_state["blocks.0.att.time_state"]}, model.config)
+        time_state_to_state({**time_state, "blocks.1.att.time_state": torch.zeros(N, H, N)}, family, model.config)
+    with pytest.raises(FinetuneError, match="no blocks.1.att.time_state"):
+        time_state_to_state({"blocks.0.att.time_state": time_state["blocks.0.att.time_state"]}, family, model.config)
     with pytest.raises(FinetuneError, match="batch of 2"):
-        module.state_to_time_state(state.expand(2))
+        state_to_time_state(state.expand(2), family)
+
+    # the commands: import-state makes a state adapter of the file, export-state writes the very same file back
+    adapter, again = tmp_path / "adapter", tmp_path / "again.pth"
+    assert main(["import-state", str(state_path), "--base", str(tmp_path / "model.pth"), "--out", str(adapter)]) == 0
+    assert main(["export-state", str(adapter), "--out", str(again)]) == 0
+    back = read_state_dict(again)
+    assert back.keys() == time_state.keys() and all(torch.equal(back[k], v) for k, v in time_state.items())
+    with torch.no_grad():
+        plugged = load_model(tmp_path / "model.pth", adapters=[adapter], dtype="fp32")(torch.tensor([tokens]))
+    torch.testing.assert_close(plugged[0], ref_logits, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("version", ["5.2", "6"])

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -329,55 +328,6 @@ def expected_shapes(config: RWKV5Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# State files (RWKV-Runner / RWKV-PEFT state tuning): one `blocks.N.att.time_state` [H, N, N] per layer
-
-
-def state_to_time_state(state: RNNState) -> dict[str, torch.Tensor]:
-    """A one-sequence state as a state file's tensors: {"blocks.N.att.time_state": [H, N, N]} float32.
-
-    The files hold only the WKV matrices, transposed (rows = value index): RWKV-Runner's loader and the `rwkv`
-    package (for a `time_state` inside a model file) transpose the last two axes of v5/v6 files before use. The
-    token shifts are not part of the format (a loaded state starts them at zero)."""
-    wkv = state.wkv if state.wkv.dim() == 4 else _one_row(state.wkv)  # (L, H, N, N)
-    return {f"blocks.{i}.att.time_state": wkv[i].transpose(-1, -2).float().contiguous() for i in range(wkv.shape[0])}
-
-
-class HeadLayout(Protocol):
-    """What the state-file functions need of a config (RWKV5Config and RWKV6Config both have it)."""
-
-    n_layer: int
-    n_embd: int
-    head_size: int
-
-    @property
-    def n_head(self) -> int: ...
-
-
-def time_state_to_state(tensors: dict[str, torch.Tensor], config: HeadLayout,
-                        path: str | Path = "<memory>") -> RNNState:
-    """The inverse of `state_to_time_state`: a state file's tensors -> an unbatched RNNState (att_shift [L, C],
-    wkv [L, H, N, N], ffn_shift [L, C]) with zero token shifts, as RWKV-Runner starts them. `config` is the model's
-    (RWKV-5.2 or RWKV-6: their files have the same layout)."""
-    L, C, H, N = config.n_layer, config.n_embd, config.n_head, config.head_size
-    names = [f"blocks.{i}.att.time_state" for i in range(L)]
-    if sorted(tensors) != sorted(names):
-        raise FinetuneError(f"{path}: a state file for this model holds exactly {names[0]} .. {names[-1]} "
-                            f"({len(tensors)} tensors found)")
-    for name in names:
-        if tuple(tensors[name].shape) != (H, N, N):
-            raise FinetuneError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {(H, N, N)}")
-    wkv = torch.stack([tensors[name] for name in names]).float()  # (L, H, N(value), N(key)): the file's layout
-    zeros = torch.zeros(L, C)
-    return RNNState(zeros, wkv.transpose(-1, -2).contiguous(), zeros.clone())  # wkv (L, H, N(key), N(value))
-
-
-def _one_row(wkv: torch.Tensor) -> torch.Tensor:
-    if wkv.shape[0] != 1:
-        raise FinetuneError(f"a state file holds one sequence's state; this state has a batch of {wkv.shape[0]}")
-    return wkv[0]
-
-
 def _is_time(name: str) -> bool:
     return ".att.time_" in name or ".ffn.time_" in name
 
@@ -400,4 +350,5 @@ FAMILY = Family(
     fp32_params=FP32_PARAMS,
     describe=lambda config: [f"width:       {config.n_embd} (ffn {config.dim_ffn})",
                              f"heads:       {config.n_head} x {config.head_size}"],
+    time_state_transposed=True,  # RWKV-Runner's loader and the package transpose v5/v6 time_state files
 )

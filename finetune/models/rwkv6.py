@@ -35,12 +35,10 @@ from torch.utils.checkpoint import checkpoint
 
 from finetune.errors import FinetuneError
 from finetune.models.family import Family, RNNState, RWKVModel
-from finetune.models.rwkv5 import (LN_X_EPS, default_dim_ffn, init_matrices_, state_to_time_state,
-                                   time_state_to_state, token_shift)
+from finetune.models.rwkv5 import LN_X_EPS, default_dim_ffn, init_matrices_, token_shift
 from finetune.ops.wkv6 import wkv6
 
-__all__ = ["RWKV6", "RWKV6Config", "FAMILY", "config_from_state_dict", "expected_shapes", "init_rwkv_lm_",
-           "state_to_time_state", "time_state_to_state"]
+__all__ = ["RWKV6", "RWKV6Config", "FAMILY", "config_from_state_dict", "expected_shapes", "init_rwkv_lm_"]
 
 # Kept float32 whatever dtype the rest of the model is cast to: the whole decay path (time_decay and its low-rank
 # time_decay_w1/w2) because it enters exp(-exp(.)) and the decay is raised to the power of the distance in the state,
@@ -353,4 +351,5 @@ FAMILY = Family(
     describe=lambda config: [f"width:       {config.n_embd} (ffn {config.dim_ffn})",
                              f"heads:       {config.n_head} x {config.head_size}",
                              f"low rank:    mix {config.d_mix}, decay {config.d_decay}"],
+    time_state_transposed=True,  # RWKV-Runner's loader and the package transpose v5/v6 time_state files
 )
