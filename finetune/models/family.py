@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -80,9 +81,10 @@ class RNNState:
 class RWKVModel(nn.Module):
     """What every family's model shares around its own `forward`: RNN steps, chunked prefill, dtype casting.
 
-    A subclass defines `forward(idx [B, T], state: RNNState | None = None, return_state=False)` -> logits [B, T, V]
-    (and the new RNNState when asked) and `zero_state(batch, device)` -> the state before any token. Training,
-    prefill and single-token generation all call that one forward (a subclass may take a fast path when T == 1).
+    A subclass has `emb`, `blocks` (each `block(x, att_shift, wkv, ffn_shift)` -> the same four after the window),
+    `ln_out` and `head`, and defines `zero_state(batch, device)` -> the state before any token. `forward` below is
+    then its forward; a family whose blocks pass more along (RWKV-7's v_first) defines its own. Training, prefill
+    and single-token generation all call that one forward (a block may take a fast path when T == 1).
     """
 
     fp32_params: tuple[str, ...] = ()
@@ -100,6 +102,31 @@ class RWKVModel(nn.Module):
 
     def zero_state(self, batch: int, device: torch.device | str) -> RNNState:
         raise NotImplementedError
+
+    def forward(self, idx: torch.Tensor, state: RNNState | None = None,
+                return_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, RNNState]:
+        """idx [B, T] token ids -> logits [B, T, V] (and the state after the last token when `return_state`).
+
+        With `state` (e.g. from a previous call) the sequence continues from it; gradients flow through it.
+        """
+        if state is None:
+            state = self.empty_state(idx.shape[0], idx.device)
+        x = self.emb(idx)
+        layers = []
+        for i, block in enumerate(self.blocks):
+            x, *layer = self.run_block(block, x, *state.layer(i))
+            layers.append(layer)
+        logits = self.head(self.ln_out(x))
+        if return_state:
+            return logits, RNNState.stack(layers)
+        return logits
+
+    def run_block(self, block: nn.Module, *args: Any) -> Any:
+        """block(*args), recomputed in the backward pass instead of keeping its activations when gradient
+        checkpointing is on (training only)."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def empty_state(self, batch: int = 1, device: torch.device | str | None = None) -> RNNState:
         """The state before any token (the learned `initial_state` when a state adapter is plugged in)."""

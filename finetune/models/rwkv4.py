@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from finetune.errors import FinetuneError
 from finetune.models.family import Family, RNNState, RWKVModel
@@ -119,6 +118,7 @@ class Block(nn.Module):
     def __init__(self, config: RWKVConfig, layer_id: int) -> None:
         super().__init__()
         C = config.n_embd
+        self.layer_id = layer_id
         if layer_id == 0:
             self.ln0 = nn.LayerNorm(C)  # block 0 only: normalises the embedding
         self.ln1 = nn.LayerNorm(C)
@@ -128,6 +128,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, att_shift: torch.Tensor, wkv_state: torch.Tensor, ffn_shift: torch.Tensor):
         """x [B, T, C] and this layer's state pieces -> (x, att_shift, wkv_state, ffn_shift) after the window."""
+        if self.layer_id == 0:
+            x = self.ln0(x)
         dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state)
         x = x + dx
         dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
@@ -152,27 +154,6 @@ class RWKV(RWKVModel):
         wkv_state[:, :, 2] = P_EMPTY
         return RNNState(torch.zeros(batch, L, C, device=device), wkv_state, torch.zeros(batch, L, C, device=device))
 
-    def forward(self, idx: torch.Tensor, state: RNNState | None = None, return_state: bool = False):
-        """idx [B, T] token ids -> logits [B, T, V] (float32 when the weights are).
-
-        With `state` (e.g. from a previous call) the sequence continues from it; gradients flow through it.
-        `return_state=True` returns (logits, new RNNState).
-        """
-        B, T = idx.shape
-        if state is None:
-            state = self.empty_state(B, idx.device)
-        x = self.blocks[0].ln0(self.emb(idx))
-        layers = []
-        for i, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, *s = checkpoint(block, x, *state.layer(i), use_reentrant=False)
-            else:
-                x, *s = block(x, *state.layer(i))
-            layers.append(s)
-        logits = self.head(self.ln_out(x))
-        if return_state:
-            return logits, RNNState.stack(layers)
-        return logits
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from finetune.errors import FinetuneError
 from finetune.models.family import Family, RNNState, RWKVModel
@@ -199,27 +198,6 @@ class RWKV5(RWKVModel):
         L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
         return RNNState(torch.zeros(batch, L, C, device=device), torch.zeros(batch, L, H, N, N, device=device),
                         torch.zeros(batch, L, C, device=device))
-
-    def forward(self, idx: torch.Tensor, state: RNNState | None = None,
-                return_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, RNNState]:
-        """idx [B, T] token ids -> logits [B, T, V] (and the state after the last token when `return_state`).
-
-        With `state` (e.g. from a previous call) the sequence continues from it; gradients flow through it.
-        """
-        if state is None:
-            state = self.empty_state(idx.shape[0], idx.device)
-        x = self.emb(idx)
-        layers = []
-        for i, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, *layer = checkpoint(block, x, *state.layer(i), use_reentrant=False)
-            else:
-                x, *layer = block(x, *state.layer(i))
-            layers.append(layer)
-        logits = self.head(self.ln_out(x))
-        if return_state:
-            return logits, RNNState.stack(layers)
-        return logits
 
 
 # ----------------------------------------------------------------------------------------------------------------------

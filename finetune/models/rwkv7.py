@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from finetune.errors import FinetuneError
 from finetune.models.family import Family, RNNState, RWKVModel
@@ -288,10 +287,7 @@ class RWKV7(RWKVModel):
         layers = []
         per_layer = zip(state.att_shift.unbind(1), state.wkv.unbind(1), state.ffn_shift.unbind(1))
         for block, (att_shift, wkv_state, ffn_shift) in zip(self.blocks, per_layer):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, v_first, *new = checkpoint(block, x, v_first, att_shift, wkv_state, ffn_shift, use_reentrant=False)
-            else:
-                x, v_first, *new = block(x, v_first, att_shift, wkv_state, ffn_shift)
+            x, v_first, *new = self.run_block(block, x, v_first, att_shift, wkv_state, ffn_shift)
             layers.append(tuple(new))
         logits = self.head(self.ln_out(x))
         if return_state:
