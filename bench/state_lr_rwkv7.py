@@ -45,10 +45,10 @@ def prepare_corpora(work: Path) -> dict[str, str]:
 
 
 def train(overrides: dict[str, Any]) -> dict[str, Any]:
-    from finetune import lora
-    from finetune.config import load_config
+    from finetune.train.config import load_config
+    from finetune.train.main import main as train_main
 
-    return lora.main(load_config(None, {k: v for k, v in overrides.items()}), quiet=True)
+    return train_main(load_config(None, dict(overrides)), quiet=True)
 
 
 def held_out(model_path: Path, adapter: str | None, data: str, ctx: int, windows: int) -> tuple[float, float, float]:

@@ -7,6 +7,8 @@ to its PyTorch reference. Written by hand only because torch ships no WKV operat
 
 The CPU build uses -march=native, so the extension's name carries the CPU's identity (model name and vector
 extensions): a home directory shared between machines of different CPUs never loads code built for another one.
+Every name also carries a short hash of the kernel folder's path: two checkouts (or a checkout and an installed
+copy) each keep their own build instead of rebuilding over each other's on every import.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ def cpu_id() -> str:
     except OSError:
         pass
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _checkout_id() -> str:
+    """A short id of where the kernel sources live (torch's cache keys builds by name only)."""
+    return hashlib.sha256(str(KERNEL_DIR.resolve()).encode()).hexdigest()[:8]
 
 
 def find_nvcc() -> str | None:
@@ -115,7 +122,7 @@ def load_extension(name: str, cpu_sources: list[str] | None = None, cuda_sources
     try:
         if device_type == "cpu" and cpu_sources:
             ext = cpp_extension.load(
-                name=f"rwkv_lora_{name}_cpu_{cpu_id()}",
+                name=f"rwkv_lora_{name}_cpu_{cpu_id()}_{_checkout_id()}",
                 sources=[str(KERNEL_DIR / s) for s in cpu_sources],
                 extra_cflags=CPU_CFLAGS,
                 extra_ldflags=["-fopenmp"],
@@ -125,7 +132,7 @@ def load_extension(name: str, cpu_sources: list[str] | None = None, cuda_sources
             nvcc = find_nvcc()
             cuda_flags = cuda_compile_flags(nvcc)
             ext = cpp_extension.load(
-                name=f"rwkv_lora_{name}_cuda",
+                name=f"rwkv_lora_{name}_cuda_{_checkout_id()}",
                 sources=[str(KERNEL_DIR / s) for s in cuda_sources],
                 extra_cuda_cflags=cuda_flags,
                 verbose=False,
