@@ -301,7 +301,7 @@ def test_batched_rows_equal_each_row_alone(env):
         state.wkv[:, :, 2] = -1e38  # RWKV-4's running max starts empty
         tokens = torch.randint(1, engine.vocab_size, (B,), generator=g)
         with engine._lock:
-            engine.routing.set([engine.served[n].slot for n in names], engine.device)
+            engine.routing.set([engine.served[n].slot for n in names])
             logits, new = engine.model.step(tokens, state)
             engine.routing.clear()
         for i, name in enumerate(names):

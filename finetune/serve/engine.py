@@ -2,8 +2,8 @@
 
 - `MultiLoRALinear` replaces each adapted nn.Linear. It holds every served adapter's (A, B) for that layer and, for
   a batch whose row i uses adapter slot s_i, computes y = x W^T + s_a (x A_{s_i}^T) B_{s_i}^T per row: the base
-  matmul is shared by the whole batch, the low-rank deltas are one batched matmul (ranks zero-padded to the largest,
-  which adds exact zeros). Nothing is merged and the base exists once in memory.
+  matmul is shared by the whole batch, the low-rank deltas of the adapters present are two more matmuls with a
+  per-row mask. Nothing is merged and the base exists once in memory.
 - A single worker thread owns the model. Each loop it admits waiting requests (their prompts are prefilled one at a
   time, on their own row, with their adapter active, from the longest cached prefix), samples one token per active
   row (ChatRWKV's sampling and penalties from `finetune.generate`, a torch.Generator per request), turns tokens into
@@ -56,27 +56,32 @@ class LoRARouting:
     """Which adapter slot each row of the current forward uses; shared by every `MultiLoRALinear` of a model."""
 
     def __init__(self) -> None:
-        self.slots: torch.Tensor | None = None
-        """[B] slot per row, on the model's device; None: no adapter anywhere."""
+        self.slots: list[int] | None = None
+        """Slot per row; None: no adapter anywhere."""
         self.uniform: int | None = None
-        """The slot when every row uses the same one (two thin matmuls instead of gathered batched ones)."""
-        self.max_slot = BASE_SLOT
+        """The slot when every row uses the same one (two thin matmuls, as `LoRALinear`)."""
+        self.version = 0
+        """Bumped when the rows' slots change: layers rebuild their per-batch factors only then."""
+
+    def set(self, slots: Sequence[int]) -> None:
+        slots = list(slots)
+        if slots != self.slots:
+            self.version += 1
+        self.slots = slots
+        self.uniform = slots[0] if all(s == slots[0] for s in slots) else None
 
     def clear(self) -> None:
         self.slots, self.uniform = None, None
-
-    def set(self, slots: Sequence[int], device: torch.device) -> None:
-        first = slots[0]
-        self.uniform = first if all(s == first for s in slots) else None
-        self.slots = torch.tensor(list(slots), dtype=torch.long, device=device)
-        self.max_slot = max(slots)
 
 
 class MultiLoRALinear(nn.Linear):
     """An nn.Linear with every served adapter's LoRA factors, applied per batch row (see the module docstring).
 
-    The weight is the original Parameter (state dict unchanged). `A` [S, R, in] and `B` [S, out, R] stack the slots'
-    factors (scaling folded into B; slot 0 and adapters that do not adapt this layer are zeros)."""
+    The weight is the original Parameter (state dict unchanged). For a mixed batch the factors of the adapters
+    present are concatenated, A_cat [sum r, in] and B_cat [out, sum r], and a 0/1 mask [B, sum r] keeps each row's
+    own block: y = x W^T + ((x A_cat^T) * mask) B_cat^T. Two dense matmuls and no per-row gather; the blocks of
+    other adapters contribute exact zeros, so each row equals its adapter alone. The concatenation is rebuilt only
+    when the batch's rows change."""
 
     def __init__(self, base: nn.Linear, routing: LoRARouting) -> None:
         nn.Module.__init__(self)
@@ -86,28 +91,37 @@ class MultiLoRALinear(nn.Linear):
         self.routing = routing
         self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         """slot -> (A [r, in], scaling * B [out, r]) in the weight's dtype."""
-        self.A: torch.Tensor | None = None
-        self.B: torch.Tensor | None = None
+        self._batch: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        """(routing version, A_cat, B_cat, mask) for the current rows."""
 
     def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
         dtype, device = self.weight.dtype, self.weight.device
         self.pairs[slot] = (A.to(device=device, dtype=dtype), (B.float() * scaling).to(device=device, dtype=dtype))
-        self._restack()
+        self._batch = None
 
-    def _restack(self) -> None:
-        S = max(self.pairs) + 1
-        R = max(a.shape[0] for a, _ in self.pairs.values())
-        A = self.weight.new_zeros(S, R, self.in_features)
-        B = self.weight.new_zeros(S, self.out_features, R)
-        for s, (a, b) in self.pairs.items():
-            A[s, :a.shape[0]] = a
-            B[s, :, :b.shape[1]] = b
-        self.A, self.B = A, B
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        version = self.routing.version
+        if self._batch is None or self._batch[0] != version:
+            slots = self.routing.slots
+            present = sorted({s for s in slots if s in self.pairs})
+            if not present:
+                self._batch = (version, None, None, None)
+            else:
+                A = torch.cat([self.pairs[s][0] for s in present], 0)
+                B = torch.cat([self.pairs[s][1] for s in present], 1)
+                mask = torch.zeros(len(slots), A.shape[0], dtype=A.dtype, device=A.device)
+                start = 0
+                for s in present:
+                    r = self.pairs[s][0].shape[0]
+                    mask[[i for i, row_slot in enumerate(slots) if row_slot == s], start:start + r] = 1
+                    start += r
+                self._batch = (version, A, B, mask)
+        _, A, B, mask = self._batch
+        return None if A is None else (A, B, mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = quant_linear(x, self.weight, self.bias)
-        slots = self.routing.slots
-        if slots is None:
+        if self.routing.slots is None:
             return y
         s = self.routing.uniform
         if s is not None:  # one adapter for the whole batch: as `LoRALinear` does
@@ -115,13 +129,13 @@ class MultiLoRALinear(nn.Linear):
                 a, b = self.pairs[s]
                 y = y + F.linear(F.linear(x, a), b)
             return y
-        if self.A is None:
+        factors = self._factors()
+        if factors is None:
             return y
-        if self.routing.max_slot >= self.A.shape[0]:  # slots added after this layer's last one: no delta here
-            slots = torch.where(slots < self.A.shape[0], slots, BASE_SLOT)
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]
-        delta = torch.bmm(torch.bmm(x3, self.A[slots].transpose(1, 2)), self.B[slots].transpose(1, 2))
-        return y + delta.reshape(y.shape)
+        A, B, mask = factors
+        h = F.linear(x, A)  # [B, T, sum r]
+        h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
+        return y + F.linear(h, B)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -469,7 +483,7 @@ class Engine:
         if state is None:
             state = served.start_state.expand(1).clone() if served.start_state is not None \
                 else self.model.zero_state(1, self.device)
-        self.routing.set([served.slot], self.device)
+        self.routing.set([served.slot])
         try:
             logits, state = self.model.prefill(torch.tensor(ids, device=self.device), state)
         finally:
@@ -571,7 +585,7 @@ class Engine:
             self._batch_state = None
             return
         state = RNNState.cat(parts) if len(parts) > 1 else parts[0]
-        self.routing.set([r.served.slot for r in keep], self.device)
+        self.routing.set([r.served.slot for r in keep])
         try:
             logits, self._batch_state = self.model.step(torch.tensor(tokens, device=self.device), state)
         finally:
