@@ -46,7 +46,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--dir", default="/tmp/bench-serve")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
     base = d / "base.pth"
