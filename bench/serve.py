@@ -30,7 +30,9 @@ def main() -> None:
     import torch
 
     from conftest import random_rwkv4_state_dict
-    from finetune.adapters import LORA_PARTS, attach_adapters, load_model, write_adapter_dir
+    from finetune.adapter_format import write_adapter as write_adapter_dir
+    from finetune.models import FAMILIES
+    from finetune.plugin import attach_adapters, load_model
     from finetune.checkpoint import fingerprint
     from finetune.generate import generate_tokens
     from finetune.serve.config import ServeConfig
@@ -61,7 +63,7 @@ def main() -> None:
         g = torch.Generator().manual_seed(k + 1)
         lora = {}
         for i in range(args.n_layer):
-            for part, mods in LORA_PARTS.items():
+            for part, mods in FAMILIES["4"].lora_parts.items():
                 for m in mods:
                     out_f, in_f = sd[f"blocks.{i}.{part}.{m}.weight"].shape
                     lora[f"blocks.{i}.{part}.{m}"] = (torch.randn(args.r, in_f, generator=g) * 0.01,

@@ -113,6 +113,9 @@ class AdapterMeta:
     """The base model: fingerprint (`finetune.checkpoint.fingerprint`), path, and the family's dimensions."""
     tokenizer: str | None = None
     """"world", "tokenizer.json sha256:<hex>" (the file travels with the adapter), or None when unknown."""
+    template: str | None = None
+    """The chat template its training data was prepared with (`rwkv-lora prepare --template`: raven, world, ...);
+    chat and the server talk to it in that format. None when unknown (then: by tokenizer)."""
     r: int | None = None
     alpha: float | None = None
     use_rslora: bool = False
@@ -189,6 +192,8 @@ class AdapterMeta:
         """rwkv_lora.json's content: LoRA fields only for LoRA adapters, the state's shape only for state ones."""
         d: dict[str, Any] = {"format": self.format, "version": self.version, "kind": self.kind,
                              "family": self.family, "base": self.base, "tokenizer": self.tokenizer}
+        if self.template is not None:
+            d["template"] = self.template
         if self.kind == "lora":
             d.update(r=self.r, alpha=self.alpha, use_rslora=self.use_rslora, scaling=self.scaling,
                      dropout=self.dropout, parts=self.parts, train=self.train,

@@ -38,9 +38,9 @@ from finetune.adapter_format import adapter_tokenizer, parse_adapter_spec, read_
 from finetune.models import RNNState
 from finetune.plugin import attach_adapters, load_model
 from finetune.quant import default_dtype
+from finetune.templates import TEMPLATES, resolve_template
 from finetune.tokenizer import Tokenizer, load_tokenizer
 
-CHAT_FORMATS = {"raven": ("Bob", "Alice"), "world": ("User", "Assistant")}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -369,8 +369,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Each stdin line is a user turn; the state carries over between turns. Formats: "
                                    "raven (Bob:/Alice:) and world (User:/Assistant:).")
     common(p, 1.0, 0.3, 300)
-    p.add_argument("--format", choices=sorted(CHAT_FORMATS), help="default: world for the World tokenizer, "
-                                                                  "else raven")
+    p.add_argument("--format", choices=sorted(TEMPLATES), help="default: the chat format the adapter was trained "
+                                                               "in, else world for the World tokenizer, else raven")
     p.set_defaults(func=run_chat)
 
 
@@ -385,23 +385,38 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_template(adapters: Sequence, tok: Tokenizer):
+    """The chat format the first adapter that records one was trained in; else by tokenizer (World: User /
+    Assistant, others: Raven's Bob / Alice)."""
+    for spec in adapters:
+        recorded = read_adapter(parse_adapter_spec(spec)[0]).meta.template
+        if resolve_template(recorded, tok) is not None:
+            return resolve_template(recorded, tok)
+    return resolve_template("auto", tok)
+
+
 def run_chat(args: argparse.Namespace) -> int:
     _check_args(args)
     model, tok = load_for_generation(args)
-    fmt = args.format or ("world" if tok.name == "world" else "raven")
-    user, bot = CHAT_FORMATS[fmt]
+    template = TEMPLATES[args.format] if args.format else _chat_template(args.adapter or [], tok)
+    bot = template.assistant_parts("")[0]  # "Alice:"
+
+    def prompt_of(line: str) -> str:  # "Bob: hi\n\nAlice:"
+        return template.user_turn(line) + bot
+
+    turn_end = template.assistant.split("{text}")[1]  # "\n\n"
     state = None
     for line in _stdin_lines():
         line = line.strip()
         if not line:
             continue
-        _write(f"{bot}:")
+        _write(bot)
         reply, _, prompt_state = generate_text(
-            model, tok, f"{user}: {line}\n\n{bot}:", max_tokens=args.max_tokens, stop=["\n\n", f"\n{user}:"],
+            model, tok, prompt_of(line), max_tokens=args.max_tokens, stop=template.stops(),
             on_text=_write, state=state, **_sampling(args))
         _write("\n\n")
         # the state continues from the prompt with the reply in canonical form: " answer\n\n"
         if prompt_state is None:
-            _, prompt_state = model.prefill(tok.encode(f"{user}: {line}\n\n{bot}:"), state)
-        _, state = model.prefill(tok.encode(reply.rstrip() + "\n\n"), prompt_state)
+            _, prompt_state = model.prefill(tok.encode(prompt_of(line)), state)
+        _, state = model.prefill(tok.encode(reply.rstrip() + turn_end), prompt_state)
     return 0

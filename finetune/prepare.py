@@ -49,76 +49,10 @@ import numpy as np
 from finetune.atomic import atomic_file, check_output, write_error
 from finetune.binidx import BinidxWriter, token_dtype
 from finetune.errors import FinetuneError
+from finetune.templates import ASSISTANT_ROLES, TEMPLATE_CHOICES, USER_ROLES, ChatTemplate, clean_message, resolve_template
 from finetune.tokenizer import PIECE_CHARS, HFTokenizer, Tokenizer, load_tokenizer
 
 MANIFEST_FORMAT = "rwkv-lora-binidx"
-
-# ----------------------------------------------------------------------------------------------------- templates
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """How an instruction/chat record becomes text. Each format holds `{text}` (or `{question}` / `{answer}`).
-
-    The prompt part of an assistant turn is its format up to `{text}` without trailing whitespace ("Alice:"); the
-    learned part is that whitespace, the answer and the rest of the format (" answer\\n\\n"), so the prompt a model
-    sees in training is exactly the prompt it is given at inference ("Bob: question\\n\\nAlice:").
-    """
-
-    name: str
-    user: str
-    assistant: str
-    system: str = "{text}\n\n"
-
-    def __post_init__(self):
-        for key in ("user", "assistant", "system"):
-            fmt = getattr(self, key).replace("{question}", "{text}").replace("{answer}", "{text}")
-            if fmt.count("{text}") != 1:
-                raise FinetuneError(f"template {self.name!r}: the {key} format must contain {{text}} exactly once")
-            object.__setattr__(self, key, fmt)
-
-
-TEMPLATES = {
-    "raven": ChatTemplate("raven", "Bob: {text}\n\n", "Alice: {text}\n\n", "{text}\n\n"),
-    "world": ChatTemplate("world", "User: {text}\n\n", "Assistant: {text}\n\n", "System: {text}\n\n"),
-}
-
-
-def resolve_template(spec, tokenizer: Tokenizer | None = None) -> ChatTemplate | None:
-    """`spec`: "raven", "world", "none", "auto" (world for the World tokenizer, else raven), a ChatTemplate, or a
-    dict {"user": ..., "assistant": ..., optional "system", "name"}."""
-    if spec is None or isinstance(spec, ChatTemplate):
-        return spec
-    if isinstance(spec, dict):
-        try:
-            return ChatTemplate(spec.get("name", "custom"), spec["user"], spec["assistant"],
-                                spec.get("system", "{text}\n\n"))
-        except KeyError as e:
-            raise FinetuneError(f"custom template: missing the {e.args[0]!r} format") from None
-    if spec == "none":
-        return None
-    if spec == "auto":
-        return TEMPLATES["world" if tokenizer is not None and tokenizer.name == "world" else "raven"]
-    if spec in TEMPLATES:
-        return TEMPLATES[spec]
-    raise FinetuneError(f"unknown template {spec!r} (choose raven, world, none or auto)")
-
-
-_BLANK_LINES = re.compile(r"\n\s*\n")
-USER_ROLES = {"user", "human", "bob"}
-ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model", "alice"}
-
-
-def _clean(text: str) -> str:
-    # blank lines separate turns in both chat formats, so none may appear inside a message
-    return _BLANK_LINES.sub("\n", text.replace("\r\n", "\n").strip())
-
-
-def _assistant_parts(template: ChatTemplate, answer: str) -> tuple[str, str]:
-    before, after = template.assistant.split("{text}")
-    prompt = before.rstrip()
-    return prompt, before[len(prompt):] + answer + after
-
 
 def record_segments(record: Any, template: ChatTemplate | None) -> list[tuple[str, bool]] | str:
     """A record -> [(text, learn), ...], or the reason it is skipped.
@@ -146,17 +80,17 @@ def record_segments(record: Any, template: ChatTemplate | None) -> list[tuple[st
             kind = "user" if role in USER_ROLES else "assistant" if role in ASSISTANT_ROLES else role
             if kind not in ("user", "assistant", "system"):
                 return "bad_messages"
-            turns.append((kind, _clean(content)))
+            turns.append((kind, clean_message(content)))
         if not any(k == "assistant" and c for k, c in turns):
             return "no_answer"
     elif "instruction" in record or "output" in record:
         inst, inp, out = record.get("instruction"), record.get("input") or "", record.get("output")
         if not isinstance(inst, str) or not isinstance(out, str) or not isinstance(inp, str):
             return "missing_fields"
-        question = _clean(inst) + ("\n" + _clean(inp) if inp.strip() else "")
+        question = clean_message(inst) + ("\n" + clean_message(inp) if inp.strip() else "")
         if not question.strip() or not out.strip():
             return "empty"
-        turns = [("user", question), ("assistant", _clean(out))]
+        turns = [("user", question), ("assistant", clean_message(out))]
     elif "text" in record:
         text = record["text"]
         if not isinstance(text, str):
@@ -170,7 +104,7 @@ def record_segments(record: Any, template: ChatTemplate | None) -> list[tuple[st
     prompt = ""
     for kind, content in turns:
         if kind == "assistant":
-            before, answer = _assistant_parts(template, content)
+            before, answer = template.assistant_parts(content)
             segments.append((prompt + before, False))
             segments.append((answer, True))
             prompt = ""
@@ -1029,7 +963,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tokenizer", required=True, metavar="world|PATH",
                    help='"world" (RWKV World, rwkv_vocab_v20230424) or a Hugging Face tokenizer.json')
     p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix: writes PREFIX.bin, .idx, .json")
-    p.add_argument("--template", default="auto", choices=["auto", "raven", "world", "none"],
+    p.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
                    help="chat format for instruction/chat records (default: auto)")
     p.add_argument("--doc-separator", metavar="STR", default=None,
                    help=r'split .txt files into documents on STR (escapes allowed, e.g. "\n\n\n"); '

@@ -296,3 +296,23 @@ def test_penalties_follow_the_formula():
     assert out[word].item() == pytest.approx(-(0.5 + 0.25 * (0.9 ** 3 + 0.9)), abs=1e-6)
     assert out[space].item() == pytest.approx(-0.5, abs=1e-6)
     assert int((out != 0).sum()) == 2 and logits.abs().sum() == 0  # nothing else, and the input is untouched
+
+
+def test_chat_talks_in_the_format_the_adapter_was_trained_in(env, tmp_path, monkeypatch, capsys):
+    """An adapter records the chat template of its data (`prepare --template`): `chat` uses it (User/Assistant here,
+    although this tokenizer alone would mean Raven's Bob/Alice); --format still overrides it."""
+    from finetune.adapter_format import read_adapter, write_adapter
+
+    _, base, a1, _, _ = env
+    a = read_adapter(a1)
+    a.meta.template = "world"
+    world = write_adapter(tmp_path / "world", a.meta, a.lora, a.full, tokenizer_json=a.tokenizer_json)
+    assert read_adapter(world).meta.template == "world"
+    replies = {}
+    for name, args in {"recorded": ["--adapter", str(world)], "none": ["--adapter", str(a1)],
+                       "override": ["--adapter", str(world), "--format", "raven"]}.items():
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hi there\n")))
+        assert cli.main(["chat", "--model", str(base), *args, "--temperature", "0", "--max-tokens", "4"]) == 0
+        replies[name] = capsys.readouterr().out
+    assert replies["recorded"].startswith("Assistant:"), replies
+    assert replies["none"].startswith("Alice:") and replies["override"].startswith("Alice:"), replies

@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "atomic"),                                   # foundations: one error type, safe outputs
     ("ops",),                                               # WKV operators and the kernel loader
     ("models",),                                            # model families and the registry
-    ("checkpoint", "tensorfiles", "hf", "tokenizer", "binidx"),  # checkpoint files and formats, tokenizers
+    ("checkpoint", "tensorfiles", "hf", "tokenizer", "templates", "binidx"),  # files, formats, tokenizers
     ("adapter_format", "adapters", "plugin", "data", "infctx", "quant", "state_files"),  # adapters, data, state
     ("merge", "hf7", "generate", "prepare", "train", "lora", "config", "distributed", "serve"),  # the jobs
     ("cli", "checkpoint_cli", "__init__"),                  # the command line and the package's front door

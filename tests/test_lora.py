@@ -78,6 +78,7 @@ def test_loss_falls_and_outputs(setup_dir):
     assert meta["base"]["n_layer"] == 2 and meta["base"]["vocab_size"] == VOCAB and meta["base"]["fingerprint"]
     assert meta["tokenizer"] == "test-tokenizer" and meta["r"] == 4 and meta["alpha"] == 8
     assert meta["recipe"]["max_steps"] == 25 and meta["parts"] == ["att", "ffn"]
+    assert meta["template"] == "none"  # the data manifest's (make_corpus: plain text), for chat and serve
     header = (out / "metrics.csv").read_text().splitlines()[0]
     assert "train_loss" in header and "val_loss" in header
 

@@ -5,7 +5,6 @@ in alone (`attach_adapters`), never from the server itself."""
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import subprocess
 import sys
@@ -20,10 +19,11 @@ import torch
 import uvicorn
 
 from conftest import random_rwkv4_state_dict, write_checkpoint
-from finetune.adapters import attach_adapters, load_model, pack_adapter, read_adapter, write_adapter_dir
+from finetune.adapter_format import pack_adapter, write_adapter as write_adapter_dir
+from finetune.plugin import attach_adapters, load_model
 from finetune.generate import generate_text
 from finetune.models import RNNState
-from finetune.serve.app import chat_parts, create_app, Message
+from finetune.serve.app import create_app
 from finetune.serve.config import ServeConfig
 from finetune.serve.engine import Engine
 from finetune.tokenizer import load_tokenizer
@@ -321,7 +321,7 @@ def test_rwkv7_lora_and_state_adapters_served(tmp_path):
     """Every family goes through the same engine: a tiny RWKV-7 with a LoRA adapter and a state adapter."""
     from rwkv7_helpers import random_rwkv7_state_dict
 
-    from finetune.adapters import save_state_adapter
+    from finetune.adapter_format import save_state_adapter
     from finetune.checkpoint import fingerprint
 
     tok_path = make_char_tokenizer(tmp_path / "tokenizer.json")

@@ -25,11 +25,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from finetune.adapters import is_packed, read_adapter
+from finetune.adapter_format import is_packed, read_adapter
 from finetune.atomic import atomic_file
 from finetune.errors import FinetuneError, first_line
 from finetune.generate import check_utf8
-from finetune.prepare import ChatTemplate, _assistant_parts, _clean
+from finetune.templates import ChatTemplate, clean_message
 from finetune.serve.config import ServeConfig
 from finetune.serve.engine import NAME_RE, Engine, Event, GenerationRequest, ServedAdapter, Usage
 
@@ -182,21 +182,15 @@ def chat_parts(template: ChatTemplate, messages: list[Message]) -> list[str]:
     (" answer\\n\\n"). The last piece is the assistant prompt the reply follows."""
     parts = []
     for m in messages:
-        text = _clean(check_utf8(m.text(), f"a {m.role} message"))
+        text = clean_message(check_utf8(m.text(), f"a {m.role} message"))
         if m.role in ("system", "developer"):
-            parts.append(template.system.replace("{text}", text))
+            parts.append(template.system_turn(text))
         elif m.role == "user":
-            parts.append(template.user.replace("{text}", text))
+            parts.append(template.user_turn(text))
         else:
-            parts.extend(_assistant_parts(template, text))
-    parts.append(_assistant_parts(template, "")[0])
+            parts.extend(template.assistant_parts(text))
+    parts.append(template.assistant_parts("")[0])
     return parts
-
-
-def chat_stops(template: ChatTemplate) -> list[str]:
-    """Where a reply ends: a blank line (turns are separated by one) or the user's name on a new line."""
-    user = template.user.split("{text}")[0].rstrip()
-    return ["\n\n", f"\n{user}"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -313,10 +307,10 @@ def api_router() -> APIRouter:
         ids = [t for p in parts for t in served.tokenizer.encode(p)]
 
         def reply_suffix(reply: str) -> str:
-            return _assistant_parts(served.template, _clean(reply))[1] if _clean(reply) else ""
+            return served.template.assistant_parts(clean_message(reply))[1] if clean_message(reply) else ""
 
         req = _generation(engine, body, served, ids, body.max_completion_tokens or body.max_tokens,
-                          chat_stops(served.template) + _stops(body.stop), reply_suffix)
+                          served.template.stops() + _stops(body.stop), reply_suffix)
         return await _respond(request, req, body, "chat.completion")
 
     return router

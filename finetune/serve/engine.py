@@ -34,11 +34,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from finetune.adapters import (Adapter, adapter_tokenizer, check_adapter, is_adapter, load_model, read_adapter)
+from finetune.adapter_format import Adapter, adapter_tokenizer, check_adapter, is_adapter, read_adapter
+from finetune.plugin import load_model
 from finetune.errors import FinetuneError, first_line
 from finetune.generate import Penalties, TextStream, check_sampling, resolve_tokenizer, sample_logits
 from finetune.models import RNNState, family_for
-from finetune.prepare import ChatTemplate, resolve_template
+from finetune.templates import ChatTemplate, resolve_template
 from finetune.quant import default_dtype, linear as quant_linear
 from finetune.serve.config import ServeConfig
 from finetune.tokenizer import Tokenizer
@@ -160,18 +161,15 @@ class ServedAdapter:
         if self.adapter is None:
             return {"name": self.name, "kind": "base", "tokenizer": self.tokenizer.name, "template": self.template.name}
         m = self.adapter.meta
-        base = m.get("base") or {}
-        out = {"name": self.name, "kind": self.adapter.kind, "family": m.get("family", "rwkv4"),
+        out = {"name": self.name, "kind": self.adapter.kind, "family": m.family,
                "path": self.path, "packed": Path(self.path).is_file(),
-               "base": {k: base.get(k) for k in ("fingerprint", "n_layer", "n_embd", "vocab_size")},
-               "tokenizer": m.get("tokenizer"), "template": self.template.name}
+               "base": {k: m.base.get(k) for k in ("fingerprint", "n_layer", "n_embd", "vocab_size")},
+               "tokenizer": m.tokenizer, "template": self.template.name}
         if self.adapter.kind == "lora":
-            out.update(r=m.get("r"), alpha=m.get("alpha"), scaling=m.get("scaling"),
-                       use_rslora=bool(m.get("use_rslora")), parts=m.get("parts", []),
-                       modules=len(self.adapter.lora))
-        for key in ("recipe", "config", "train_config", "created"):
-            if key in m:
-                out[key] = m[key]
+            out.update(r=m.r, alpha=m.alpha, scaling=m.scaling, use_rslora=m.use_rslora, parts=m.parts,
+                       train=m.train, modules=len(self.adapter.lora))
+        if m.recipe:
+            out["recipe"] = m.recipe
         return out
 
 
@@ -383,10 +381,7 @@ class Engine:
 
     def check(self, adapter: Adapter) -> None:
         """Refuse (one line) an adapter this server cannot serve: another family or base, or full tensors."""
-        if adapter.meta.get("family", "rwkv4") != self.family.name:
-            raise FinetuneError(f"adapter {adapter.path} was made for a {adapter.meta.get('family')} model, not "
-                                f"{self.family.title}")
-        check_adapter(adapter, self.shapes, self.base_fingerprint, force=self.config.force,
+        check_adapter(adapter, self.shapes, self.base_fingerprint, family=self.family, force=self.config.force,
                       state_shapes=self.state_shapes)
         if adapter.full:
             raise FinetuneError(f"adapter {adapter.path} trains {len(adapter.full)} tensors in full "
@@ -407,7 +402,8 @@ class Engine:
         if tokenizer.vocab_size > self.vocab_size:
             raise FinetuneError(f"adapter {path}: its tokenizer has {tokenizer.vocab_size} tokens, the model "
                                 f"{self.vocab_size}")
-        template = resolve_template(adapter.meta.get("template") or "auto", tokenizer)
+        # the chat format its data was prepared in; plain-text adapters (template none) chat in the tokenizer's
+        template = resolve_template(adapter.meta.template, tokenizer) or resolve_template("auto", tokenizer)
         with self._lock:
             slot = next(self._slots)
             for module, (A, B) in adapter.lora.items():

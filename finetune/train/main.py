@@ -53,9 +53,10 @@ def base_precision_dtype(precision: str) -> torch.dtype:
     return {"32": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
 
 
-def _data_tokenizer(corpus: Corpus) -> str | None:
+def _data_record(corpus: Corpus, key: str) -> str | None:
+    """What the corpus manifest records under `key` (tokenizer, template), or None."""
     meta = corpus.meta if isinstance(corpus.meta, dict) else None
-    return meta.get("tokenizer") if meta else None
+    return meta.get(key) if meta else None
 
 
 def check_data(path: str, key: str, cfg: TrainConfig, vocab_size: int, tokenizer_name: str | None) -> Corpus:
@@ -66,7 +67,7 @@ def check_data(path: str, key: str, cfg: TrainConfig, vocab_size: int, tokenizer
     if corpus.num_tokens < cfg.ctx_len + 1:
         raise FinetuneError(f"{path}: {corpus.num_tokens} tokens, fewer than one window of ctx_len + 1 = "
                             f"{cfg.ctx_len + 1}; lower ctx_len or add data")
-    data_tok = _data_tokenizer(corpus)
+    data_tok = _data_record(corpus, "tokenizer")
     top = corpus.max_token_id()
     if top >= vocab_size:
         raise FinetuneError(f"{path}: token id {top} >= the model's vocab_size {vocab_size}; the data was made with "
@@ -150,7 +151,7 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     train_corpus = check_data(cfg.data, "data", cfg, mcfg.vocab_size, tokenizer_name)
     val_corpus = check_data(cfg.val_data, "val_data", cfg, mcfg.vocab_size, tokenizer_name) if cfg.val_data else None
 
-    meta_tok = _data_tokenizer(train_corpus)
+    meta_tok = _data_record(train_corpus, "tokenizer")
     base_info = {"fingerprint": fingerprint(sd), **dataclasses.asdict(mcfg), "path": str(cfg.model)}
     if cfg.train_type == "state":
         meta = {"family": family.name, "base": base_info, "tokenizer": cfg.tokenizer or meta_tok, "kind": "state",
@@ -162,6 +163,7 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
                 "train": list(cfg.lora.train), "recipe": cfg.to_dict()}
         if cfg.method == "full":
             meta["kind"] = "full"
+    meta["template"] = _data_record(train_corpus, "template")
     if cfg.tokenizer is None and meta_tok is None and not quiet:
         print("note: the data has no manifest and no tokenizer is set; the adapter will not record its tokenizer",
               file=sys.stderr)
