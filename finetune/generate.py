@@ -190,42 +190,80 @@ def check_utf8(text: str, what: str) -> str:
     return text
 
 
+class TextStream:
+    """Token ids in, final text out: the one place where generated tokens become streamed text (`generate_text` and
+    the server both use it).
+
+    Text is final once it can no longer change: not an incomplete UTF-8 character (the tokenizer decodes a partial
+    one to U+FFFD, so it waits for the rest) and not a suffix that could still grow into a stop string (held back).
+    When the text contains a stop string, it is cut there and the stream is stopped.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Iterable[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [check_utf8(s, "a stop string") for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""
+        """The text so far (cut at the stop string once one is hit)."""
+        self.emitted = 0
+        """How many characters of `text` have been handed out."""
+        self.stopped = False
+        """True once a stop string was hit."""
+
+    def push(self, token: int) -> str:
+        """Add a generated token; returns the text that became final (possibly ""). Check `stopped` after."""
+        self.ids.append(token)
+        # decoding the whole reply each time keeps multi-token characters right; replies are short
+        text = self.tokenizer.decode(self.ids)
+        hit = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if hit >= 0:
+            self.text = text[:hit]
+            self.stopped = True
+            return self.flush()
+        self.text = text
+        safe = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 character decodes to U+FFFD: wait for the rest
+        hold = 0
+        for s in self.stop:  # hold back a suffix that could grow into a stop string
+            for n in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        safe -= hold
+        if safe <= self.emitted:
+            return ""
+        out = text[self.emitted:safe]
+        self.emitted = safe
+        return out
+
+    def flush(self) -> str:
+        """The text still held back, at the end of generation."""
+        out = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return out
+
+
 def generate_text(model, tokenizer, prompt: str, max_tokens: int = 100, stop: Iterable[str] = (),
                   on_text: Callable[[str], None] | None = None, state: RNNState | None = None,
                   **sampling) -> tuple[str, list[int], RNNState]:
     """Generate from a text prompt. Text is passed to `on_text` as soon as it is final (not the start of a stop
-    string, not an incomplete UTF-8 character). Returns (text without the stop string, token ids, state after
-    the prompt)."""
-    stop = [check_utf8(s, "a stop string") for s in stop if s]
-    ids: list[int] = []
-    emitted = 0
-    text = ""
+    string, not an incomplete UTF-8 character; see `TextStream`). Returns (text without the stop string, token ids,
+    state after the prompt)."""
+    stream = TextStream(tokenizer, stop)
     prompt_state = None
     prompt_ids = tokenizer.encode(check_utf8(prompt, "the prompt"))
     for token, st in generate_tokens(model, prompt_ids, max_tokens=max_tokens, state=state, tokenizer=tokenizer,
                                      **sampling):
         if prompt_state is None:
             prompt_state = st
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        hit = min((text.find(s) for s in stop if s in text), default=-1)
-        if hit >= 0:
-            text = text[:hit]
+        out = stream.push(token)
+        if on_text is not None and out:
+            on_text(out)
+        if stream.stopped:
             break
-        safe = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 character decodes to U+FFFD: wait for the rest
-        hold = 0
-        for s in stop:  # hold back a suffix that could grow into a stop string
-            for n in range(min(len(s) - 1, safe), 0, -1):
-                if text[:safe].endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
-        safe -= hold
-        if on_text is not None and safe > emitted:
-            on_text(text[emitted:safe])
-            emitted = safe
-    if on_text is not None and len(text) > emitted:
-        on_text(text[emitted:])
-    return text, ids, prompt_state
+    rest = stream.flush()
+    if on_text is not None and rest:
+        on_text(rest)
+    return stream.text, stream.ids, prompt_state
 
 
 # ----------------------------------------------------------------------------------------------------------------------
