@@ -22,7 +22,7 @@ def served_model(tmp: Path) -> Path:
     if not base.exists():
         write_checkpoint(base, random_rwkv4_state_dict(2, 32, 1024, seed=7))
         for seed, name in enumerate(ADAPTERS, start=1):
-            make_adapter(base, tmp / name, seed=seed, tokenizer=str(TOKENIZER))
+            make_adapter(base, tmp / name, seed=seed, train=(), tokenizer=str(TOKENIZER))  # LoRA only: served per request
     return base
 
 

@@ -364,7 +364,8 @@ class StartRun(BaseModel):
 
 def add_web(app: FastAPI, config: ServeConfig, require_key: Callable[..., Any]) -> None:
     """Mount the page's /api routes (behind `require_key`, the server's bearer-key dependency) and the page at /.
-    Call it after every other route: the page's mount at / answers whatever no route before it took."""
+    Call it after every other route: the page's mount at / answers whatever no route before it took.
+    `require_key` is passed in rather than imported: app.py defines it and imports this module (no cycle)."""
     runs = Runs(config)
     app.state.web_runs = runs
     router = APIRouter(prefix="/api", dependencies=[Depends(require_key)])
