@@ -206,24 +206,35 @@ async function runCompare(event) {
 
 // ---- adapters ------------------------------------------------------------------------------------------------------
 
-// An adapter's card: its name and description, then whatever else the server says about it, as terms.
+// An adapter's card from GET /v1/adapters: what it is (kind, rank, alpha, parts), the base it was made for, the
+// tokenizer and chat template it brings, and how it was trained (its recipe), all as the server describes it.
 function adapterCard(a) {
-  const name = a.name || a.id || "?";
+  const kind = a.kind === "lora" ? "LoRA" : (a.kind || "adapter");
+  const about = [kind, a.r !== undefined ? `r=${a.r}` : "", a.alpha !== undefined ? `alpha=${a.alpha}` : "",
+                 a.parts && a.parts.length ? `on ${a.parts.join(", ")}` : ""].filter(Boolean).join(" ");
+  const facts = [];
+  const base = a.base || {};
+  if (a.family) facts.push(["family", a.family]);
+  if (base.n_layer) facts.push(["base", `${base.n_layer} x ${base.n_embd}, vocab ${base.vocab_size}`]);
+  if (base.fingerprint) facts.push(["fingerprint", String(base.fingerprint).slice(0, 16)]);
+  if (a.tokenizer) facts.push(["tokenizer", String(a.tokenizer)]);
+  if (a.template) facts.push(["template", a.template]);
+  if (a.modules) facts.push(["modules", String(a.modules)]);
+  const recipe = a.recipe || {};
+  const trained = [recipe.max_steps ? `${recipe.max_steps} steps` : "", recipe.lr ? `lr ${recipe.lr}` : "",
+                   recipe.data ? `on ${recipe.data}` : ""].filter(Boolean).join(", ");
+  if (trained) facts.push(["trained", trained]);
+  if (a.path) facts.push([a.packed ? "file" : "directory", a.path]);
   const dl = el("dl");
-  for (const [k, v] of Object.entries(a)) {
-    if (["name", "id", "description", "object"].includes(k) || v === null || v === undefined) continue;
-    const value = typeof v === "object" ? JSON.stringify(v) : String(v);
-    dl.append(el("dt", {}, k), el("dd", {}, value.length > 160 ? value.slice(0, 157) + "..." : value));
-  }
-  const about = typeof a.description === "string" ? a.description : (a.description ? JSON.stringify(a.description) : "");
-  return el("article", { class: "card adapter", "data-name": name }, el("h2", {}, name),
+  for (const [k, v] of facts) dl.append(el("dt", {}, k), el("dd", {}, v.length > 120 ? v.slice(0, 117) + "..." : v));
+  return el("article", { class: "card adapter", "data-name": a.name }, el("h2", {}, a.name),
             el("p", { class: "about" }, about), dl);
 }
 
 async function loadAdapters() {
   try {
     const body = await getJSON("/v1/adapters");
-    const list = Array.isArray(body) ? body : (body.data || body.adapters || []);
+    const list = body.data || [];
     $("gallery").replaceChildren(...(list.length ? list.map(adapterCard)
                                                  : [el("p", { class: "hint" }, "No adapters on this server.")]));
   } catch (e) {
@@ -242,7 +253,7 @@ async function upload(event) {
   }
   const form = new FormData();
   form.append("file", file);
-  if ($("upload-name").value) form.append("name", $("upload-name").value);
+  form.append("name", $("upload-name").value.trim() || file.name.replace(/\.safetensors$/, ""));
   try {
     const body = await (await api("/v1/adapters", { method: "POST", body: form })).json();
     show($("upload-done"), `uploaded ${body.name || body.id || file.name}`);
