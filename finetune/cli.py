@@ -22,6 +22,7 @@ COMMANDS = [
     "finetune.merge",  # merge, pack, import-lora, export-lora
     "finetune.generate",  # generate, chat
     "finetune.state_files",  # export-state, import-state
+    "finetune.serve.command",  # serve
 ]
 
 # what a shell reports for a program killed by SIGPIPE (`yes | head`): the reader went away, nothing is wrong

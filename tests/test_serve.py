@@ -169,3 +169,184 @@ def test_errors_are_openai_shaped(env, client):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     # the server survived all of that
     assert client.completions.create(model="a1", prompt="hi", max_tokens=2, temperature=0).choices
+
+
+def test_command_refuses_exposed_host_without_key(env):
+    def serve(*extra):
+        return subprocess.run([sys.executable, "-m", "finetune.cli", "serve", "--model", str(env["base"]), *extra],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = serve("--host", "0.0.0.0")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--api-key" in r.stderr, r.stderr
+    r = serve("--host", "0.0.0.0", "--adapter", "x")
+    assert r.returncode == 2  # argparse: NAME=PATH expected
+
+
+def test_concurrent_streams_each_get_their_text(env, client):
+    """8 streams over 3 adapters and the base at once: each gets exactly what it gets alone; one closed after its
+    first chunk leaves the batch and the others are not disturbed."""
+    jobs = [(name, f"{PROMPT} {i}") for i, name in enumerate(["a1", "a2", "a3", "tiny"] * 2)]
+    want = {i: expected(env, name if name != "tiny" else None, prompt, 40) for i, (name, prompt) in enumerate(jobs)}
+    got: dict[int, str] = {}
+    before = httpx.get(env["url"] + "/v1/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
+    start = threading.Barrier(len(jobs) + 1)
+
+    def run(i, name, prompt):
+        c = openai.OpenAI(base_url=env["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        start.wait()
+        stream = c.completions.create(model=name, prompt=prompt, max_tokens=40, temperature=0, stream=True)
+        parts = []
+        for chunk in stream:
+            parts.append(chunk.choices[0].text if chunk.choices else "")
+            if i == 0 and "".join(parts):  # the client goes away mid-stream
+                stream.close()
+                break
+        got[i] = "".join(parts)
+
+    threads = [threading.Thread(target=run, args=(i, n, p)) for i, (n, p) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    start.wait()
+    for t in threads:
+        t.join(timeout=120)
+    for i in range(1, len(jobs)):
+        assert got[i] == want[i], (i, jobs[i])
+    assert want[0].startswith(got[0])
+    after = httpx.get(env["url"] + "/v1/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert after["cancelled"] - before["cancelled"] == 1 or want[0] == got[0]
+    assert after["peak_batch"] >= 2  # they were decoded together
+
+
+def test_chat_second_turn_prefills_only_new_tokens(env, client):
+    tok = env["tok"]
+    turn1 = [{"role": "user", "content": "What is seven plus five?"}]
+    r1 = client.chat.completions.create(model="a2", messages=turn1, max_tokens=12, temperature=0)
+    reply = r1.choices[0].message.content
+    turn2 = turn1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And six plus one?"}]
+    r2 = client.chat.completions.create(model="a2", messages=turn2, max_tokens=12, temperature=0)
+    new = "Bob: And six plus one?\n\n", "Alice:"  # what follows the cached prompt + " reply\n\n"
+    assert r2.usage.model_extra["prefilled_tokens"] == sum(len(tok.encode(t)) for t in new)
+    assert r2.usage.prompt_tokens_details.cached_tokens == r2.usage.prompt_tokens - sum(
+        len(tok.encode(t)) for t in new)
+    # the same text as a server without any cache
+    config = ServeConfig(**{**env["config"].__dict__, "port": free_port(), "state_cache_bytes": 0,
+                            "adapters_dir": None, "allow_upload": False})
+    with live_server(config) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        r = c.chat.completions.create(model="a2", messages=turn2, max_tokens=12, temperature=0)
+        assert r.usage.model_extra["prefilled_tokens"] == r.usage.prompt_tokens
+    assert r.choices[0].message.content == r2.choices[0].message.content
+
+
+def upload(env, name: str, data: bytes):
+    return httpx.post(env["url"] + "/v1/adapters", headers={"Authorization": f"Bearer {KEY}"},
+                      files={"file": ("x.safetensors", data)}, data={"name": name}, timeout=60)
+
+
+def test_upload_good_adapter_then_select_it(env, client):
+    packed = pack_adapter(env["adapters"]["a3"], env["dir"] / "a3-packed.safetensors")
+    r = upload(env, "shared-a3", packed.read_bytes())
+    assert r.status_code == 200, r.text
+    assert r.json()["r"] == 6 and r.json()["base"]["fingerprint"]
+    assert "shared-a3" in [m.id for m in client.models.list().data]
+    same = [client.completions.create(model=m, prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text
+            for m in ("shared-a3", "a3")]
+    assert same[0] == same[1]
+    info = httpx.get(env["url"] + "/v1/adapters/shared-a3", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["kind"] == "lora" and info["parts"] == ["att", "ffn"]
+
+
+def test_upload_refusals(env, tmp_path):
+    import pickle
+
+    assert upload(env, "pickled", pickle.dumps({"a": torch.zeros(2)})).status_code == 400
+    assert upload(env, "../evil", b"x").status_code == 400
+    assert upload(env, ".hidden", b"x").status_code == 400
+    assert not list(Path(env["config"].adapters_dir).glob("*evil*"))
+    # an adapter for another base
+    other = write_checkpoint(tmp_path / "other.pth", random_rwkv4_state_dict(2, 32, env["tok"].vocab_size, seed=9))
+    wrong = pack_adapter(make_adapter(other, tmp_path / "wrong", seed=1, train=()), tmp_path / "wrong.safetensors")
+    r = upload(env, "wrong", wrong.read_bytes())
+    assert r.status_code == 400 and "another base" in r.json()["error"]["message"]
+    # a non-finite adapter (written by hand: our writers refuse NaN)
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    good = env["dir"] / "a3-packed.safetensors"
+    with safe_open(str(good), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(good))
+    first = sorted(tensors)[0]
+    tensors[first][0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=meta)
+    r = upload(env, "nan", (tmp_path / "nan.safetensors").read_bytes())
+    assert r.status_code == 400 and "NaN" in r.json()["error"]["message"]
+    # an adapter training tensors in full cannot be applied per row
+    full = pack_adapter(make_adapter(env["base"], tmp_path / "full", seed=2), tmp_path / "full.safetensors")
+    r = upload(env, "full", full.read_bytes())
+    assert r.status_code == 400 and "in full" in r.json()["error"]["message"]
+    names = {p.name for p in Path(env["config"].adapters_dir).iterdir()}
+    assert names <= {"shared-a3.safetensors"}, names
+
+
+def test_batched_rows_equal_each_row_alone(env):
+    """One batched step over rows using different adapters (and none) gives each row the logits and state of a
+    model with that adapter alone (the `LoRALinear` path), to 1e-5 in fp32."""
+    config = ServeConfig(**{**env["config"].__dict__, "adapters_dir": None, "allow_upload": False})
+    engine = Engine(config)
+    try:
+        names = ["a1", "tiny", "a3", "a2", "a1"]
+        g = torch.Generator().manual_seed(0)
+        B = len(names)
+        state = engine.model.zero_state(B, "cpu").map(lambda t: t + 0.1 * torch.randn(t.shape, generator=g))
+        state.wkv[:, :, 2] = -1e38  # RWKV-4's running max starts empty
+        tokens = torch.randint(1, engine.vocab_size, (B,), generator=g)
+        with engine._lock:
+            engine.routing.set([engine.served[n].slot for n in names], engine.device)
+            logits, new = engine.model.step(tokens, state)
+            engine.routing.clear()
+        for i, name in enumerate(names):
+            alone = load_model(env["base"], dtype="fp32")
+            if name != "tiny":
+                attach_adapters(alone, [env["adapters"][name]])
+            want, want_state = alone.step(tokens[i:i + 1], state.rows(slice(i, i + 1)))
+            torch.testing.assert_close(logits[i], want[0], rtol=0, atol=1e-5)
+            for f in RNNState.FIELDS:
+                torch.testing.assert_close(getattr(new, f)[i], getattr(want_state, f)[0], rtol=0, atol=1e-5)
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow  # the first RWKV-7 prefill in a process builds (or loads) the WKV-7 kernel
+def test_rwkv7_lora_and_state_adapters_served(tmp_path):
+    """Every family goes through the same engine: a tiny RWKV-7 with a LoRA adapter and a state adapter."""
+    from rwkv7_helpers import random_rwkv7_state_dict
+
+    from finetune.adapters import save_state_adapter
+    from finetune.checkpoint import fingerprint
+
+    tok_path = make_char_tokenizer(tmp_path / "tokenizer.json")
+    tok = load_tokenizer(str(tok_path))
+    sd = random_rwkv7_state_dict(2, 32, tok.vocab_size, head_size=16, seed=3)
+    base = write_checkpoint(tmp_path / "seven.pth", sd)
+    model = load_model(base, dtype="fp32")
+    g = torch.Generator().manual_seed(1)
+    lora = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.endswith((".att.key", ".ffn.value")):
+            lora[name] = (torch.randn(4, mod.in_features, generator=g) * 0.3,
+                          torch.randn(mod.out_features, 4, generator=g) * 0.3)
+    base_meta = {"fingerprint": fingerprint(sd), "n_layer": 2, "n_embd": 32, "vocab_size": tok.vocab_size}
+    meta = {"family": "rwkv7", "base": base_meta, "tokenizer": str(tok_path), "r": 4, "alpha": 8,
+            "parts": ["att", "ffn"], "train": []}
+    lora_dir = write_adapter_dir(tmp_path / "l7", meta, lora, {})
+    st = model.zero_state(1, "cpu").map(lambda t: torch.randn(t.shape[1:], generator=g) * 0.3)
+    state_dir = save_state_adapter(st, tmp_path / "s7", {"family": "rwkv7", "base": base_meta,
+                                                         "tokenizer": str(tok_path)})
+    config = ServeConfig(model=str(base), adapters={"l7": str(lora_dir), "s7": str(state_dir)},
+                         tokenizer=str(tok_path), dtype="fp32", port=free_port())
+    with live_server(config) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        for name, path in (("l7", lora_dir), ("s7", state_dir)):
+            got = c.completions.create(model=name, prompt=PROMPT, max_tokens=20, temperature=0).choices[0].text
+            alone = attach_adapters(load_model(base, dtype="fp32"), [path])
+            assert got == generate_text(alone, tok, PROMPT, max_tokens=20, temperature=0)[0], name

@@ -329,7 +329,7 @@ class Engine:
         self.refresh()
         self.cache = StateCache(config.state_cache_bytes)
         self.counters = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "prompt_tokens": 0,
-                         "prefilled_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "steps": 0}
+                         "prefilled_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "steps": 0, "peak_batch": 0}
         self._waiting: queue.Queue[Stream] = queue.Queue()
         self._rows: list[_Row] = []
         self._batch_state: RNNState | None = None
@@ -577,6 +577,7 @@ class Engine:
         finally:
             self.routing.clear()
         self.counters["steps"] += 1
+        self.counters["peak_batch"] = max(self.counters["peak_batch"], len(keep))
         logits = logits.float()
         for i, row in enumerate(keep):
             row.index, row.state, row.logits = i, None, logits[i]
