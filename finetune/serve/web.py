@@ -31,7 +31,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -209,14 +208,23 @@ class Started:
 
     proc: subprocess.Popen
     stderr: collections.deque = field(default_factory=lambda: collections.deque(maxlen=STDERR_LINES))
+    reader: threading.Thread | None = None
 
-    def read_stderr(self) -> None:
+    def start_reading(self, name: str) -> None:
+        self.reader = threading.Thread(target=self._read, name=f"train-{name}-stderr", daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:  # text mode: tqdm's '\r' redraws end lines too
             if line.strip():
                 self.stderr.append(line.strip()[:500])
+        self.proc.wait()  # reap it now rather than at the next listing
 
     def last_line(self) -> str | None:
+        """The trainer's last stderr line (its one-line error, or where a stopped run saved its state)."""
+        if self.reader is not None:
+            self.reader.join(timeout=2)  # the process has ended: let the reader take in its last lines
         return self.stderr[-1] if self.stderr else None
 
 
@@ -324,7 +332,7 @@ class Runs:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True, errors="replace", env=env)
             started = Started(proc)
-            threading.Thread(target=started.read_stderr, name=f"train-{name}-stderr", daemon=True).start()
+            started.start_reading(name)
             self.started[name] = started
         return {"name": name, "status": "running", "pid": proc.pid}
 

@@ -322,7 +322,9 @@ async function showRun(name) {
     const run = await getJSON(`/api/runs/${encodeURIComponent(name)}`);
     $("run-detail").hidden = false;
     $("run-title").textContent = `${run.name}: ${run.status}` + (run.max_steps ? `, step ${run.step} of ${run.max_steps}` : "");
-    show($("run-error"), run.error && run.status !== "running" ? run.error : "");
+    // the trainer's last stderr line: its one-line error for a failed run, where it saved for a stopped one
+    show($("run-error"), run.status === "failed" ? run.error || "failed before its first save point" : "");
+    show($("run-note"), run.status === "stopped" ? run.error || "stopped: last.ckpt resumes it (--resume true)" : "");
     const points = (key) => run.rows.filter((r) => r[key] !== null).map((r) => [r.step, r[key]]);
     drawChart($("run-chart"), [
       { label: "train loss", color: "#2f6fdb", points: points("train_loss") },
