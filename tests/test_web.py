@@ -149,6 +149,8 @@ def test_start_and_stop_a_run(trained):
     r = c.post("/api/runs", json={"name": "live", "recipe": "demo", "overrides": over})
     assert r.status_code == 200, r.text
     run_dir = trained["runs"] / "live"
+    # listed at once as running, before the trainer has made its directory: the page keeps refreshing from the start
+    assert next(x for x in c.get("/api/runs").json() if x["name"] == "live")["status"] == "running"
     try:
         live = wait_for(lambda: next((x for x in c.get("/api/runs").json() if x["name"] == "live" and x["step"] >= 2),
                                      None))

@@ -282,19 +282,19 @@ class Runs:
 
     def list(self) -> list[dict[str, Any]]:
         root = self.root
-        if not root.is_dir():
-            return []
         found = []
-        for entry in root.iterdir():
-            if not RUN_NAME.fullmatch(entry.name):
+        for entry in (root.iterdir() if root.is_dir() else ()):
+            if not RUN_NAME.fullmatch(entry.name) or entry.name in self.started:
                 continue
             try:
                 run_dir = inside(root, entry.name)  # a symlink out of runs_dir is not listed
             except HTTPException:
                 continue
-            if run_dir.is_dir() and ((run_dir / CONFIG_JSON).is_file() or entry.name in self.started):
+            if run_dir.is_dir() and (run_dir / CONFIG_JSON).is_file():
                 found.append((run_dir.stat().st_mtime, entry.name, run_dir))
+        # runs started here, first: listed from the start, before the trainer (seconds to import) makes its directory
         found.sort(reverse=True)
+        found[:0] = [(0.0, name, root / name) for name in reversed(list(self.started))]
         return [self.summary(name, run_dir) for _, name, run_dir in found[:MAX_RUNS]]
 
     def get(self, name: str) -> dict[str, Any]:
