@@ -119,13 +119,15 @@ def main() -> int:
             "max_steps=400\nval_every=20\nsave_every=0")
         driver.find_element(By.CSS_SELECTOR, "#train-form button").click()
         # a few validation points in, while it trains (the table refreshes every 3 s)
-        wait.until(lambda d: any(int(c.text.split(" / ")[0] or 0) >= 60 for c in
-                                 d.find_elements(By.CSS_SELECTOR, f"tr[data-run='{live.name}'] td:nth-child(3)")))
+        # the table is redrawn every 3 s: read it in the page (an element found here may be gone a moment later)
+        row = f"tr[data-run='{live.name}']"
+        cell = f"const r = document.querySelector(\"{row}\"); return r ? r.children[%d].textContent : '';"
+        wait.until(lambda d: int(d.execute_script(cell % 2).split(" / ")[0] or 0) >= 60)
         time.sleep(3.5)
         driver.execute_script("window.scrollTo(0, 0)")
         driver.save_screenshot(str(out / "web-runs.png"))
-        driver.find_element(By.CSS_SELECTOR, f"tr[data-run='{live.name}'] button.stop").click()  # SIGTERM
-        wait.until(lambda d: "stopped" in d.find_element(By.CSS_SELECTOR, f"tr[data-run='{live.name}']").text)
+        driver.execute_script(f"document.querySelector(\"{row} button.stop\").click()")  # SIGTERM
+        wait.until(lambda d: d.execute_script(cell % 1) == "stopped")
     finally:
         driver.quit()
         server.should_exit = True
