@@ -32,6 +32,7 @@ from finetune.generate import check_utf8
 from finetune.templates import ChatTemplate, clean_message
 from finetune.serve.config import ServeConfig
 from finetune.serve.engine import NAME_RE, Engine, Event, GenerationRequest, ServedAdapter, Usage
+from finetune.serve.web import add_web
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -246,6 +247,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> FastAPI:
         return error_response(500, f"internal error: {first_line(e)}", "server_error")
 
     app.include_router(api_router(), dependencies=[Depends(require_key)])
+    add_web(app, config, require_key)  # the web page: its /api routes, then the page itself at / (mounted last)
     return app
 
 

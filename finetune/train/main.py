@@ -39,6 +39,7 @@ from finetune.train.callbacks import ProgressBar, RunCallback
 from finetune.train.config import TrainConfig
 from finetune.train.distributed import env_rank_zero, lightning_strategy
 from finetune.train.loss import window_totals
+from finetune.train.layout import FINAL
 from finetune.train.module import LitRWKV
 from finetune.train.report import METRICS_CSV, MetricsLog, plot_losses, summary_line
 from finetune.train.run import CONFIG_JSON, LAST_CKPT, OutDirLock, Run, check_out_dir, read_resumable
@@ -229,7 +230,7 @@ def main(cfg: TrainConfig, quiet: bool = False, callbacks: Sequence[pl.Callback]
             raise RunStopped(signal.SIGTERM, step, last if last.exists() else None) from None
         seconds = time.perf_counter() - t0
         _stop_if_signalled(run)  # last.ckpt is at the final step: resuming writes final/
-        final = run.save_weights("final")
+        final = run.save_weights(FINAL)
         run.results.update(losses=dict(callback.history), final=str(final), seconds=seconds,
                            out_dir=str(run.out_dir))
         if run.is_zero and cfg.logger == "csv":

@@ -30,12 +30,10 @@ from finetune.train.config import TrainConfig
 from finetune.train.distributed import env_rank_zero, gathered
 from finetune.train.loss import Batch, outputs_finite, tensors_finite
 from finetune.train.module import LitRWKV
+from finetune.train.layout import CONFIG_JSON, LAST_CKPT, LOCK_FILE  # noqa: F401  (re-exported)
 from finetune.train.report import METRICS_CSV, MetricsLog
 from finetune.train.signals import StopSignals
 
-LAST_CKPT = "last.ckpt"
-CONFIG_JSON = "config.json"
-LOCK_FILE = ".rwkv-lora-train.lock"
 # what a run writes into out_dir besides weights (a fresh run accepts an out_dir holding only these)
 RUN_FILES = (CONFIG_JSON, METRICS_CSV, "loss.png", LOCK_FILE)
 
