@@ -229,7 +229,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        message = "no such route" if e.status_code == 404 else str(e.detail)
+        message = "no such route" if e.status_code == 404 and e.detail == "Not Found" else str(e.detail)
         return error_response(e.status_code, message, STATUS_TYPES.get(e.status_code, "invalid_request_error"))
 
     @app.exception_handler(RequestValidationError)
