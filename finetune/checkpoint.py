@@ -22,6 +22,7 @@ from safetensors import safe_open
 from finetune.atomic import atomic_file
 from finetune.errors import FinetuneError, first_line
 from finetune.models import Family, detect, parse_dtype
+from finetune.models.family import tall_weights_column_major_
 from finetune.tensorfiles import archive_name, save_pth, save_safetensors
 
 # what a checkpoint's tensors may be: quantized or integer files cannot be trained, merged or run here
@@ -205,6 +206,7 @@ def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path 
         if convert is not None:
             t = convert(name, t)
         _assign(model, name, t)
+    tall_weights_column_major_(model)  # the layout a load_state_dict gets from the model's post-hook
     return model
 
 

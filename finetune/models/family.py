@@ -78,6 +78,25 @@ class RNNState:
         return {f: getattr(self, f) for f in self.FIELDS}
 
 
+def tall_weights_column_major_(model: nn.Module, *args: object) -> None:
+    """Store every tall Linear weight [out, in] (out > in: the head and ffn.key) column-major, strides (1, out), in a
+    model whose class sets `column_major_tall_weights`: the same tensor to every reader, but x @ weight.T then reads
+    a contiguous [in, out] matrix, which one row of x multiplies ~35-45% faster (one thread: head 65536 x 768 ~9 ms
+    instead of ~14, ffn.key 3072 x 768 0.57 ms instead of 0.74 when streamed from memory; square and wide matrices
+    are as fast or faster row-major, so they stay). The `rwkv` package stores every matrix transposed for this
+    reason. Saved files are row-major (`model_state_dict` makes tensors contiguous). Also the load_state_dict
+    post-hook (*args: module, incompatible keys), since loading assigns the file's row-major tensors, and called by
+    `checkpoint.build_from_state_dict` after its tensor-by-tensor assignment. Plain floating-point weights only (a
+    quantized weight keeps the layout its kernels expect)."""
+    if not getattr(model, "column_major_tall_weights", False):
+        return
+    for m in model.modules():
+        w = getattr(m, "weight", None) if isinstance(m, nn.Linear) else None
+        if (w is not None and type(w.data) is torch.Tensor and w.is_floating_point() and m.out_features > m.in_features
+                and w.is_contiguous()):
+            w.data = w.data.t().contiguous().t()
+
+
 class RWKVModel(nn.Module):
     """What every family's model shares around its own `forward`: RNN steps, chunked prefill, dtype casting.
 
@@ -89,6 +108,9 @@ class RWKVModel(nn.Module):
 
     fp32_params: tuple[str, ...] = ()
     """Name suffixes of parameters kept float32 by `cast` (decays and the like)."""
+    column_major_tall_weights: bool = False
+    """Whether the head and ffn.key are kept column-major in memory (`tall_weights_column_major_`); a subclass that
+    sets it calls `tall_weights_column_major_(self)` at the end of its __init__."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -99,6 +121,7 @@ class RWKVModel(nn.Module):
         self.initial_state: RNNState | None = None
         """A learned start state (a state adapter; unbatched, [L, ...] per field) used instead of `zero_state`; a
         plain attribute, not a parameter, so checkpoints keep exactly BlinkDL's keys."""
+        self.register_load_state_dict_post_hook(tall_weights_column_major_)
 
     def zero_state(self, batch: int, device: torch.device | str) -> RNNState:
         raise NotImplementedError

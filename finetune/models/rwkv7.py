@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
-from finetune.models.family import Family, RNNState, RWKVModel
+from finetune.models.family import Family, RNNState, RWKVModel, tall_weights_column_major_
 from finetune.ops.wkv7 import wkv7
 
 # Kept float32 whatever the model is cast to. w0 is the decay's bias: the per-token log decay is
@@ -240,21 +240,9 @@ class Block(nn.Module):
         return x, v_first, xa[:, -1], wkv_state, xf[:, -1]
 
 
-def _tall_weights_column_major_(model: nn.Module, *args: object) -> None:
-    """Store every tall Linear weight [out, in] (out > in: the head and ffn.key) column-major, strides (1, out):
-    the same tensor to every reader, but x @ weight.T then reads a contiguous [in, out] matrix, which one row of x
-    multiplies ~35-45% faster (one thread: head 65536 x 768 11.4 ms instead of 14.4, ffn.key 3072 x 768 0.31 ms
-    instead of 0.54; square and wide matrices are as fast or faster row-major, so they stay). The `rwkv` package
-    stores every matrix transposed for this reason. Saved files are row-major (`model_state_dict` makes tensors
-    contiguous). Also the load_state_dict post-hook (*args: module, incompatible keys), since loading assigns the
-    file's row-major tensors."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and m.out_features > m.in_features and m.weight.is_contiguous():
-            m.weight.data = m.weight.data.t().contiguous().t()
-
-
 class RWKV7(RWKVModel):
     fp32_params = FP32_PARAMS
+    column_major_tall_weights = True
 
     def __init__(self, config: RWKV7Config) -> None:
         super().__init__()
@@ -263,8 +251,7 @@ class RWKV7(RWKVModel):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        _tall_weights_column_major_(self)
-        self.register_load_state_dict_post_hook(_tall_weights_column_major_)
+        tall_weights_column_major_(self)
 
     def zero_state(self, batch: int, device: torch.device | str) -> RNNState:
         """All zeros (no token seen): att_shift [B, L, C], wkv [B, L, H, N, N], ffn_shift [B, L, C], float32."""
