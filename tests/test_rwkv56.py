@@ -362,3 +362,21 @@ def test_state_tuning_v6_exports_a_file_the_package_runs(tmp_path):
         plain = load_model(base, dtype="fp32")(torch.tensor([tokens]))[0]
     torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
     assert (plain - ref_logits).abs().max() > 1e-2  # the learned state matters
+
+
+@pytest.mark.parametrize("version", ["5.2", "6"])
+def test_tall_weights_are_column_major_however_loaded(version):
+    """head and ffn.key are kept column-major (faster one-token products) whether the model is built as it is, cast
+    tensor by tensor or loaded with load_state_dict; its state dict reads the file's values and saves row-major."""
+    sd = MAKERS[version](2, 64, 211, 16, seed=0, dtype=torch.float32)
+    from finetune.checkpoint import build_from_state_dict
+
+    for model in (build_from_state_dict(sd), build_from_state_dict(sd, dtype=torch.bfloat16)):
+        assert model.head.weight.stride() == (1, 211) and model.blocks[1].ffn.key.weight.stride()[0] == 1
+        assert model.blocks[1].ffn.value.weight.is_contiguous() and model.blocks[1].att.key.weight.is_contiguous()
+    family = detect(sd)
+    fresh = family.model_class(family.config_from_state_dict(sd))
+    fresh.load_state_dict(sd)
+    assert fresh.head.weight.stride() == (1, 211)
+    assert all(torch.equal(v, sd[k]) for k, v in fresh.state_dict().items())
+    assert all(v.is_contiguous() for v in model_state_dict(fresh).values())

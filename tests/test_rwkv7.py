@@ -224,6 +224,8 @@ def test_column_major_tall_weights_are_invisible(tmp_path):
     assert model.head.weight.stride() == (1, case.vocab) and model.blocks[1].ffn.key.weight.stride() == (1, 256)
     assert model.blocks[1].ffn.value.weight.is_contiguous() and model.blocks[1].att.key.weight.is_contiguous()
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    built = load_model(path, dtype="fp32")  # built tensor by tensor (no load_state_dict): the same layout
+    assert built.head.weight.stride() == (1, case.vocab) and built.blocks[1].ffn.key.weight.stride() == (1, 256)
     model.cast(torch.bfloat16)
     assert model.head.weight.stride() == (1, case.vocab)
     out = save_checkpoint(model, tmp_path / "out.pth")
