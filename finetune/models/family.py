@@ -86,11 +86,13 @@ def tall_weights_column_major_(model: nn.Module, *args: object) -> None:
     are as fast or faster row-major, so they stay). The `rwkv` package stores every matrix transposed for this
     reason. Saved files are row-major (`model_state_dict` makes tensors contiguous). Also the load_state_dict
     post-hook (*args: module, incompatible keys), since loading assigns the file's row-major tensors, and called by
-    `checkpoint.build_from_state_dict` after its tensor-by-tensor assignment. Plain floating-point weights only (a
-    quantized weight keeps the layout its kernels expect)."""
+    `checkpoint.build_from_state_dict` after its tensor-by-tensor assignment. Plain floating-point weights of the
+    model's own layers only (a quantized weight keeps the layout its kernels expect; LoRA factors are left alone)."""
     if not getattr(model, "column_major_tall_weights", False):
         return
-    for m in model.modules():
+    for name, m in model.named_modules():
+        if "lora_" in name:  # peft's trainable factors keep the layout they were made with (resume is bit-exact)
+            continue
         w = getattr(m, "weight", None) if isinstance(m, nn.Linear) else None
         if (w is not None and type(w.data) is torch.Tensor and w.is_floating_point() and m.out_features > m.in_features
                 and w.is_contiguous()):
