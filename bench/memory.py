@@ -143,12 +143,14 @@ def work_load(path: str, how: str, tiny: str) -> dict:
             "model_bytes": size, "before": before, "peak": peak_bytes(), "seconds": seconds}
 
 
-def work_train(arch: str, shape: str, base: str, ckpt: str, data: str, out: str, steps: int, ctx: int = 1024) -> dict:
+def work_train(arch: str, shape: str, base: str, ckpt: str, data: str, out: str, steps: int, ctx: int = 1024,
+               precision: str = "auto") -> dict:
     import csv
 
     from finetune import cli
 
-    precision = "32" if base == "fp32" else "bf16-mixed"
+    if precision == "auto":  # bf16 compute, as RWKV-PEFT's figures; "32" on CPUs whose bf16 is emulated
+        precision = "32" if base == "fp32" else "bf16-mixed"
     quant = base if base in ("int8", "nf4") else "none"
     args = ["train", "--model", ckpt, "--data", data, "--out_dir", out, "--ctx_len", str(ctx), "--micro_bsz", "1",
             "--max_steps", str(steps), "--lr", "1e-4", "--lr_final", "1e-4", "--warmup_steps", "0",
@@ -167,7 +169,7 @@ def work_train(arch: str, shape: str, base: str, ckpt: str, data: str, out: str,
                 losses.append(float(row["train_loss"]))
     timed = rates[1:] or rates  # the first step also pays for warm-up
     return {"kind": "train", "arch": arch, "shape": shape, "base": base, "steps": steps, "ctx": ctx,
-            "peak": peak_bytes(),
+            "precision": precision, "peak": peak_bytes(),
             "tok_s": statistics.median(timed), "rates": rates, "losses": losses,
             "seconds": time.perf_counter() - t0}
 
@@ -226,7 +228,7 @@ def gb(n: float) -> str:
 
 def latest(results: list[dict]) -> list[dict]:
     """The last result of each measurement (a rerun replaces the earlier line), in first-run order."""
-    keys = {"load": ("file", "how"), "train": ("arch", "shape", "base", "ctx"), "generate": ("file",)}
+    keys = {"load": ("file", "how"), "train": ("arch", "shape", "base", "ctx", "precision"), "generate": ("file",)}
     last: dict[tuple, dict] = {}
     for r in results:
         last[(r["kind"], *(r.get(k, 1024 if k == "ctx" else None) for k in keys[r["kind"]]))] = r
@@ -258,17 +260,18 @@ def report(results: list[dict]) -> str:
         lines.append("")
     trains = [r for r in results if r["kind"] == "train"]
     if trains:
-        lines += ["## LoRA training: r=64 att+ffn, batch 1, gradient checkpointing, bf16-mixed", "",
-                  "| arch | shape | ctx | base | peak RSS | tok/s | RWKV-PEFT GPU memory (RWKV-7, ctx 1024) "
-                  "| ours vs theirs |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["## LoRA training: r=64 att+ffn, batch 1, gradient checkpointing", "",
+                  "| arch | shape | ctx | base | compute | peak RSS | tok/s | RWKV-PEFT GPU memory (RWKV-7, ctx 1024, "
+                  "bf16) | ours vs theirs |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in trains:
             theirs = RWKV_PEFT.get(r["shape"], (None, None))[1 if r["base"] == "nf4" else 0]
-            vs = f"{r['peak'] / 1e9 / theirs:.2f}x" if theirs and r["base"] in ("bf16", "nf4") else "-"
+            vs = f"{r['peak'] / 1e9 / theirs:.2f}x" if theirs and r["base"] in ("bf16", "nf4", "int8") else "-"
             if vs != "-" and r.get("ctx", 1024) != 1024:
                 vs += f" (ours at ctx {r['ctx']}: not comparable)"
-            theirs_s = f"{theirs} GB" if theirs and r["base"] in ("bf16", "nf4") else "-"
-            lines.append(f"| {r['arch']} | {r['shape']} | {r.get('ctx', 1024)} | {r['base']} | {gb(r['peak'])} | "
+            theirs_s = f"{theirs} GB" if theirs and r["base"] in ("bf16", "nf4", "int8") else "-"
+            lines.append(f"| {r['arch']} | {r['shape']} | {r.get('ctx', 1024)} | {r['base']} | "
+                         f"{r.get('precision', 'bf16-mixed')} | {gb(r['peak'])} | "
                          f"{r['tok_s']:.1f} | "
                          f"{theirs_s} | {vs} |")
         done = {(r["shape"], r["base"]) for r in trains if r.get("ctx", 1024) == 1024}
@@ -296,6 +299,9 @@ def main() -> None:
     ap.add_argument("--bases", nargs="+", default=["bf16", "int8", "nf4"], choices=["fp32", "bf16", "int8", "nf4"])
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps per training run (the first is warm-up)")
     ap.add_argument("--ctx", type=int, default=1024, help="training window (1024 in the published comparison)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "32"],
+                    help="auto: bf16-mixed (fp32 for an fp32 base); 32: fp32 compute, for CPUs without native bf16 "
+                         "(more memory than bf16: an upper bound)")
     ap.add_argument("--load-shape", default="1.5B", choices=list(SHAPES))
     ap.add_argument("--gen-shape", default="0.1B", choices=list(SHAPES))
     ap.add_argument("--tokens", type=int, default=32)
@@ -307,7 +313,7 @@ def main() -> None:
         kind, *rest = args.worker
         fn = {"load": work_load, "train": work_train, "generate": work_generate}[kind]
         if kind == "train":
-            rest[6:] = [int(x) for x in rest[6:]]  # steps [, ctx]
+            rest[6:8] = [int(x) for x in rest[6:8]]  # steps [, ctx [, precision]]
         if kind == "generate":
             rest = [rest[0], int(rest[1]), int(rest[2])]
         print(json.dumps(fn(*rest)))
@@ -335,7 +341,7 @@ def main() -> None:
                 for f in ("last.ckpt", "metrics.csv"):
                     (out / f).unlink(missing_ok=True)
                 r = spawn(["train", args.arch, shape, base, str(ckpt), str(data), str(out), str(args.steps),
-                           str(args.ctx)], log)
+                           str(args.ctx), args.precision], log)
                 print(f"train {shape} {base}: peak {gb(r['peak'])}, {r['tok_s']:.1f} tok/s", file=sys.stderr)
     if args.what in ("generate", "all"):
         L, C = SHAPES[args.gen_shape]
