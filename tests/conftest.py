@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from finetune.ops.build import find_nvcc
+
 os.environ.setdefault("RWKV_JIT_ON", "0")  # the rwkv oracle package reads this at import; plain eager is enough
 
 
@@ -112,3 +114,12 @@ def read_binidx(prefix):
     assert len(data) == int(sizes.sum()) * dtype.itemsize
     items = [np.frombuffer(data, dtype.newbyteorder("<"), int(s), int(p)) for s, p in zip(sizes, pointers)]
     return dtype, items, doc_idx
+
+
+@pytest.fixture(scope="module")
+def nvcc() -> str:
+    """The nvcc the kernel loader would use (the CUDA tests compile with it; skipped, with the reason, without it)."""
+    path = find_nvcc()
+    if path is None:
+        pytest.skip("nvcc not found: no $CUDA_HOME/bin/nvcc, no nvcc on PATH, no /usr/local/cuda/bin/nvcc")
+    return path

@@ -9,43 +9,28 @@ Running the kernel itself on a GPU is bench/gpu_check.py's job.
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
-from finetune.ops.build import KERNEL_DIR, cuda_gencode_flags, find_nvcc, nvcc_archs
+from cuda_helpers import check_binding_syntax, includes, run
+from finetune.ops.build import KERNEL_DIR, cuda_gencode_flags, nvcc_archs
 from finetune.ops.wkv4 import empty_wkv_state, fold_state_grad, wkv_reference
 
 CU = KERNEL_DIR / "wkv_cuda.cu"
 BIND = KERNEL_DIR / "wkv_cuda_bind.cpp"
 
 
-@pytest.fixture(scope="module")
-def nvcc() -> str:
-    path = find_nvcc()
-    if path is None:
-        pytest.skip("nvcc not found: no $CUDA_HOME/bin/nvcc, no nvcc on PATH, no /usr/local/cuda/bin/nvcc")
-    return path
 
 
-def _run(cmd: list[str], timeout: float = 120) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\nfailed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
 
 
-def _includes() -> list[str]:
-    return [f"-I{p}" for p in cpp_extension.include_paths()]
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_nvcc_compiles_kernel(nvcc, tmp_path, arch):
     obj = tmp_path / f"wkv_cuda_sm{arch}.o"
-    _run([nvcc, "-c", "-O3", "-std=c++17", *_includes(), f"-gencode=arch=compute_{arch},code=sm_{arch}",
+    run([nvcc, "-c", "-O3", "-std=c++17", *includes(), f"-gencode=arch=compute_{arch},code=sm_{arch}",
           str(CU), "-o", str(obj)])
     assert obj.stat().st_size > 0
 
@@ -67,7 +52,7 @@ def test_loader_gencodes_fit_nvcc(nvcc):
 @pytest.fixture(scope="module")
 def selftest_lib(nvcc, tmp_path_factory):
     so = tmp_path_factory.mktemp("wkv_cuda") / "wkv_cuda_selftest.so"
-    _run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17", "-DWKV_HOST_SELFTEST",
+    run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17", "-DWKV_HOST_SELFTEST",
           "-gencode=arch=compute_80,code=sm_80", str(CU), "-o", str(so)])
     return ctypes.CDLL(str(so))
 
@@ -137,20 +122,5 @@ def test_lanes_match_reference(selftest_lib, B, T, C, dtype, with_state):
 
 
 def test_binding_syntax(nvcc, tmp_path):
-    """g++ -fsyntax-only of the binding against this torch's headers. A CPU build of torch ships the c10/cuda headers
-    but not the generated c10/cuda/impl/cuda_cmake_macros.h; an empty stand-in is enough for a syntax check."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler (g++ / c++) for the binding syntax check")
-    cuda_include = next((d for d in (Path(nvcc).resolve().parent.parent / "include", Path("/usr/local/cuda/include"))
-                         if (d / "cuda_runtime.h").exists()), None)
-    if cuda_include is None:
-        pytest.skip("cuda_runtime.h not found next to nvcc")
-    stub = tmp_path / "stub"
-    macros = "c10/cuda/impl/cuda_cmake_macros.h"
-    if not any((Path(p) / macros).exists() for p in cpp_extension.include_paths()):
-        (stub / macros).parent.mkdir(parents=True)
-        (stub / macros).write_text("#pragma once\n")
-    _run([cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror=return-type",
-          "-DTORCH_EXTENSION_NAME=rwkv_lora_wkv_cuda", *_includes(), f"-I{stub}",
-          f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include}", str(BIND)], timeout=600)
+    """g++ -fsyntax-only of the binding against this torch's headers (see tests/cuda_helpers.py for the stub)."""
+    check_binding_syntax(nvcc, tmp_path, BIND, "rwkv_lora_wkv_cuda")

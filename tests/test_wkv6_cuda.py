@@ -10,36 +10,26 @@ from __future__ import annotations
 
 import ctypes
 import math
-import shutil
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
-from finetune.ops.build import KERNEL_DIR, find_nvcc
+from cuda_helpers import check_binding_syntax, includes, run
+from finetune.ops.build import KERNEL_DIR
 from finetune.ops.wkv6 import wkv6_reference
-from tests.test_cuda_kernel import _includes, _run
 from tests.test_wkv6 import make_inputs, rel_err
 
 CU = KERNEL_DIR / "wkv6_cuda.cu"
 BIND = KERNEL_DIR / "wkv6_cuda_bind.cpp"
 
 
-@pytest.fixture(scope="module")
-def nvcc() -> str:
-    path = find_nvcc()
-    if path is None:
-        pytest.skip("nvcc not found: no $CUDA_HOME/bin/nvcc, no nvcc on PATH, no /usr/local/cuda/bin/nvcc")
-    return path
 
 
 @pytest.mark.slow
 def test_nvcc_compiles_kernel_for_sm80_and_sm90(nvcc, tmp_path):
     """Both archs in one nvcc run (one front-end pass: half the time of two runs); a failure names the arch."""
     obj = tmp_path / "wkv6_cuda.o"
-    _run([nvcc, "-c", "-O3", "-std=c++17", *_includes(), "-gencode=arch=compute_80,code=sm_80",
+    run([nvcc, "-c", "-O3", "-std=c++17", *includes(), "-gencode=arch=compute_80,code=sm_80",
           "-gencode=arch=compute_90,code=sm_90", str(CU), "-o", str(obj)], timeout=900)
     assert obj.stat().st_size > 0
 
@@ -51,7 +41,7 @@ def test_nvcc_compiles_kernel_for_sm80_and_sm90(nvcc, tmp_path):
 @pytest.fixture(scope="module")
 def selftest_lib(nvcc, tmp_path_factory):
     so = tmp_path_factory.mktemp("wkv6_cuda") / "wkv6_cuda_selftest.so"
-    _run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-O2", "-std=c++17", "-DWKV_HOST_SELFTEST",
+    run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-O2", "-std=c++17", "-DWKV_HOST_SELFTEST",
           "-gencode=arch=compute_80,code=sm_80", str(CU), "-o", str(so)], timeout=900)
     return ctypes.CDLL(str(so))
 
@@ -139,19 +129,5 @@ def test_lanes_extreme_decays_stay_finite(selftest_lib):
 
 @pytest.mark.slow
 def test_binding_syntax(nvcc, tmp_path):
-    """g++ -fsyntax-only of the binding against this torch's headers (see tests/test_cuda_kernel.py for the stub)."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler (g++ / c++) for the binding syntax check")
-    cuda_include = next((d for d in (Path(nvcc).resolve().parent.parent / "include", Path("/usr/local/cuda/include"))
-                         if (d / "cuda_runtime.h").exists()), None)
-    if cuda_include is None:
-        pytest.skip("cuda_runtime.h not found next to nvcc")
-    stub = tmp_path / "stub"
-    macros = "c10/cuda/impl/cuda_cmake_macros.h"
-    if not any((Path(p) / macros).exists() for p in cpp_extension.include_paths()):
-        (stub / macros).parent.mkdir(parents=True)
-        (stub / macros).write_text("#pragma once\n")
-    _run([cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror=return-type",
-          "-DTORCH_EXTENSION_NAME=rwkv_lora_wkv6_cuda", *_includes(), f"-I{stub}",
-          f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include}", str(BIND)], timeout=900)
+    """g++ -fsyntax-only of the binding against this torch's headers (see tests/cuda_helpers.py for the stub)."""
+    check_binding_syntax(nvcc, tmp_path, BIND, "rwkv_lora_wkv6_cuda")

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import math
-import shutil
-import subprocess
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
-from finetune.ops.build import KERNEL_DIR, find_nvcc
+from cuda_helpers import check_binding_syntax, run
+from finetune.ops.build import KERNEL_DIR
 from test_wkv7 import NAMES, make_inputs, reference_run, rel_err
 
 CU = KERNEL_DIR / "wkv7_cuda.cu"
@@ -28,24 +24,14 @@ K = 16  # rwkv_wkv7::K in the .cu file
 N = 64
 
 
-@pytest.fixture(scope="module")
-def nvcc() -> str:
-    path = find_nvcc()
-    if path is None:
-        pytest.skip("nvcc not found: no $CUDA_HOME/bin/nvcc, no nvcc on PATH, no /usr/local/cuda/bin/nvcc")
-    return path
 
 
-def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\nfailed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_nvcc_compiles_kernel(nvcc, tmp_path, arch):
     obj = tmp_path / f"wkv7_cuda_sm{arch}.o"
-    _run([nvcc, "-c", "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", str(CU), "-o", str(obj)])
+    run([nvcc, "-c", "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", str(CU), "-o", str(obj)])
     assert obj.stat().st_size > 0
 
 
@@ -56,7 +42,7 @@ def test_nvcc_compiles_kernel(nvcc, tmp_path, arch):
 @pytest.fixture(scope="module")
 def selftest_lib(nvcc, tmp_path_factory):
     so = tmp_path_factory.mktemp("wkv7_cuda") / "wkv7_cuda_selftest.so"
-    _run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-O2", "-std=c++17", "-DWKV7_HOST_SELFTEST",
+    run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-O2", "-std=c++17", "-DWKV7_HOST_SELFTEST",
           "-gencode=arch=compute_80,code=sm_80", str(CU), "-o", str(so)])
     return ctypes.CDLL(str(so))
 
@@ -147,20 +133,5 @@ def test_phases_extreme_decays_and_zero_kk(selftest_lib):
 
 
 def test_binding_syntax(nvcc, tmp_path):
-    """g++ -fsyntax-only of the binding against this torch's headers. A CPU build of torch ships the c10/cuda headers
-    but not the generated c10/cuda/impl/cuda_cmake_macros.h; an empty stand-in is enough for a syntax check."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler (g++ / c++) for the binding syntax check")
-    cuda_include = next((d for d in (Path(nvcc).resolve().parent.parent / "include", Path("/usr/local/cuda/include"))
-                         if (d / "cuda_runtime.h").exists()), None)
-    if cuda_include is None:
-        pytest.skip("cuda_runtime.h not found next to nvcc")
-    stub = tmp_path / "stub"
-    macros = "c10/cuda/impl/cuda_cmake_macros.h"
-    if not any((Path(p) / macros).exists() for p in cpp_extension.include_paths()):
-        (stub / macros).parent.mkdir(parents=True)
-        (stub / macros).write_text("#pragma once\n")
-    _run([cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror=return-type",
-          "-DTORCH_EXTENSION_NAME=rwkv_lora_wkv7_cuda", *[f"-I{p}" for p in cpp_extension.include_paths()],
-          f"-I{stub}", f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include}", str(BIND)])
+    """g++ -fsyntax-only of the binding against this torch's headers (see tests/cuda_helpers.py for the stub)."""
+    check_binding_syntax(nvcc, tmp_path, BIND, "rwkv_lora_wkv7_cuda")

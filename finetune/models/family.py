@@ -79,8 +79,8 @@ class RNNState:
 
 
 def tall_weights_column_major_(model: nn.Module, *args: object) -> None:
-    """Store every tall Linear weight [out, in] (out > in: the head and ffn.key) column-major, strides (1, out), in a
-    model whose class sets `column_major_tall_weights`: the same tensor to every reader, but x @ weight.T then reads
+    """Store every tall Linear weight [out, in] (out > in: the head and ffn.key) column-major, strides (1, out): the
+    same tensor to every reader, but x @ weight.T then reads
     a contiguous [in, out] matrix, which one row of x multiplies ~35-45% faster (one thread: head 65536 x 768 ~9 ms
     instead of ~14, ffn.key 3072 x 768 0.57 ms instead of 0.74 when streamed from memory; square and wide matrices
     are as fast or faster row-major, so they stay). The `rwkv` package stores every matrix transposed for this
@@ -88,8 +88,6 @@ def tall_weights_column_major_(model: nn.Module, *args: object) -> None:
     post-hook (*args: module, incompatible keys), since loading assigns the file's row-major tensors, and called by
     `checkpoint.build_from_state_dict` after its tensor-by-tensor assignment. Plain floating-point weights of the
     model's own layers only (a quantized weight keeps the layout its kernels expect; LoRA factors are left alone)."""
-    if not getattr(model, "column_major_tall_weights", False):
-        return
     for name, m in model.named_modules():
         if "lora_" in name:  # peft's trainable factors keep the layout they were made with (resume is bit-exact)
             continue
@@ -102,20 +100,24 @@ def tall_weights_column_major_(model: nn.Module, *args: object) -> None:
 class RWKVModel(nn.Module):
     """What every family's model shares around its own `forward`: RNN steps, chunked prefill, dtype casting.
 
-    A subclass has `emb`, `blocks` (each `block(x, att_shift, wkv, ffn_shift)` -> the same four after the window),
-    `ln_out` and `head`, and defines `zero_state(batch, device)` -> the state before any token. `forward` below is
-    then its forward; a family whose blocks pass more along (RWKV-7's v_first) defines its own. Training, prefill
+    Every generation has the same outer layout, built here: `emb`, `blocks` (the family's `Block(config, i)`, each
+    `block(x, att_shift, wkv, ffn_shift)` -> the same four after the window), `ln_out` and `head`. `zero_state`
+    below is the matrix state of RWKV-5/6/7 (RWKV-4 defines its own). `forward` below is the forward of a family
+    whose blocks take and return just that; one whose blocks pass more along (RWKV-7's v_first) defines its own. Training, prefill
     and single-token generation all call that one forward (a block may take a fast path when T == 1).
     """
 
     fp32_params: tuple[str, ...] = ()
     """Name suffixes of parameters kept float32 by `cast` (decays and the like)."""
-    column_major_tall_weights: bool = False
-    """Whether the head and ffn.key are kept column-major in memory (`tall_weights_column_major_`); a subclass that
-    sets it calls `tall_weights_column_major_(self)` at the end of its __init__."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: Any, block: Callable[[Any, int], nn.Module]) -> None:
         super().__init__()
+        self.config = config
+        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(block(config, i) for i in range(config.n_layer))
+        self.ln_out = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        tall_weights_column_major_(self)  # head and ffn.key: faster one-token products
         self.gradient_checkpointing = False
         """Recompute each block in the backward pass instead of keeping its activations (training only)."""
         self.checkpoint_dtypes: dict[str, torch.dtype] = {}
@@ -126,7 +128,12 @@ class RWKVModel(nn.Module):
         self.register_load_state_dict_post_hook(tall_weights_column_major_)
 
     def zero_state(self, batch: int, device: torch.device | str) -> RNNState:
-        raise NotImplementedError
+        """All zeros (no token seen): att_shift [B, L, C], wkv [B, L, H, N, N] (rows = key index), ffn_shift
+        [B, L, C], float32."""
+        cfg = self.config
+        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
+        return RNNState(torch.zeros(batch, L, C, device=device), torch.zeros(batch, L, H, N, N, device=device),
+                        torch.zeros(batch, L, C, device=device))
 
     def forward(self, idx: torch.Tensor, state: RNNState | None = None,
                 return_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, RNNState]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from finetune.errors import FinetuneError
-from finetune.models.family import Family, RNNState, RWKVModel, tall_weights_column_major_
+from finetune.models.family import Family, RNNState, RWKVModel
 from finetune.ops.wkv4 import P_EMPTY, wkv, wkv_step
 
 # parameters that stay float32 whatever dtype the rest of the model is cast to: the decays feed exp(exp(.))
@@ -138,16 +138,9 @@ class Block(nn.Module):
 
 class RWKV(RWKVModel):
     fp32_params = FP32_PARAMS
-    column_major_tall_weights = True  # head and ffn.key: faster one-token products (see tall_weights_column_major_)
 
     def __init__(self, config: RWKVConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_out = nn.LayerNorm(config.n_embd)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        tall_weights_column_major_(self)
+        super().__init__(config, Block)
 
     def zero_state(self, batch: int, device: torch.device | str) -> RNNState:
         """Zeros, with the WKV running max p at -1e38."""

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
-from finetune.models.family import Family, RNNState, RWKVModel, tall_weights_column_major_
+from finetune.models.family import Family, RWKVModel
 from finetune.ops.wkv6 import wkv6
 
 # Kept float32 whatever dtype the rest of the model is cast to. time_decay enters exp(-exp(.)) and the decay is raised
@@ -183,23 +183,9 @@ class Block(nn.Module):
 
 class RWKV5(RWKVModel):
     fp32_params = FP32_PARAMS
-    column_major_tall_weights = True  # head and ffn.key: faster one-token products (see tall_weights_column_major_)
 
     def __init__(self, config: RWKV5Config) -> None:
-        super().__init__()
-        self.config = config
-        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_out = nn.LayerNorm(config.n_embd)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        tall_weights_column_major_(self)
-
-    def zero_state(self, batch: int, device: torch.device | str) -> RNNState:
-        """All zeros: no previous token, an empty WKV memory. wkv [B, L, H, N, N] rows = key index."""
-        cfg = self.config
-        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
-        return RNNState(torch.zeros(batch, L, C, device=device), torch.zeros(batch, L, H, N, N, device=device),
-                        torch.zeros(batch, L, C, device=device))
+        super().__init__(config, Block)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

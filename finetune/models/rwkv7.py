@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
-from finetune.models.family import Family, RNNState, RWKVModel, tall_weights_column_major_
+from finetune.models.family import Family, RNNState, RWKVModel
 from finetune.ops.wkv7 import wkv7
 
 # Kept float32 whatever the model is cast to. w0 is the decay's bias: the per-token log decay is
@@ -242,23 +242,9 @@ class Block(nn.Module):
 
 class RWKV7(RWKVModel):
     fp32_params = FP32_PARAMS
-    column_major_tall_weights = True
 
     def __init__(self, config: RWKV7Config) -> None:
-        super().__init__()
-        self.config = config
-        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_out = nn.LayerNorm(config.n_embd)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        tall_weights_column_major_(self)
-
-    def zero_state(self, batch: int, device: torch.device | str) -> RNNState:
-        """All zeros (no token seen): att_shift [B, L, C], wkv [B, L, H, N, N], ffn_shift [B, L, C], float32."""
-        cfg = self.config
-        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
-        return RNNState(torch.zeros(batch, L, C, device=device), torch.zeros(batch, L, H, N, N, device=device),
-                        torch.zeros(batch, L, C, device=device))
+        super().__init__(config, Block)
 
     def forward(self, idx: torch.Tensor, state: RNNState | None = None, return_state: bool = False):
         """idx [B, T] token ids -> logits [B, T, V] (float32 when the weights are).
