@@ -12,16 +12,35 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from finetune.models import RNNState, family_for
+from finetune.models.family import RWKVModel
+from finetune.ops.head_ce import head_cross_entropy
+
+
+def rwkv_core(model: nn.Module) -> RWKVModel:
+    """The RWKV model itself, inside whatever wraps it (a peft model, a Lightning module)."""
+    for m in model.modules():
+        if isinstance(m, RWKVModel):
+            return m
+    raise TypeError(f"{type(model).__name__} holds no RWKV model")
+
+
+def lm_totals(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
+              state: RNNState | None = None, return_state: bool = False):
+    """(sum of mask * next-token cross-entropy, sum of mask) of one window, in float32, plus the state after it when
+    `return_state`. The [B, T, V] logits are never held whole: the head is applied with the loss, a few rows at a
+    time (`finetune.ops.head_ce`)."""
+    out = model(input_ids, state, return_state=return_state, apply_head=False)
+    hidden, state = out if return_state else (out, None)
+    total, count = head_cross_entropy(hidden, rwkv_core(model).head, targets, loss_mask)
+    return (total, count, state) if return_state else (total, count)
 
 
 def _chunk_loss(model: nn.Module, input_ids, targets, loss_mask, state):
-    logits, state = model(input_ids, state, return_state=True)
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (ce * loss_mask.reshape(-1)).sum(), state
+    total, _, state = lm_totals(model, input_ids, targets, loss_mask, state, return_state=True)
+    return total, state
 
 
 def chunked_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
@@ -97,7 +116,8 @@ class StateTuned(nn.Module):
         self.model = model
         self.tune = tune
 
-    def forward(self, idx: torch.Tensor, state: RNNState | None = None, return_state: bool = False):
+    def forward(self, idx: torch.Tensor, state: RNNState | None = None, return_state: bool = False,
+                apply_head: bool = True):
         if state is None:
             state = self.tune.batch(idx.shape[0]).to(idx.device)
-        return self.model(idx, state, return_state=return_state)
+        return self.model(idx, state, return_state=return_state, apply_head=apply_head)

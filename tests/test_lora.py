@@ -248,15 +248,15 @@ def test_cli_reports_one_line(setup_dir, capsys):
 
 def test_nan_loss_stops_and_keeps_the_last_good_adapter(setup_dir, monkeypatch):
     tmp, ckpt, data, _ = setup_dir
-    real = train_loss.lm_loss
+    real = train_loss.window_totals
     calls = {"n": 0}
 
     def flaky(*args):
         calls["n"] += 1
-        loss = real(*args)
-        return loss * float("nan") if calls["n"] == 3 else loss
+        total, count = real(*args)
+        return (total * float("nan") if calls["n"] == 3 else total), count
 
-    monkeypatch.setattr(train_loss, "lm_loss", flaky)
+    monkeypatch.setattr(train_loss, "window_totals", flaky)
     with pytest.raises(FinetuneError, match=r"loss is nan at step 3.*step 2\) are in .*step-2"):
         main(config(tmp, ckpt, data), quiet=True)
     assert (tmp / "run" / "step-2" / "rwkv_lora.json").is_file()

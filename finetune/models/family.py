@@ -135,11 +135,13 @@ class RWKVModel(nn.Module):
         return RNNState(torch.zeros(batch, L, C, device=device), torch.zeros(batch, L, H, N, N, device=device),
                         torch.zeros(batch, L, C, device=device))
 
-    def forward(self, idx: torch.Tensor, state: RNNState | None = None,
-                return_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, RNNState]:
+    def forward(self, idx: torch.Tensor, state: RNNState | None = None, return_state: bool = False,
+                apply_head: bool = True) -> torch.Tensor | tuple[torch.Tensor, RNNState]:
         """idx [B, T] token ids -> logits [B, T, V] (and the state after the last token when `return_state`).
 
         With `state` (e.g. from a previous call) the sequence continues from it; gradients flow through it.
+        `apply_head=False` returns the final hidden states [B, T, C] (after ln_out) instead of the logits: the
+        training loss applies the head a few rows at a time (`finetune.ops.head_ce`).
         """
         if state is None:
             state = self.empty_state(idx.shape[0], idx.device)
@@ -148,10 +150,11 @@ class RWKVModel(nn.Module):
         for i, block in enumerate(self.blocks):
             x, *layer = self.run_block(block, x, *state.layer(i))
             layers.append(layer)
-        logits = self.head(self.ln_out(x))
+        x = self.ln_out(x)
+        out = self.head(x) if apply_head else x
         if return_state:
-            return logits, RNNState.stack(layers)
-        return logits
+            return out, RNNState.stack(layers)
+        return out
 
     def run_block(self, block: nn.Module, *args: Any) -> Any:
         """block(*args), recomputed in the backward pass instead of keeping its activations when gradient

@@ -6,19 +6,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from finetune.infctx import chunked_loss
+from finetune.infctx import chunked_loss, lm_totals
+from finetune.ops.head_ce import masked_ce
 from finetune.train.config import TrainConfig
 
 Batch = dict[str, torch.Tensor]  # input_ids, targets [B, T] int64; loss_mask [B, T] float32
-
-
-def masked_ce(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of mask * cross-entropy, sum of mask), in float32."""
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    m = loss_mask.reshape(-1).float()
-    return (ce * m).sum(), m.sum()
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -38,15 +31,13 @@ def window_totals(model: nn.Module, batch: Batch, cfg: TrainConfig) -> tuple[tor
         count = mask.float().sum()
         mean = chunked_loss(model, ids, targets, mask, cfg.chunk_len, checkpoint_chunks=torch.is_grad_enabled())
         return mean * count.clamp(min=1.0), count
-    return masked_ce(model(ids), targets, mask)
+    return lm_totals(model, ids, targets, mask)
 
 
 def batch_loss(model: nn.Module, batch: Batch, cfg: TrainConfig) -> torch.Tensor:
     """The training loss of a batch (what the optimizer minimises)."""
-    if uses_chunks(cfg, batch["input_ids"]):
-        total, count = window_totals(model, batch, cfg)
-        return total / count.clamp(min=1.0)
-    return lm_loss(model(batch["input_ids"]), batch["targets"], batch["loss_mask"])
+    total, count = window_totals(model, batch, cfg)
+    return total / count.clamp(min=1.0)
 
 
 def tensors_finite(tensors: list[torch.Tensor]) -> bool:

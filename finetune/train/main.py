@@ -39,6 +39,7 @@ from finetune.train.callbacks import ProgressBar, RunCallback
 from finetune.train.config import TrainConfig
 from finetune.train.distributed import env_rank_zero, lightning_strategy
 from finetune.train.loss import window_totals
+from finetune.train.memory import trim_between_blocks
 from finetune.train.layout import FINAL
 from finetune.train.module import LitRWKV
 from finetune.train.report import METRICS_CSV, MetricsLog, plot_losses, summary_line
@@ -175,6 +176,8 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
                        base_precision_dtype(cfg.precision), quant=cfg.base_quant)
     del sd
     base.gradient_checkpointing = cfg.grad_checkpoint
+    if cfg.trim_memory and not trim_between_blocks(base) and not quiet:
+        print("note: trim_memory: this C library has no malloc_trim (not glibc); ignored", file=sys.stderr)
     model, base, tune = _build_model(cfg, base)
     model.train()
     resume_step = 0

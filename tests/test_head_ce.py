@@ -1,0 +1,119 @@
+"""finetune/ops/head_ce.py: the head and the cross-entropy fused, a few rows at a time, against the plain
+F.cross_entropy on whole logits in float64."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from finetune.ops import head_ce
+from finetune.ops.head_ce import head_cross_entropy
+
+
+def plain(hidden, weight, targets, mask):
+    """The definition: whole logits, F.cross_entropy, weighted by the mask."""
+    logits = hidden @ weight.t()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (ce * mask.reshape(-1)).sum()
+
+
+def case(B=2, T=37, C=24, V=1000, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(B, T, C, generator=g) * 2).to(dtype)
+    weight = torch.randn(V, C, generator=g).to(dtype)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.3).float()
+    return hidden, weight, targets, mask
+
+
+def test_loss_and_gradients_equal_whole_logits_in_float64(monkeypatch):
+    """Several chunks (11 rows each, the last one short): loss, gradient of the hidden states and of a head trained
+    in full equal autograd through the whole logits to 1e-10."""
+    monkeypatch.setattr(head_ce, "CHUNK_BYTES", 4 * 1000 * 11)
+    assert head_ce.rows_per_chunk(1000) == 11
+    hidden, weight, targets, mask = case()
+    head = nn.Linear(24, 1000, bias=False).double()
+    head.weight.data.copy_(weight)
+    h1 = hidden.clone().requires_grad_()
+    total, count = head_cross_entropy(h1, head, targets, mask)
+    (total * 0.37).backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    expected = plain(h2, w2, targets, mask)
+    (expected * 0.37).backward()
+    assert count.item() == mask.sum().item()
+    assert total.dtype == torch.float64
+    torch.testing.assert_close(total, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(head.weight.grad, w2.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_head_fp32_matches_and_keeps_no_logits():
+    """fp32, frozen head (LoRA training): equal to the plain path; what is kept for the backward pass is the [N, C]
+    gradient, not [N, V] logits (counted with saved-tensor hooks)."""
+    hidden, weight, targets, mask = case(T=300, V=5000, dtype=torch.float32)
+    head = nn.Linear(24, 5000, bias=False)
+    head.weight.data.copy_(weight)
+    head.weight.requires_grad_(False)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    h1 = hidden.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        total, _ = head_cross_entropy(h1, head, targets, mask)
+    total.backward()
+    assert max(saved) <= hidden.numel() < 2 * 300 * 5000 / 100
+    h2 = hidden.clone().requires_grad_()
+    expected = plain(h2, weight, targets, mask)
+    expected.backward()
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-4, atol=1e-5)
+    assert head.weight.grad is None
+
+
+def test_all_masked_is_zero_not_nan_and_no_grad_works():
+    hidden, weight, targets, _ = case(dtype=torch.float32)
+    head = nn.Linear(24, 1000, bias=False)
+    head.weight.data.copy_(weight)
+    h = hidden.clone().requires_grad_()
+    total, count = head_cross_entropy(h, head, targets, torch.zeros(2, 37))
+    (total / count.clamp(min=1)).backward()
+    assert total.item() == 0.0 and count.item() == 0.0
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(head.weight.grad, torch.zeros_like(weight))
+    with torch.no_grad():
+        total, _ = head_cross_entropy(hidden, head, targets, torch.ones(2, 37))
+    torch.testing.assert_close(total, plain(hidden, weight, targets, torch.ones(2, 37)), rtol=1e-5, atol=1e-4)
+
+
+def test_a_head_that_is_not_plain_takes_the_plain_path():
+    """A head with a bias (or wrapped by LoRA) is called as a module: same loss, gradients reach its parameters."""
+    hidden, weight, targets, mask = case(dtype=torch.float32)
+    head = nn.Linear(24, 1000, bias=True)
+    assert not head_ce.fusable(head)
+    total, _ = head_cross_entropy(hidden, head, targets, mask)
+    total.backward()
+    logits = head(hidden)
+    ce = F.cross_entropy(logits.reshape(-1, 1000), targets.reshape(-1), reduction="none")
+    torch.testing.assert_close(total, (ce * mask.reshape(-1)).sum(), rtol=1e-5, atol=1e-4)
+    assert head.bias.grad is not None
+
+
+def test_bf16_autocast_close_to_the_plain_path():
+    """Under bf16 autocast (CPU) the head's product runs in bf16 as it does unfused: the two agree to bf16 rounding."""
+    hidden, weight, targets, mask = case(dtype=torch.float32)
+    head = nn.Linear(24, 1000, bias=False)
+    head.weight.data.copy_(weight)
+    head.weight.requires_grad_(False)
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, _ = head_cross_entropy(h1, head, targets, mask)
+        logits = head(h2)
+    unfused = F.cross_entropy(logits.float().reshape(-1, 1000), targets.reshape(-1), reduction="none")
+    unfused = (unfused * mask.reshape(-1)).sum()
+    fused.backward()
+    unfused.backward()
+    torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=2e-2, atol=2e-2)
