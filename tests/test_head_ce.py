@@ -117,3 +117,20 @@ def test_bf16_autocast_close_to_the_plain_path():
     unfused.backward()
     torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-2)
     torch.testing.assert_close(h1.grad, h2.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_outputs_finite_checks_every_logit(monkeypatch):
+    """One non-finite logit anywhere (a -inf at a row's non-target column included), in any chunk, is found."""
+    monkeypatch.setattr(head_ce, "CHUNK_BYTES", 4 * 1000 * 11)
+    hidden, weight, _, _ = case(dtype=torch.float32)
+    head = nn.Linear(24, 1000, bias=False)
+    head.weight.data.copy_(weight)
+    assert head_ce.head_outputs_finite(hidden, head)
+    for row, col, value in ((0, 0, float("nan")), (70, 999, -float("inf")), (73, 5, float("inf"))):
+        bad = head.weight.detach().clone()
+        bad[col] = 0.0
+        bad[col, 0] = 1.0
+        h = hidden.detach().clone().reshape(-1, 24)
+        h[row, 0] = value
+        head.weight.data.copy_(bad)
+        assert not head_ce.head_outputs_finite(h.reshape(2, 37, 24), head), (row, col)

@@ -94,3 +94,12 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Ten
     h = hidden.reshape(-1, hidden.shape[-1])  # (B*T, C)
     total = _HeadCrossEntropy.apply(h, head.weight, targets.reshape(-1), m, rows_per_chunk(head.weight.shape[0]))
     return total, m.sum()
+
+
+@torch.no_grad()
+def head_outputs_finite(hidden: torch.Tensor, head: nn.Module) -> bool:
+    """Whether every logit head(hidden) is finite, checked a chunk of rows at a time (hidden [..., C])."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    rows = rows_per_chunk(head.weight.shape[0])
+    flags = [torch.isfinite(head(h[s:s + rows])).all() for s in range(0, h.shape[0], rows)]
+    return bool(torch.stack(flags).all()) if flags else True

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from finetune.infctx import chunked_loss, lm_totals
-from finetune.ops.head_ce import masked_ce
+from finetune.infctx import chunked_loss, lm_totals, rwkv_core
+from finetune.ops.head_ce import head_outputs_finite, masked_ce
 from finetune.train.config import TrainConfig
 
 Batch = dict[str, torch.Tensor]  # input_ids, targets [B, T] int64; loss_mask [B, T] float32
@@ -58,6 +58,6 @@ def outputs_finite(model: nn.Module, batch: Batch, cfg: TrainConfig) -> bool:
         if uses_chunks(cfg, ids):
             total, _ = window_totals(model, dict(batch, loss_mask=torch.ones_like(batch["loss_mask"])), cfg)
             return bool(torch.isfinite(total))
-        return bool(torch.isfinite(model(ids)).all())
+        return head_outputs_finite(model(ids, apply_head=False), rwkv_core(model).head)
     finally:
         model.train(was)
