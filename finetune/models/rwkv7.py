@@ -95,20 +95,6 @@ class RWKV7Config:
         return self.n_embd // self.head_size
 
 
-def wkv7_one(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-             state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token of WKV-7 (the T == 1 fast path of generation): r, w, k, v, a, b [B, H, N], state [B, H, N, N]
-    fp32, or float64 in tests (row = value index). The same recurrence as `finetune.ops.wkv7` in two batched
-    matrix-vector products and two broadcast outer products, without the operator's per-call set-up. Returns (y [B, H, N] in the state's dtype, new state)."""
-    B, H, N = r.shape
-    col, row = (B, H, N, 1), (B, H, 1, N)  # a vector as a column or a row of each head's N x N matrix
-    r, w, k, v, a, b = (t if t.dtype == state.dtype else t.to(state.dtype) for t in (r, w, k, v, a, b))
-    sa = state @ a.view(col)  # (B, H, N, 1): S @ a, what the state currently stores along a
-    state = torch.addcmul(state * torch.exp(w).view(row), sa, b.view(row))  # outer products by broadcast
-    state = torch.addcmul(state, v.view(col), k.view(row))
-    return (state @ r.view(col)).view(B, H, N), state  # S @ r
-
-
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in dtype, without a dispatch when it already is (the one-token path counts its operations)."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -163,7 +149,7 @@ class TimeMix(nn.Module):
         Returns (out [B, T, C], v_first, new wkv state)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        heads = (B, H, N) if T == 1 else (B, T, H, N)  # how the WKV sees r, k, v, ... (one token: no time axis)
+        heads = (B, T, H, N)  # how the WKV sees r, k, v, ...
         prev = _as(shift, x.dtype).view(B, 1, C)
         if T > 1:
             prev = torch.cat([prev, x[:, :-1]], dim=1)  # (B, T, C): each position sees the token before it
@@ -187,8 +173,7 @@ class TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(heads), dim=-1, p=2.0)  # unit key per head
         k = k * (1 + (a - 1) * self.k_a)
         r, k, v, a = r.view(heads), k.view(heads), v.view(heads), a.view(heads)
-        op = wkv7_one if T == 1 else wkv7  # one-token step: skip the operator's set-up; the same recurrence
-        y, wkv_state = op(r, log_decay.view(heads), k, v, -kk, kk * a, wkv_state)
+        y, wkv_state = wkv7(r, log_decay.view(heads), k, v, -kk, kk * a, wkv_state)  # any T, one token included
 
         # GroupNorm over each head (in the model's dtype, as the `rwkv` package does), then the "bonus": the current
         # token's own value weighted by r.k per head (WKV-7 has no u term inside the recurrence)
@@ -250,7 +235,8 @@ class RWKV7(RWKVModel):
         """idx [B, T] token ids -> logits [B, T, V] (float32 when the weights are).
 
         With `state` (e.g. from a previous call) the sequence continues from it; gradients flow through it.
-        `return_state=True` returns (logits, new RNNState). T == 1 (generation) takes a fast path for the WKV.
+        `return_state=True` returns (logits, new RNNState). Without gradients (generation, prefill) the WKV runs
+        the compiled kernel without an autograd node (`finetune.ops.wkv7`).
         """
         B, T = idx.shape
         if state is None:
