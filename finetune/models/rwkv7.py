@@ -156,7 +156,8 @@ class TimeMix(nn.Module):
         mixes = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])  # (6, 1, 1, C)
         # from here on rows of (B*T, C): every projection and low-rank product is a plain 2-D matmul (on 3-D inputs
         # each matmul adds three reshaping ops, a third of all ops of a one-token step)
-        xr, xw, xk, xv, xa, xg = torch.addcmul(x, prev - x, mixes).view(6, B * T, C).unbind(0)  # x + xx * x_*
+        # x + xx * x_* for the six mixes at once, as one lerp (x + x_* * (prev - x): no separate subtraction)
+        xr, xw, xk, xv, xa, xg = torch.lerp(x, prev, _as(mixes, x.dtype)).view(6, B * T, C).unbind(0)
 
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         if k.dtype == torch.float16:  # fp16 cannot hold the L2 norm's eps (1e-12) nor the WKV's products
@@ -198,7 +199,7 @@ class ChannelMix(nn.Module):
         prev = _as(shift, x.dtype).view(B, 1, C)
         if T > 1:
             prev = torch.cat([prev, x[:, :-1]], dim=1)  # (B, T, C)
-        k = torch.relu(self.key(torch.addcmul(x, prev - x, self.x_k).view(B * T, C))) ** 2  # 2-D: see TimeMix
+        k = torch.relu(self.key(torch.lerp(x, prev, _as(self.x_k, x.dtype)).view(B * T, C))) ** 2  # 2-D: see TimeMix
         return self.value(k).view(B, T, C)
 
 
