@@ -93,8 +93,6 @@ class WKV7Kernel(torch.autograd.Function):
     def forward(ctx, ext, save, r, w, k, v, a, b, state):
         """save: whether a backward will follow (then the checkpoints are kept). Decided by the caller, from the
         grad mode outside this function: ctx.needs_input_grad says True under torch.no_grad() too."""
-        # one compute dtype for r, k, v, a, b (bf16 only when all five are bf16; fp32 otherwise, exact for bf16);
-        # w may stay fp32 beside bf16 inputs, so that a model keeping its decays in fp32 does not lose them
         ctx.dtypes = [x.dtype for x in (r, w, k, v, a, b)]
         xs = _kernel_inputs(r, w, k, v, a, b)
         y, state_out, ckpt, sa = ext.forward(*xs, state.float().contiguous(), save)
