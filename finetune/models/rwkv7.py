@@ -95,20 +95,6 @@ class RWKV7Config:
         return self.n_embd // self.head_size
 
 
-def wkv7_one(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-             state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token of WKV-7 (the T == 1 fast path of generation): r, w, k, v, a, b [B, H, N], state [B, H, N, N]
-    fp32, or float64 in tests (row = value index). The same recurrence as `finetune.ops.wkv7` in two batched
-    matrix-vector products and two broadcast outer products, without the operator's per-call set-up. Returns (y [B, H, N] in the state's dtype, new state)."""
-    B, H, N = r.shape
-    col, row = (B, H, N, 1), (B, H, 1, N)  # a vector as a column or a row of each head's N x N matrix
-    r, w, k, v, a, b = (t if t.dtype == state.dtype else t.to(state.dtype) for t in (r, w, k, v, a, b))
-    sa = state @ a.view(col)  # (B, H, N, 1): S @ a, what the state currently stores along a
-    state = torch.addcmul(state * torch.exp(w).view(row), sa, b.view(row))  # outer products by broadcast
-    state = torch.addcmul(state, v.view(col), k.view(row))
-    return (state @ r.view(col)).view(B, H, N), state  # S @ r
-
-
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in dtype, without a dispatch when it already is (the one-token path counts its operations)."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -163,14 +149,15 @@ class TimeMix(nn.Module):
         Returns (out [B, T, C], v_first, new wkv state)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        heads = (B, H, N) if T == 1 else (B, T, H, N)  # how the WKV sees r, k, v, ... (one token: no time axis)
+        heads = (B, T, H, N)  # how the WKV sees r, k, v, ...
         prev = _as(shift, x.dtype).view(B, 1, C)
         if T > 1:
             prev = torch.cat([prev, x[:, :-1]], dim=1)  # (B, T, C): each position sees the token before it
         mixes = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])  # (6, 1, 1, C)
         # from here on rows of (B*T, C): every projection and low-rank product is a plain 2-D matmul (on 3-D inputs
         # each matmul adds three reshaping ops, a third of all ops of a one-token step)
-        xr, xw, xk, xv, xa, xg = torch.addcmul(x, prev - x, mixes).view(6, B * T, C).unbind(0)  # x + xx * x_*
+        # x + xx * x_* for the six mixes at once, as one lerp (x + x_* * (prev - x): no separate subtraction)
+        xr, xw, xk, xv, xa, xg = torch.lerp(x, prev, _as(mixes, x.dtype)).view(6, B * T, C).unbind(0)
 
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         if k.dtype == torch.float16:  # fp16 cannot hold the L2 norm's eps (1e-12) nor the WKV's products
@@ -185,15 +172,14 @@ class TimeMix(nn.Module):
         g = torch.sigmoid(xg @ self.g1) @ self.g2
 
         kk = F.normalize((k * self.k_k).view(heads), dim=-1, p=2.0)  # unit key per head
-        k = k * (1 + (a - 1) * self.k_a)
+        k = torch.lerp(k, k * a, _as(self.k_a, k.dtype))  # k * (1 + (a - 1) * k_a), in two operations instead of four
         r, k, v, a = r.view(heads), k.view(heads), v.view(heads), a.view(heads)
-        op = wkv7_one if T == 1 else wkv7  # one-token step: skip the operator's set-up; the same recurrence
-        y, wkv_state = op(r, log_decay.view(heads), k, v, -kk, kk * a, wkv_state)
+        y, wkv_state = wkv7(r, log_decay.view(heads), k, v, -kk, kk * a, wkv_state)  # any T, one token included
 
         # GroupNorm over each head (in the model's dtype, as the `rwkv` package does), then the "bonus": the current
         # token's own value weighted by r.k per head (WKV-7 has no u term inside the recurrence)
         y = self.ln_x(_as(y.reshape(B * T, C), x.dtype)).view(heads)
-        y = y + (r * k * self.r_k).sum(dim=-1, keepdim=True) * v
+        y = torch.addcmul(y, (r * k * self.r_k).sum(dim=-1, keepdim=True), v)
         return self.output(_as(y.view(B * T, C) * g, x.dtype)).view(B, T, C), v_first, wkv_state
 
 
@@ -213,7 +199,7 @@ class ChannelMix(nn.Module):
         prev = _as(shift, x.dtype).view(B, 1, C)
         if T > 1:
             prev = torch.cat([prev, x[:, :-1]], dim=1)  # (B, T, C)
-        k = torch.relu(self.key(torch.addcmul(x, prev - x, self.x_k).view(B * T, C))) ** 2  # 2-D: see TimeMix
+        k = torch.relu(self.key(torch.lerp(x, prev, _as(self.x_k, x.dtype)).view(B * T, C))) ** 2  # 2-D: see TimeMix
         return self.value(k).view(B, T, C)
 
 
@@ -251,8 +237,9 @@ class RWKV7(RWKVModel):
         """idx [B, T] token ids -> logits [B, T, V] (float32 when the weights are).
 
         With `state` (e.g. from a previous call) the sequence continues from it; gradients flow through it.
-        `return_state=True` returns (logits, new RNNState). T == 1 (generation) takes a fast path for the WKV.
-        `apply_head=False` returns the hidden states after ln_out instead of the logits (see RWKVModel.forward).
+        `return_state=True` returns (logits, new RNNState). Without gradients (generation, prefill) the WKV runs
+        the compiled kernel without an autograd node (`finetune.ops.wkv7`). `apply_head=False` returns the hidden
+        states after ln_out instead of the logits (see RWKVModel.forward).
         """
         B, T = idx.shape
         if state is None:

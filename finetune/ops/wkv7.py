@@ -75,6 +75,17 @@ def kernel_for(device: torch.device):
                           cuda_sources=["wkv7_cuda_bind.cpp", "wkv7_cuda.cu"], device_type=device.type)
 
 
+def _kernel_inputs(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """r, w, k, v, a, b as the extensions take them: one compute dtype for r, k, v, a, b (bf16 only when all five
+    are bf16; fp32 otherwise, exact for bf16); w may stay fp32 beside bf16 inputs, so that a model keeping its decays
+    in fp32 does not lose them. Contiguous. Tensors already so are passed through (no dispatch: one-token steps
+    count their operations)."""
+    dtype = torch.bfloat16 if all(x.dtype == torch.bfloat16 for i, x in enumerate(xs) if i != 1) else torch.float32
+    wdtype = dtype if xs[1].dtype == dtype else torch.float32
+    return [x if x.dtype == (wdtype if i == 1 else dtype) and x.is_contiguous()
+            else x.to(wdtype if i == 1 else dtype).contiguous() for i, x in enumerate(xs)]
+
+
 class WKV7Kernel(torch.autograd.Function):
     """Autograd wrapper around a compiled extension; gradients for r, w, k, v, a, b and the incoming state."""
 
@@ -82,12 +93,8 @@ class WKV7Kernel(torch.autograd.Function):
     def forward(ctx, ext, save, r, w, k, v, a, b, state):
         """save: whether a backward will follow (then the checkpoints are kept). Decided by the caller, from the
         grad mode outside this function: ctx.needs_input_grad says True under torch.no_grad() too."""
-        # one compute dtype for r, k, v, a, b (bf16 only when all five are bf16; fp32 otherwise, exact for bf16);
-        # w may stay fp32 beside bf16 inputs, so that a model keeping its decays in fp32 does not lose them
-        dtype = torch.bfloat16 if all(x.dtype == torch.bfloat16 for x in (r, k, v, a, b)) else torch.float32
-        wdtype = dtype if w.dtype == dtype else torch.float32
         ctx.dtypes = [x.dtype for x in (r, w, k, v, a, b)]
-        xs = [x.to(wdtype if i == 1 else dtype).contiguous() for i, x in enumerate((r, w, k, v, a, b))]
+        xs = _kernel_inputs(r, w, k, v, a, b)
         y, state_out, ckpt, sa = ext.forward(*xs, state.float().contiguous(), save)
         ctx.ext = ext
         if save:
@@ -135,8 +142,13 @@ def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: 
         return wkv7_reference(r, w, k, v, a, b, state)
     if state is None:
         state = empty_wkv7_state(B, H, N, r.device)
-    save = torch.is_grad_enabled() and any(x.requires_grad for x in (*xs, state))
-    return WKV7Kernel.apply(ext, save, r, w, k, v, a, b, state)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (*xs, state)):
+        return WKV7Kernel.apply(ext, True, r, w, k, v, a, b, state)
+    # no backward can follow (generation, prefill, evaluation): the extension itself, without an autograd node or
+    # checkpoints; at one token per call the autograd wrapper would cost more than the step
+    y, state_out, _, _ = ext.forward(*_kernel_inputs(*xs), state if state.dtype == torch.float32 and
+                                     state.is_contiguous() else state.float().contiguous(), False)
+    return y, state_out
 
 
 def checkpoint_bytes(batch: int, seq_len: int, heads: int, head_size: int, interval: int) -> int:
