@@ -5,6 +5,7 @@ in alone (`attach_adapters`), never from the server itself."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import socket
 import subprocess
 import sys
@@ -350,3 +351,40 @@ def test_rwkv7_lora_and_state_adapters_served(tmp_path):
             got = c.completions.create(model=name, prompt=PROMPT, max_tokens=20, temperature=0).choices[0].text
             alone = attach_adapters(load_model(base, dtype="fp32"), [path])
             assert got == generate_text(alone, tok, PROMPT, max_tokens=20, temperature=0)[0], name
+
+
+def test_packed_linear_matches_f_linear_and_falls_back(monkeypatch):
+    """oneDNN's packed product equals F.linear to fp32 rounding at 1..16 rows and for [B, T, C] inputs, gives a row
+    the same bits at every batch size, and is not used for one row, other dtypes, quantized weights or without
+    oneDNN."""
+    from finetune.serve import engine as serve_engine
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(96, 320, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(320, 96, generator=g))
+        lin.bias.copy_(torch.randn(320, generator=g))
+    packed = serve_engine.PackedLinear(lin)
+    if not torch.backends.mkldnn.is_available():
+        assert packed.packed is None
+        return
+    assert packed.packed is not None and packed.weight is lin.weight
+    x = torch.randn(16, 96, generator=g)
+    with torch.inference_mode():
+        full = packed(x)
+        torch.testing.assert_close(full, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-4)
+        for b in range(2, 16):
+            assert torch.equal(packed(x[:b]), full[:b])
+        assert torch.equal(packed(x.view(2, 8, 96)), full.view(2, 8, 320))
+        assert torch.equal(packed(x[:1]), torch.nn.functional.linear(x[:1], lin.weight, lin.bias))  # one row: plain
+    assert serve_engine.pack_weight(lin.weight.to(torch.bfloat16)) is None
+    assert serve_engine.pack_weight(lin.weight.to(torch.float64)) is None
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8).to(torch.bfloat16))
+    assert serve_engine.pack_linears(model) == 8 * 8 * 4
+    assert type(model[0]) is serve_engine.PackedLinear and type(model[1]) is torch.nn.Linear
+    if importlib.util.find_spec("torchao") is not None:  # a quantized weight keeps its own kernels
+        from finetune.quant import quantize
+        assert serve_engine.pack_weight(quantize(lin.weight.detach(), "int8")) is None
+        assert serve_engine.pack_weight(quantize(torch.randn(128, 128, generator=g), "nf4")) is None
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert serve_engine.pack_weight(lin.weight) is None
