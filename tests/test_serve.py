@@ -26,7 +26,7 @@ from finetune.generate import generate_text
 from finetune.models import RNNState
 from finetune.serve.app import create_app
 from finetune.serve.config import ServeConfig
-from finetune.serve.engine import Engine
+from finetune.serve.engine import Engine, GenerationRequest
 from finetune.tokenizer import load_tokenizer
 from test_merge import make_adapter, make_char_tokenizer
 
@@ -351,6 +351,46 @@ def test_rwkv7_lora_and_state_adapters_served(tmp_path):
             got = c.completions.create(model=name, prompt=PROMPT, max_tokens=20, temperature=0).choices[0].text
             alone = attach_adapters(load_model(base, dtype="fp32"), [path])
             assert got == generate_text(alone, tok, PROMPT, max_tokens=20, temperature=0)[0], name
+
+
+def test_prompts_admitted_together_are_prefilled_together(env):
+    """Streams admitted in one go whose prompts have the same length (over 3 adapters and the base) go through one
+    prefill forward, and each still gets exactly the greedy text of its adapter alone; a longer prompt in the same
+    admission is prefilled on its own."""
+    config = ServeConfig(**{**env["config"].__dict__, "adapters_dir": None, "allow_upload": False,
+                            "state_cache_bytes": 0})
+    engine = Engine(config)
+    calls = []
+    prefill = engine.model.prefill
+    engine.model.prefill = lambda tokens, *a, **k: calls.append(tuple(tokens.shape)) or prefill(tokens, *a, **k)
+    try:
+        jobs = [(name, f"{PROMPT} {i}") for i, name in enumerate(["a1", "a2", "a3", "tiny"])]
+        jobs.append(("a2", PROMPT + " and the crow"))
+        done = threading.Semaphore(0)
+        texts = {i: [] for i in range(len(jobs))}
+
+        def on_event(i):
+            def f(event):
+                if event.kind == "text":
+                    texts[i].append(event.text)
+                elif event.kind in ("done", "error"):
+                    assert event.kind == "done", event.text
+                    done.release()
+            return f
+
+        with engine._lock:  # the worker admits all of them in one loop
+            for i, (name, prompt) in enumerate(jobs):
+                engine.submit(GenerationRequest(name, env["tok"].encode(prompt), 12, temperature=0.0), on_event(i))
+            while engine._waiting.qsize() < len(jobs):
+                time.sleep(0.01)
+        for _ in jobs:
+            assert done.acquire(timeout=60)
+        n = len(env["tok"].encode(f"{PROMPT} 0"))
+        assert sorted(calls) == sorted([(4, n), (1, len(env["tok"].encode(jobs[-1][1])))])
+        for i, (name, prompt) in enumerate(jobs):
+            assert "".join(texts[i]) == expected(env, name if name != "tiny" else None, prompt, 12), (i, name)
+    finally:
+        engine.close()
 
 
 def test_packed_linear_matches_f_linear_and_falls_back(monkeypatch):

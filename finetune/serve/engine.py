@@ -6,11 +6,11 @@
   per-row mask. Nothing is merged and the base exists once in memory (plus, on CPUs, the packed copy below).
 - `PackedLinear`: an fp32 base on a CPU multiplies batches of rows with oneDNN-prepacked copies of its linear
   weights (~1.5x faster decode steps at 8 rows on the AVX2 machine measured; one row keeps the plain weight).
-- A single worker thread owns the model. Each loop it admits waiting requests (their prompts are prefilled one at a
-  time, on their own row, with their adapter active, from the longest cached prefix), samples one token per active
-  row (ChatRWKV's sampling and penalties from `finetune.generate`, a torch.Generator per request), turns tokens into
-  text with `generate.TextStream` (stop strings, UTF-8), drops finished or cancelled rows, and runs ONE
-  `model.step` for all the rows left.
+- A single worker thread owns the model. Each loop it admits waiting requests (their prompts are prefilled from the
+  longest cached prefix, each row with its adapter active; prompts admitted together with as many tokens left go
+  through one forward), samples one token per active row (ChatRWKV's sampling and penalties from
+  `finetune.generate`, a torch.Generator per request), turns tokens into text with `generate.TextStream` (stop
+  strings, UTF-8), drops finished or cancelled rows, and runs ONE `model.step` for all the rows left.
 - `StateCache` keeps the RNN state (and last logits) after each prompt and after each chat reply, keyed by (adapter,
   token ids), bounded in bytes, least recently used first out; a request prefills only what follows its longest
   cached prefix.
@@ -79,6 +79,8 @@ class LoRARouting:
 
 PACK_ROWS = 8
 """The batch size oneDNN lays the packed weights out for (`pack_weight`)."""
+PREFILL_ROWS = 1024
+"""Prompt tokens (rows x tokens) per forward when prompts are prefilled together: `model.prefill`'s chunk for one."""
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
@@ -540,34 +542,63 @@ class Engine:
         except Exception:  # the submitter is gone (its event loop closed): treat it as a cancellation
             stream.cancel()
 
-    def _prefill(self, served: ServedAdapter, ids: list[int], state: RNNState | None):
-        if state is None:
-            state = served.start_state.expand(1).clone() if served.start_state is not None \
-                else self.model.zero_state(1, self.device)
-        self.routing.set([served.slot])
-        try:
-            logits, state = self.model.prefill(torch.tensor(ids, device=self.device), state)
+    def _prefill(self, served: Sequence[ServedAdapter], ids: Sequence[list[int]],
+                 states: Sequence[RNNState | None]) -> tuple[torch.Tensor, RNNState]:
+        """Prompts of equal length, row i continuing states[i] (None: its adapter's start state) with adapter
+        served[i], through the model together -> (logits of each row's last token [n, V] float32, states [n])."""
+        rows = [s if s is not None else a.start_state.expand(1).clone() if a.start_state is not None
+                else self.model.zero_state(1, self.device) for a, s in zip(served, states)]
+        self.routing.set([a.slot for a in served])
+        try:  # chunks of PREFILL_ROWS rows in all: the logits of a chunk take no more memory than one prompt's
+            logits, state = self.model.prefill(torch.tensor(ids, device=self.device), RNNState.cat(rows),
+                                               chunk_len=max(1, PREFILL_ROWS // len(rows)))
         finally:
             self.routing.clear()
-        return logits[0].float(), state
+        return logits.float(), state
 
     def _admit(self) -> None:
-        while len(self._rows) < self.config.max_batch:
+        """Take waiting streams into the batch; the prompts of the streams admitted together that have the same
+        number of tokens left to prefill (after the state cache) are prefilled together, one forward for all."""
+        admitted: list[tuple[Stream, ServedAdapter, int, RNNState | None, torch.Tensor | None]] = []
+        while len(self._rows) + len(admitted) < self.config.max_batch:
             try:
                 stream = self._waiting.get_nowait()
             except queue.Empty:
-                return
+                break
             if stream.cancelled:
                 self.counters["cancelled"] += 1
                 continue
+            try:
+                served = self.resolve(stream.request.model)
+            except Exception as e:
+                self._fail(stream, e)
+                continue
+            admitted.append((stream, served, *self.cache.longest(served.name, stream.request.prompt_ids)))
+        by_length: dict[int, list[int]] = {}
+        for i, (stream, _, n, _, _) in enumerate(admitted):
+            left = len(stream.request.prompt_ids) - n
+            if left:
+                by_length.setdefault(left, []).append(i)
+        prefilled: dict[int, tuple[RNNState, torch.Tensor] | Exception] = {}
+        for group in by_length.values():
+            try:
+                logits, state = self._prefill([admitted[i][1] for i in group],
+                                              [admitted[i][0].request.prompt_ids[admitted[i][2]:] for i in group],
+                                              [admitted[i][3] for i in group])
+            except Exception as e:
+                prefilled.update((i, e) for i in group)
+                continue
+            for j, i in enumerate(group):
+                prefilled[i] = (state.rows(slice(j, j + 1)), logits[j])
+        for i, (stream, served, n, state, logits) in enumerate(admitted):
             req = stream.request
             try:
-                served = self.resolve(req.model)
+                if i in prefilled:
+                    if isinstance(prefilled[i], Exception):
+                        raise prefilled[i]
+                    state, logits = prefilled[i]
+                    self.cache.put(served.name, req.prompt_ids, state, logits)
                 ids = req.prompt_ids
-                n, state, logits = self.cache.longest(served.name, ids)
-                if n < len(ids):
-                    logits, state = self._prefill(served, ids[n:], state)
-                    self.cache.put(served.name, ids, state, logits)
                 usage = Usage(prompt_tokens=len(ids), cached_tokens=n, prefilled_tokens=len(ids) - n)
                 for k in ("prompt_tokens", "cached_tokens", "prefilled_tokens"):
                     self.counters[k] += getattr(usage, k)
@@ -576,12 +607,15 @@ class Engine:
                            Penalties(req.presence_penalty, req.frequency_penalty, tokenizer=served.tokenizer),
                            gen, logits, usage, state=state)
             except Exception as e:
-                self.counters["errors"] += 1
-                self._emit(stream, Event("error", first_line(e) if isinstance(e, FinetuneError)
-                                         else f"generation failed: {first_line(e)}"))
+                self._fail(stream, e)
                 continue
             row.prompt_state = state if req.reply_suffix is not None else None
             self._rows.append(row)
+
+    def _fail(self, stream: Stream, e: Exception) -> None:
+        self.counters["errors"] += 1
+        self._emit(stream, Event("error", first_line(e) if isinstance(e, FinetuneError)
+                                 else f"generation failed: {first_line(e)}"))
 
     def _finish(self, row: _Row, reason: str) -> None:
         rest = row.text.flush()
@@ -599,8 +633,8 @@ class Engine:
         suffix = row.served.tokenizer.encode(req.reply_suffix(row.text.text))
         if not suffix:
             return
-        logits, state = self._prefill(row.served, suffix, row.prompt_state)
-        self.cache.put(row.served.name, list(req.prompt_ids) + suffix, state, logits)
+        logits, state = self._prefill([row.served], [suffix], [row.prompt_state])
+        self.cache.put(row.served.name, list(req.prompt_ids) + suffix, state, logits[0])
 
     def _decode_once(self) -> None:
         """Sample one token for every row, retire finished rows, step the rest together."""
