@@ -428,3 +428,19 @@ def test_packed_linear_matches_f_linear_and_falls_back(monkeypatch):
         assert serve_engine.pack_weight(quantize(torch.randn(128, 128, generator=g), "nf4")) is None
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert serve_engine.pack_weight(lin.weight) is None
+
+
+def test_routing_keeps_its_version_across_steps_with_the_same_rows():
+    """The per-batch LoRA factors are rebuilt when the rows' adapters change, not at every decode step (the engine
+    clears the routing after each step)."""
+    from finetune.serve.engine import LoRARouting
+
+    routing = LoRARouting()
+    routing.set([1, 2, 0])
+    version = routing.version
+    routing.clear()
+    routing.set([1, 2, 0])
+    assert routing.version == version and routing.slots == [1, 2, 0] and routing.uniform is None
+    routing.clear()
+    routing.set([1, 2])
+    assert routing.version == version + 1

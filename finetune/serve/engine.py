@@ -65,11 +65,14 @@ class LoRARouting:
         """The slot when every row uses the same one (two thin matmuls, as `LoRALinear`)."""
         self.version = 0
         """Bumped when the rows' slots change: layers rebuild their per-batch factors only then."""
+        self._last: list[int] | None = None
+        """The slots `version` stands for (kept across `clear`: the next decode step usually has the same rows)."""
 
     def set(self, slots: Sequence[int]) -> None:
         slots = list(slots)
-        if slots != self.slots:
+        if slots != self._last:
             self.version += 1
+            self._last = slots
         self.slots = slots
         self.uniform = slots[0] if all(s == slots[0] for s in slots) else None
 
