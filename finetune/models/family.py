@@ -135,11 +135,13 @@ class RWKVModel(nn.Module):
         return RNNState(torch.zeros(batch, L, C, device=device), torch.zeros(batch, L, H, N, N, device=device),
                         torch.zeros(batch, L, C, device=device))
 
-    def forward(self, idx: torch.Tensor, state: RNNState | None = None,
-                return_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, RNNState]:
+    def forward(self, idx: torch.Tensor, state: RNNState | None = None, return_state: bool = False,
+                last_only: bool = False) -> torch.Tensor | tuple[torch.Tensor, RNNState]:
         """idx [B, T] token ids -> logits [B, T, V] (and the state after the last token when `return_state`).
 
         With `state` (e.g. from a previous call) the sequence continues from it; gradients flow through it.
+        `last_only`: the logits of the last position only, [B, 1, V] (a prompt's prefill: the head is the largest
+        matrix, and T - 1 rows of its product would be thrown away).
         """
         if state is None:
             state = self.empty_state(idx.shape[0], idx.device)
@@ -148,7 +150,7 @@ class RWKVModel(nn.Module):
         for i, block in enumerate(self.blocks):
             x, *layer = self.run_block(block, x, *state.layer(i))
             layers.append(layer)
-        logits = self.head(self.ln_out(x))
+        logits = self.head(self.ln_out(x[:, -1:] if last_only else x))
         if return_state:
             return logits, RNNState.stack(layers)
         return logits
@@ -185,7 +187,7 @@ class RWKVModel(nn.Module):
             raise ValueError("prefill needs at least one token")
         logits = None
         for start in range(0, tokens.shape[1], chunk_len):
-            logits, state = self.forward(tokens[:, start:start + chunk_len], state, return_state=True)
+            logits, state = self.forward(tokens[:, start:start + chunk_len], state, return_state=True, last_only=True)
         return logits[:, -1], state
 
     def cast(self, dtype: torch.dtype) -> "RWKVModel":

@@ -246,11 +246,13 @@ class RWKV7(RWKVModel):
     def __init__(self, config: RWKV7Config) -> None:
         super().__init__(config, Block)
 
-    def forward(self, idx: torch.Tensor, state: RNNState | None = None, return_state: bool = False):
+    def forward(self, idx: torch.Tensor, state: RNNState | None = None, return_state: bool = False,
+                last_only: bool = False):
         """idx [B, T] token ids -> logits [B, T, V] (float32 when the weights are).
 
         With `state` (e.g. from a previous call) the sequence continues from it; gradients flow through it.
         `return_state=True` returns (logits, new RNNState). T == 1 (generation) takes a fast path for the WKV.
+        `last_only`: the logits of the last position only, [B, 1, V] (a prompt's prefill).
         """
         B, T = idx.shape
         if state is None:
@@ -262,7 +264,7 @@ class RWKV7(RWKVModel):
         for block, (att_shift, wkv_state, ffn_shift) in zip(self.blocks, per_layer):
             x, v_first, *new = self.run_block(block, x, v_first, att_shift, wkv_state, ffn_shift)
             layers.append(tuple(new))
-        logits = self.head(self.ln_out(x))
+        logits = self.head(self.ln_out(x[:, -1:] if last_only else x))
         if return_state:
             # float32 state whatever the weights' dtype (float64 stays float64: the tests' exact runs)
             return logits, RNNState(*(torch.stack([_at_least_fp32(t[j]) for t in layers], dim=1) for j in range(3)))
