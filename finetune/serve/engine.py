@@ -109,7 +109,8 @@ class PackedLinear(nn.Linear):
 
     Memory: the packed copy is held next to the plain weight (the state dict, adapters' shape checks and one-row
     products use it), so every packed matrix is in memory twice: for the 12 x 768 RWKV-4 with vocab 65536, +569 MB
-    on 771 MB of parameters (`Engine.packed_bytes`). Packing only (one copy) would make one stream's steps ~15% slower (measured 37 -> 43 ms)."""
+    on 771 MB of parameters (`Engine.packed_bytes`). Packing only (one copy) would make one stream's steps ~15%
+    slower (measured 37 -> 43 ms)."""
 
     def __init__(self, base: nn.Linear, packed: torch.Tensor | None = None) -> None:
         nn.Module.__init__(self)
@@ -552,7 +553,7 @@ class Engine:
         rows = [s if s is not None else a.start_state.expand(1).clone() if a.start_state is not None
                 else self.model.zero_state(1, self.device) for a, s in zip(served, states)]
         self.routing.set([a.slot for a in served])
-        try:  # chunks of PREFILL_ROWS rows in all: the logits of a chunk take no more memory than one prompt's
+        try:  # chunks of PREFILL_ROWS rows in all: a chunk's activations take no more memory than one prompt's
             logits, state = self.model.prefill(torch.tensor(ids, device=self.device), RNNState.cat(rows),
                                                chunk_len=max(1, PREFILL_ROWS // len(rows)))
         finally:
