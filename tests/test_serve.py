@@ -444,3 +444,35 @@ def test_routing_keeps_its_version_across_steps_with_the_same_rows():
     routing.clear()
     routing.set([1, 2])
     assert routing.version == version + 1
+
+
+@pytest.mark.parametrize("family", ["4", "5", "6", "7"])
+def test_packed_base_steps_like_the_plain_one(tmp_path, family):
+    """Every family the engine serves: all its linear layers (head included) get packed, and a 3-row step (and a
+    prefill, RWKV-4/5/6) gives the unpacked model's logits and state to fp32 rounding."""
+    from rwkv56_checkpoints import random_rwkv5_state_dict, random_rwkv6_state_dict
+    from rwkv7_helpers import random_rwkv7_state_dict
+    from finetune.serve.engine import PackedLinear, pack_linears
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch")
+    V = 97
+    sd = {"4": lambda: random_rwkv4_state_dict(2, 64, V, seed=1),
+          "5": lambda: random_rwkv5_state_dict(2, 64, V, head_size=16, seed=1),
+          "6": lambda: random_rwkv6_state_dict(2, 64, V, head_size=16, seed=1),
+          "7": lambda: random_rwkv7_state_dict(2, 64, V, head_size=16, seed=1)}[family]()
+    base = write_checkpoint(tmp_path / "m.pth", sd)
+    plain, packed = load_model(base, dtype="fp32"), load_model(base, dtype="fp32")
+    linears = [name for name, m in plain.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert pack_linears(packed) == sum(plain.get_submodule(n).weight.numel() * 4 for n in linears)
+    assert all(type(packed.get_submodule(n)) is PackedLinear for n in linears) and "head" in linears
+    g = torch.Generator().manual_seed(0)
+    state = plain.zero_state(3, "cpu")
+    tokens = torch.randint(1, V, (3,), generator=g)
+    runs = [("step", tokens)] + ([("prefill", torch.randint(1, V, (3, 5), generator=g))] if family != "7" else [])
+    for method, ids in runs:
+        want, want_state = getattr(plain, method)(ids, state)
+        got, got_state = getattr(packed, method)(ids, state)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        for f in RNNState.FIELDS:
+            torch.testing.assert_close(getattr(got_state, f), getattr(want_state, f), rtol=1e-5, atol=1e-4)
