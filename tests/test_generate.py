@@ -15,6 +15,7 @@ import torch
 
 from conftest import random_rwkv4_state_dict, write_checkpoint
 from finetune import cli
+from finetune.errors import FinetuneError
 from finetune.generate import Penalties, generate_text, generate_tokens, sample_logits, sampling_probs
 from finetune.merge import merge_adapters
 from finetune import load_model
@@ -84,6 +85,19 @@ def test_sampling():
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     assert [sample_logits(logits, 2.0, generator=g1) for _ in range(20)] == \
            [sample_logits(logits, 2.0, generator=g2) for _ in range(20)]
+
+
+@pytest.mark.parametrize("values, want", [
+    ([0.0, float("inf"), 1.0], 1), ([float("-inf"), 2.0, float("-inf")], 1), ([float("nan"), 1.0], None),
+    ([float("inf"), float("nan")], None), ([float("-inf")] * 3, None), ([float("inf")] * 2, None),
+    ([float("inf"), float("-inf")], None)])
+def test_sampling_refuses_nan_or_no_finite_logits(values, want):
+    """A NaN anywhere, or not one finite logit, is a broken model (one line); +-inf among finite ones is fine."""
+    if want is None:
+        with pytest.raises(FinetuneError, match="NaN"):
+            sample_logits(torch.tensor(values), temperature=0)
+    else:
+        assert sample_logits(torch.tensor(values), temperature=0) == want
 
 
 def test_presence_penalty_and_seed(env):

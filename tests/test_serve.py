@@ -5,6 +5,7 @@ in alone (`attach_adapters`), never from the server itself."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from finetune.generate import generate_text
 from finetune.models import RNNState
 from finetune.serve.app import create_app
 from finetune.serve.config import ServeConfig
-from finetune.serve.engine import Engine
+from finetune.serve.engine import Engine, GenerationRequest
 from finetune.tokenizer import load_tokenizer
 from test_merge import make_adapter, make_char_tokenizer
 
@@ -350,3 +351,128 @@ def test_rwkv7_lora_and_state_adapters_served(tmp_path):
             got = c.completions.create(model=name, prompt=PROMPT, max_tokens=20, temperature=0).choices[0].text
             alone = attach_adapters(load_model(base, dtype="fp32"), [path])
             assert got == generate_text(alone, tok, PROMPT, max_tokens=20, temperature=0)[0], name
+
+
+def test_prompts_admitted_together_are_prefilled_together(env):
+    """Streams admitted in one go whose prompts have the same length (over 3 adapters and the base) go through one
+    prefill forward, and each still gets exactly the greedy text of its adapter alone; a longer prompt in the same
+    admission is prefilled on its own."""
+    config = ServeConfig(**{**env["config"].__dict__, "adapters_dir": None, "allow_upload": False,
+                            "state_cache_bytes": 0})
+    engine = Engine(config)
+    calls = []
+    prefill = engine.model.prefill
+    engine.model.prefill = lambda tokens, *a, **k: calls.append(tuple(tokens.shape)) or prefill(tokens, *a, **k)
+    try:
+        jobs = [(name, f"{PROMPT} {i}") for i, name in enumerate(["a1", "a2", "a3", "tiny"])]
+        jobs.append(("a2", PROMPT + " and the crow"))
+        done = threading.Semaphore(0)
+        texts = {i: [] for i in range(len(jobs))}
+
+        def on_event(i):
+            def f(event):
+                if event.kind == "text":
+                    texts[i].append(event.text)
+                elif event.kind in ("done", "error"):
+                    assert event.kind == "done", event.text
+                    done.release()
+            return f
+
+        with engine._lock:  # the worker admits all of them in one loop
+            for i, (name, prompt) in enumerate(jobs):
+                engine.submit(GenerationRequest(name, env["tok"].encode(prompt), 12, temperature=0.0), on_event(i))
+            while engine._waiting.qsize() < len(jobs):
+                time.sleep(0.01)
+        for _ in jobs:
+            assert done.acquire(timeout=60)
+        n = len(env["tok"].encode(f"{PROMPT} 0"))
+        assert sorted(calls) == sorted([(4, n), (1, len(env["tok"].encode(jobs[-1][1])))])
+        for i, (name, prompt) in enumerate(jobs):
+            assert "".join(texts[i]) == expected(env, name if name != "tiny" else None, prompt, 12), (i, name)
+    finally:
+        engine.close()
+
+
+def test_packed_linear_matches_f_linear_and_falls_back(monkeypatch):
+    """oneDNN's packed product equals F.linear to fp32 rounding at 1..16 rows and for [B, T, C] inputs, gives a row
+    the same bits at every batch size, and is not used for one row, other dtypes, quantized weights or without
+    oneDNN."""
+    from finetune.serve import engine as serve_engine
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(96, 320, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(320, 96, generator=g))
+        lin.bias.copy_(torch.randn(320, generator=g))
+    packed = serve_engine.PackedLinear(lin)
+    if not torch.backends.mkldnn.is_available():
+        assert packed.packed is None
+        return
+    assert packed.packed is not None and packed.weight is lin.weight
+    x = torch.randn(16, 96, generator=g)
+    with torch.inference_mode():
+        full = packed(x)
+        torch.testing.assert_close(full, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-4)
+        for b in range(2, 16):
+            assert torch.equal(packed(x[:b]), full[:b])
+        assert torch.equal(packed(x.view(2, 8, 96)), full.view(2, 8, 320))
+        assert torch.equal(packed(x[:1]), torch.nn.functional.linear(x[:1], lin.weight, lin.bias))  # one row: plain
+    assert serve_engine.pack_weight(lin.weight.to(torch.bfloat16)) is None
+    assert serve_engine.pack_weight(lin.weight.to(torch.float64)) is None
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8).to(torch.bfloat16))
+    assert serve_engine.pack_linears(model) == 8 * 8 * 4
+    assert type(model[0]) is serve_engine.PackedLinear and type(model[1]) is torch.nn.Linear
+    if importlib.util.find_spec("torchao") is not None:  # a quantized weight keeps its own kernels
+        from finetune.quant import quantize
+        assert serve_engine.pack_weight(quantize(lin.weight.detach(), "int8")) is None
+        assert serve_engine.pack_weight(quantize(torch.randn(128, 128, generator=g), "nf4")) is None
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert serve_engine.pack_weight(lin.weight) is None
+
+
+def test_routing_keeps_its_version_across_steps_with_the_same_rows():
+    """The per-batch LoRA factors are rebuilt when the rows' adapters change, not at every decode step (the engine
+    clears the routing after each step)."""
+    from finetune.serve.engine import LoRARouting
+
+    routing = LoRARouting()
+    routing.set([1, 2, 0])
+    version = routing.version
+    routing.clear()
+    routing.set([1, 2, 0])
+    assert routing.version == version and routing.slots == [1, 2, 0] and routing.uniform is None
+    routing.clear()
+    routing.set([1, 2])
+    assert routing.version == version + 1
+
+
+@pytest.mark.parametrize("family", ["4", "5", "6", "7"])
+def test_packed_base_steps_like_the_plain_one(tmp_path, family):
+    """Every family the engine serves: all its linear layers (head included) get packed, and a 3-row step (and a
+    prefill, RWKV-4/5/6) gives the unpacked model's logits and state to fp32 rounding."""
+    from rwkv56_checkpoints import random_rwkv5_state_dict, random_rwkv6_state_dict
+    from rwkv7_helpers import random_rwkv7_state_dict
+    from finetune.serve.engine import PackedLinear, pack_linears
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch")
+    V = 97
+    sd = {"4": lambda: random_rwkv4_state_dict(2, 64, V, seed=1),
+          "5": lambda: random_rwkv5_state_dict(2, 64, V, head_size=16, seed=1),
+          "6": lambda: random_rwkv6_state_dict(2, 64, V, head_size=16, seed=1),
+          "7": lambda: random_rwkv7_state_dict(2, 64, V, head_size=16, seed=1)}[family]()
+    base = write_checkpoint(tmp_path / "m.pth", sd)
+    plain, packed = load_model(base, dtype="fp32"), load_model(base, dtype="fp32")
+    linears = [name for name, m in plain.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert pack_linears(packed) == sum(plain.get_submodule(n).weight.numel() * 4 for n in linears)
+    assert all(type(packed.get_submodule(n)) is PackedLinear for n in linears) and "head" in linears
+    g = torch.Generator().manual_seed(0)
+    state = plain.zero_state(3, "cpu")
+    tokens = torch.randint(1, V, (3,), generator=g)
+    runs = [("step", tokens)] + ([("prefill", torch.randint(1, V, (3, 5), generator=g))] if family != "7" else [])
+    for method, ids in runs:
+        want, want_state = getattr(plain, method)(ids, state)
+        got, got_state = getattr(packed, method)(ids, state)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        for f in RNNState.FIELDS:
+            torch.testing.assert_close(getattr(got_state, f), getattr(want_state, f), rtol=1e-5, atol=1e-4)

@@ -136,12 +136,14 @@ class RWKVModel(nn.Module):
                         torch.zeros(batch, L, C, device=device))
 
     def forward(self, idx: torch.Tensor, state: RNNState | None = None, return_state: bool = False,
-                apply_head: bool = True) -> torch.Tensor | tuple[torch.Tensor, RNNState]:
+                apply_head: bool = True, last_only: bool = False) -> torch.Tensor | tuple[torch.Tensor, RNNState]:
         """idx [B, T] token ids -> logits [B, T, V] (and the state after the last token when `return_state`).
 
         With `state` (e.g. from a previous call) the sequence continues from it; gradients flow through it.
-        `apply_head=False` returns the final hidden states [B, T, C] (after ln_out) instead of the logits: the
-        training loss applies the head a few rows at a time (`finetune.ops.head_ce`).
+        `last_only`: the logits of the last position only, [B, 1, V] (a prompt's prefill: the head is the largest
+        matrix, and T - 1 rows of its product would be thrown away). `apply_head=False` returns the final hidden
+        states [B, T, C] (after ln_out) instead of the logits: the training loss applies the head a few rows at a
+        time (`finetune.ops.head_ce`).
         """
         if state is None:
             state = self.empty_state(idx.shape[0], idx.device)
@@ -150,7 +152,7 @@ class RWKVModel(nn.Module):
         for i, block in enumerate(self.blocks):
             x, *layer = self.run_block(block, x, *state.layer(i))
             layers.append(layer)
-        x = self.ln_out(x)
+        x = self.ln_out(x[:, -1:] if last_only else x)
         out = self.head(x) if apply_head else x
         if return_state:
             return out, RNNState.stack(layers)
@@ -188,7 +190,7 @@ class RWKVModel(nn.Module):
             raise ValueError("prefill needs at least one token")
         logits = None
         for start in range(0, tokens.shape[1], chunk_len):
-            logits, state = self.forward(tokens[:, start:start + chunk_len], state, return_state=True)
+            logits, state = self.forward(tokens[:, start:start + chunk_len], state, return_state=True, last_only=True)
         return logits[:, -1], state
 
     def cast(self, dtype: torch.dtype) -> "RWKVModel":

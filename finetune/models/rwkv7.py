@@ -233,13 +233,13 @@ class RWKV7(RWKVModel):
         super().__init__(config, Block)
 
     def forward(self, idx: torch.Tensor, state: RNNState | None = None, return_state: bool = False,
-                apply_head: bool = True):
+                apply_head: bool = True, last_only: bool = False):
         """idx [B, T] token ids -> logits [B, T, V] (float32 when the weights are).
 
         With `state` (e.g. from a previous call) the sequence continues from it; gradients flow through it.
         `return_state=True` returns (logits, new RNNState). Without gradients (generation, prefill) the WKV runs
-        the compiled kernel without an autograd node (`finetune.ops.wkv7`). `apply_head=False` returns the hidden
-        states after ln_out instead of the logits (see RWKVModel.forward).
+        the compiled kernel without an autograd node (`finetune.ops.wkv7`). `last_only` and `apply_head` as in
+        RWKVModel.forward: the last position's logits only; the hidden states after ln_out instead of the logits.
         """
         B, T = idx.shape
         if state is None:
@@ -251,7 +251,7 @@ class RWKV7(RWKVModel):
         for block, (att_shift, wkv_state, ffn_shift) in zip(self.blocks, per_layer):
             x, v_first, *new = self.run_block(block, x, v_first, att_shift, wkv_state, ffn_shift)
             layers.append(tuple(new))
-        x = self.ln_out(x)
+        x = self.ln_out(x[:, -1:] if last_only else x)
         logits = self.head(x) if apply_head else x
         if return_state:
             # float32 state whatever the weights' dtype (float64 stays float64: the tests' exact runs)
