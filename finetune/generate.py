@@ -35,9 +35,9 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.adapter_format import adapter_tokenizer, parse_adapter_spec, read_adapter
-from finetune.models import RNNState
+from finetune.models import DTYPE_NAMES, RNNState
 from finetune.plugin import attach_adapters, load_model
-from finetune.quant import default_dtype
+from finetune.quant import MODES as QUANT_MODES, default_dtype
 from finetune.templates import TEMPLATES, resolve_template
 from finetune.tokenizer import Tokenizer, load_tokenizer
 
@@ -353,9 +353,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--penalty-decay", type=float, default=PENALTY_DECAY,
                        help=f"ChatRWKV alpha_decay: the counts decay by this much per token ({PENALTY_DECAY})")
         p.add_argument("--seed", type=int)
-        p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+        p.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto",
                        help="compute dtype; auto: bf16 where the CPU has native bf16 (AVX-512/AMX), else fp32")
-        p.add_argument("--quant", choices=["none", "int8", "nf4"], default="none",
+        p.add_argument("--quant", choices=QUANT_MODES, default="none",
                        help="hold the block projections quantized (int8: ~1/2 of bf16, nf4: ~1/4); needs torchao")
         p.add_argument("--force", action="store_true", help="plug in adapters made for another base")
 

@@ -404,7 +404,7 @@ def test_packed_linear_matches_f_linear_and_falls_back(monkeypatch):
     with torch.no_grad():
         lin.weight.copy_(torch.randn(320, 96, generator=g))
         lin.bias.copy_(torch.randn(320, generator=g))
-    packed = serve_engine.PackedLinear(lin)
+    packed = serve_engine.PackedLinear(lin, serve_engine.pack_weight(lin.weight))
     if not torch.backends.mkldnn.is_available():
         assert packed.packed is None
         return
@@ -476,3 +476,51 @@ def test_packed_base_steps_like_the_plain_one(tmp_path, family):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
         for f in RNNState.FIELDS:
             torch.testing.assert_close(getattr(got_state, f), getattr(want_state, f), rtol=1e-5, atol=1e-4)
+
+
+def engine_text(engine: Engine, name: str, prompt: str, tokens: int, tok) -> str:
+    """One greedy request through the engine's worker, its streamed text joined."""
+    done = threading.Semaphore(0)
+    parts: list[str] = []
+
+    def on_event(event):
+        if event.kind == "text":
+            parts.append(event.text)
+        elif event.kind in ("done", "error"):
+            assert event.kind == "done", event.text
+            done.release()
+
+    engine.submit(GenerationRequest(name, tok.encode(prompt), tokens, temperature=0.0), on_event)
+    assert done.acquire(timeout=60)
+    return "".join(parts)
+
+
+def test_quantized_base_served_like_generate_quant(env):
+    """`serve --quant int8`: the block projections are held quantized (nothing packed), and an adapter's greedy text
+    equals `generate --quant int8` with that adapter plugged in (plugin.load_model(quant=...)). NF4 needs matrices
+    of 16384+ weights (test_quant covers it); this base is 32 wide."""
+    quant = "int8"
+    config = ServeConfig(**{**env["config"].__dict__, "adapters_dir": None, "allow_upload": False, "quant": quant})
+    engine = Engine(config)
+    try:
+        from finetune.quant import is_quantized
+        assert is_quantized(engine.model.blocks[0].att.key.weight)
+        got = engine_text(engine, "a1", PROMPT, 10, env["tok"])
+    finally:
+        engine.close()
+    alone = load_model(env["base"], [env["adapters"]["a1"]], dtype="fp32", quant=quant)
+    want, _, _ = generate_text(alone, env["tok"], PROMPT, max_tokens=10, temperature=0.0)
+    assert got == want
+
+
+def test_no_pack_keeps_one_copy_and_the_same_text(env):
+    """`serve --no-pack`: no packed copies (packed_bytes 0, plain nn.Linear products) and the same greedy text."""
+    config = ServeConfig(**{**env["config"].__dict__, "adapters_dir": None, "allow_upload": False,
+                            "pack_weights": False})
+    engine = Engine(config)
+    try:
+        assert engine.packed_bytes == 0
+        assert all(getattr(m, "packed", None) is None for m in engine.model.modules())
+        assert engine_text(engine, "a2", PROMPT, 10, env["tok"]) == expected(env, "a2", PROMPT, 10)
+    finally:
+        engine.close()

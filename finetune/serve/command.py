@@ -14,6 +14,7 @@ import ipaddress
 from pathlib import Path
 
 from finetune.errors import FinetuneError
+from finetune.quant import MODES as QUANT_MODES
 from finetune.serve.config import DTYPES, ServeConfig
 
 
@@ -49,6 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                        "65536-token model)")
     p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype)
     p.add_argument("--device", default=defaults.device)
+    p.add_argument("--quant", choices=QUANT_MODES, default=defaults.quant,
+                   help="hold the block projections quantized (int8: ~1/2 of bf16, nf4: ~1/4); needs torchao")
+    p.add_argument("--no-pack", action="store_true",
+                   help="no oneDNN-packed second copy of an fp32 base's matrices: half their memory, slower batches")
     p.add_argument("--host", default=defaults.host, help="interface (default 127.0.0.1; others need --api-key)")
     p.add_argument("--port", type=int, default=defaults.port)
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on every request")
@@ -84,6 +89,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             raise FinetuneError(f"{flag} {value}: must be positive")
     return ServeConfig(model=args.model, adapters=dict(args.adapter), adapters_dir=args.adapters_dir,
                        runs_dir=args.runs_dir, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+                       quant=args.quant, pack_weights=not args.no_pack,
                        host=args.host, port=args.port, api_key=key, allow_upload=args.allow_upload,
                        allow_train=args.allow_train, max_tokens=args.max_tokens,
                        default_max_tokens=min(args.max_tokens, ServeConfig.default_max_tokens),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DTYPES = ("auto", "fp32", "bf16", "fp16")  # as `rwkv-lora generate --dtype`
+from finetune.models import DTYPE_NAMES
+
+DTYPES = ("auto", *DTYPE_NAMES)  # as `rwkv-lora generate --dtype`
 
 
 @dataclass
@@ -26,6 +28,12 @@ class ServeConfig:
     """Compute dtype: auto (bf16 where the CPU multiplies it natively, else fp32), fp32, bf16, fp16."""
     device: str = "cpu"
     """Where the model runs: cpu, cuda, cuda:1, ..."""
+    quant: str = "none"
+    """Hold the base's block projections quantized: none, int8 (~1/2 of bf16) or nf4 (~1/4); needs torchao. For
+    fitting a model in memory: on CPUs without int8/bf16 arithmetic it is slower (README, memory table)."""
+    pack_weights: bool = True
+    """On a CPU with an fp32 base, keep a second, oneDNN-packed copy of each base matrix for batched decoding:
+    ~1.8x the throughput at 8 streams, for twice the memory of those weights (`PackedLinear`)."""
     host: str = "127.0.0.1"
     """Interface to listen on. Anything but loopback needs `api_key`."""
     port: int = 8000

@@ -112,13 +112,13 @@ class PackedLinear(nn.Linear):
     on 771 MB of parameters (`Engine.packed_bytes`). Packing only (one copy) would make one stream's steps ~15%
     slower (measured 37 -> 43 ms)."""
 
-    def __init__(self, base: nn.Linear, packed: torch.Tensor | None = None) -> None:
+    def __init__(self, base: nn.Linear, packed: torch.Tensor | None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
-        self.packed = packed if packed is not None else pack_weight(base.weight)
-        """oneDNN's packed weight, or None (then every product is `quant_linear`'s)."""
+        self.packed = packed
+        """oneDNN's packed weight (`pack_weight`), or None (then every product is `quant_linear`'s)."""
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + bias."""
@@ -386,8 +386,8 @@ class Engine:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         dtype = default_dtype(config.device) if config.dtype == "auto" else config.dtype
-        self.model = load_model(config.model, dtype=dtype, device=config.device).eval()
-        self.packed_bytes = pack_linears(self.model)
+        self.model = load_model(config.model, dtype=dtype, device=config.device, quant=config.quant).eval()
+        self.packed_bytes = pack_linears(self.model) if config.pack_weights else 0
         """Memory the oneDNN-packed copies of the base's linear weights take (`PackedLinear`), 0 where none."""
         self.family = family_for(self.model)
         self.device = self.model.emb.weight.device

@@ -23,6 +23,7 @@ import yaml
 from finetune.adapters import LORA_INITS
 from finetune.errors import FinetuneError
 from finetune.models import FULL_GROUP_CHOICES, LORA_PART_CHOICES
+from finetune.quant import MODES as QUANT_MODES
 
 PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -30,7 +31,7 @@ LOGGERS = ("csv", "wandb", "none")
 METHODS = ("lora", "full")
 SAMPLINGS = ("random", "magic_prime")
 TRAIN_TYPES = ("window", "infctx", "state")
-BASE_QUANTS = ("none", "int8", "nf4")
+BASE_QUANTS = QUANT_MODES
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_2",
               "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload")
 
