@@ -43,7 +43,8 @@ from finetune.train.memory import trim_between_blocks
 from finetune.train.layout import FINAL
 from finetune.train.module import LitRWKV
 from finetune.train.report import METRICS_CSV, MetricsLog, plot_losses, summary_line
-from finetune.train.run import CONFIG_JSON, LAST_CKPT, OutDirLock, Run, check_out_dir, read_resumable
+from finetune.train.run import (CONFIG_JSON, LAST_CKPT, DirectCheckpointIO, OutDirLock, Run, check_out_dir,
+                                read_resumable)
 from finetune.train.signals import RunStopped, StopSignals
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -302,6 +303,7 @@ def fit(run: Run, quiet: bool = False, callbacks: Sequence[pl.Callback] = ()) ->
         check_val_every_n_epoch=None, num_sanity_val_steps=0, limit_val_batches=None if run.val_data else 0,
         use_distributed_sampler=False, deterministic="warn", default_root_dir=str(run.out_dir),
         enable_model_summary=False,
+        plugins=[] if cfg.strategy.startswith("deepspeed") else [DirectCheckpointIO()],
     )
     run.trainer, run.lit = trainer, lit
     num_batches = cfg.max_steps * cfg.grad_accum
