@@ -171,7 +171,13 @@ class DirectCheckpointIO(TorchCheckpointIO):
     writes into `atomic_file`'s temporary path (fsync'ed and renamed after), so the atomicity lives there."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        torch.save(checkpoint, path)
+        with open(path, "wb") as f:
+            try:
+                torch.save(checkpoint, f)
+            except RuntimeError as e:  # torch's zip writer reports a failed write so; the OSError (a full disk) is
+                if isinstance(e.__context__, OSError):  # what atomic_file makes its one-line error of
+                    raise e.__context__ from None
+                raise
 
 
 # ----------------------------------------------------------------------------------------------------------------------
