@@ -10,13 +10,15 @@ from test_lora import config, setup_dir  # noqa: F401
 
 def test_trim_memory_keeps_every_loss_and_trims_before_each_block(setup_dir, monkeypatch):
     tmp, ckpt, data, _ = setup_dir
-    plain = main(config(tmp, ckpt, data, max_steps=3, grad_checkpoint=True, out_dir=str(tmp / "plain")), quiet=True)
     assert memory._MALLOC_TRIM is not None  # glibc (Debian, the CI machine)
     calls = []
     real = memory._MALLOC_TRIM
     monkeypatch.setattr(memory, "_MALLOC_TRIM", lambda pad: calls.append(pad) or real(pad))
-    trimmed = main(config(tmp, ckpt, data, max_steps=3, grad_checkpoint=True, trim_memory=True,
-                          out_dir=str(tmp / "trimmed")), quiet=True)
+    plain = main(config(tmp, ckpt, data, max_steps=3, grad_checkpoint=True, trim_memory=False,
+                        out_dir=str(tmp / "plain")), quiet=True)
+    assert calls == []
+    trimmed = main(config(tmp, ckpt, data, max_steps=3, grad_checkpoint=True, out_dir=str(tmp / "trimmed")),
+                   quiet=True)  # trim_memory: true is the default
     assert trimmed["losses"] == plain["losses"] and len(plain["losses"]) == 3
     # 2 blocks x (forward + recomputation) x 3 steps (micro_bsz 4 in one window batch), at least
     assert len(calls) >= 2 * 2 * 3 and set(calls) == {0}
