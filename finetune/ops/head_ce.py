@@ -21,8 +21,13 @@ import torch.nn.functional as F
 CHUNK_BYTES = 32 << 20  # fp32 logits per chunk: 128 rows of a 65536-token vocabulary
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What losses and gradients accumulate in: float32, float64 for float64 inputs (the tests' exact runs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float64 else t.float()
+    return t.to(_acc_dtype(t.dtype))
 
 
 def rows_per_chunk(vocab: int) -> int:
@@ -36,9 +41,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                 rows: int) -> torch.Tensor:
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=_at_least_fp32(h[:0]).dtype, device=h.device)
+        total = torch.zeros((), dtype=_acc_dtype(h.dtype), device=h.device)
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=_at_least_fp32(weight[:0]).dtype, device=weight.device) if want_w else None
+        grad_w = torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device) if want_w else None
         for s in range(0, h.shape[0], rows):
             hs, ts, ms = h[s:s + rows], targets[s:s + rows], mask[s:s + rows]
             logits = _at_least_fp32(F.linear(hs, weight))  # (n, V); under autocast in its dtype, as the plain path
