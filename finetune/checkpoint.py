@@ -14,7 +14,7 @@ import mmap
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Container, Mapping
 
 import torch
 from safetensors import safe_open
@@ -173,7 +173,8 @@ def check_values(sd: dict[str, torch.Tensor], path: str | Path = "<memory>") -> 
 
 def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory>",
                           dtype: torch.dtype | None = None,
-                          convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> torch.nn.Module:
+                          convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+                          keep: Container[str] = ()) -> torch.nn.Module:
     """The model of the checkpoint's family whose parameters are the checkpoint's tensors (built on the meta device:
     no random init). Keys and shapes are checked first.
 
@@ -182,6 +183,7 @@ def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path 
     to it one tensor at a time while the model is built, then `convert(name, tensor)` (e.g. quantization) is applied
     to it; pages of `path`'s memory map are released as they are copied, so the peak memory stays near the model as
     it will be held instead of file + model (a tensor that lives in that map reads back from the file if used again).
+    Tensors named in `keep` are copied in the dtype they are stored in.
     """
     family = detect(state_dict, path)
     config = family.config_from_state_dict(state_dict, path)
@@ -201,7 +203,8 @@ def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path 
         return model
     mapped = _mapped_ranges(path)
     for name, src in state_dict.items():
-        target = torch.float32 if name.endswith(family.fp32_params) else (dtype or src.dtype)
+        target = (torch.float32 if name.endswith(family.fp32_params) else
+                  src.dtype if name in keep else (dtype or src.dtype))
         t = _copy_releasing(src, target, mapped)
         if convert is not None:
             t = convert(name, t)

@@ -6,15 +6,19 @@
 Every `nn.Linear` inside the model's `blocks` (RWKV-4: att key/value/receptance/output, ffn key/value/receptance;
 whatever a family declares there) becomes a `QuantLinear`: its weight is the quantized tensor of `torchao` (the
 PyTorch team's library; its NF4Tensor is what torchtune's QLoRA uses), quantized one tensor at a time while the
-checkpoint is read, so the full-precision base never exists in memory. Everything else (emb, head, layer norms,
-token-shift mixes, decays) keeps the model dtype; LoRA weights and tensors trained in full stay fp32.
+checkpoint is read, so the full-precision base never exists in memory. emb and head, a big model's largest frozen
+matrices, stay in the checkpoint's dtype when that is narrower than the model's (published checkpoints are bf16:
+held as stored, nothing is rounded; `HeldEmbedding`, and a `QuantLinear` holding a plain bf16 weight). Everything
+else (layer norms, token-shift mixes, decays) keeps the model dtype; LoRA weights and tensors trained in full stay
+fp32.
 
     int8   torchao `Int8Tensor`, symmetric per output row: W ~ q * s, q in [-128, 127], s = max|W_row| / 127.5
     nf4    torchao `NF4Tensor` (QLoRA's NormalFloat4): blocks of 64 scaled by their absmax, the 16 NF4 levels, the
            block scales themselves quantized to int8 in groups of 256 ("double quantization")
 
-The forward and backward passes dequantize the weight to the compute dtype (`compute_dtype`), multiply, and let it
-go: the backward pass keeps only the quantized weight, not a dequantized copy. (PyTorch's `_weight_int8pack_mm` CPU
+The forward and backward passes dequantize the weight to the compute dtype (`compute_dtype`) a block of rows at a
+time (`DEQUANT_BLOCK`), multiply, and let it go: the backward pass keeps only the quantized weight, not a
+dequantized copy. (PyTorch's `_weight_int8pack_mm` CPU
 kernel was measured and left out: on an AVX2 CPU it is 30x slower than converting q and using fp32 matmul at 1024
 tokens, and no faster for one token.)
 
@@ -24,6 +28,7 @@ peft finds a `QuantLinear` by its name as it finds any `nn.Linear` (it is one), 
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from pathlib import Path
@@ -37,6 +42,8 @@ from finetune.errors import FinetuneError
 from finetune.models import detect, parse_dtype
 
 MODES = ("none", "int8", "nf4")
+HELD_AS_STORED = ("emb.weight", "head.weight")
+"""Frozen tensors a quantized base holds in the checkpoint's own 16-bit dtype rather than the model's fp32."""
 NF4_BLOCK = 64  # torchao's (and QLoRA's) defaults: 64 weights per absmax, 256 absmaxes per int8 scale group
 NF4_SCALER_BLOCK = 256
 
@@ -178,10 +185,49 @@ def _warn_once(key: str, message: str) -> None:
 # The quantized linear layer
 
 
+DEQUANT_BLOCK = 1 << 21
+"""Weights dequantized at a time in a product (8 MB in fp32): a big matrix is widened a block of rows at a time, so
+the temporaries of the library's dequantization (index tensors in int64, the scaled halves, their interleaving: ~20
+bytes per weight for NF4) stay ~40 MB instead of ~330 MB for a 1.5B model's 8192 x 2048 channel-mix matrices."""
+
+
+@functools.lru_cache(maxsize=None)
+def _block_rows(out_features: int, in_features: int, mode: str) -> int:
+    """Rows per dequantized block of an [out, in] weight (all of them when it is small)."""
+    rows = max(1, DEQUANT_BLOCK // in_features)
+    if rows >= out_features:
+        return out_features
+    if mode == "nf4":  # torchao splits NF4 only into equal parts made of whole groups of scales
+        group = NF4_BLOCK * NF4_SCALER_BLOCK
+        return next((r for r in range(rows, 0, -1) if out_features % r == 0 and r * in_features % group == 0),
+                    out_features)
+    return rows
+
+
+def row_blocks(weight: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(first row, block) covering a (quantized or plain) weight [out, in] in blocks of about DEQUANT_BLOCK weights,
+    each a view of the same kind (NF4 by torchao's split, which needs equal parts; others by slicing)."""
+    mode = quant_mode(weight)
+    rows = _block_rows(weight.shape[0], weight.shape[1], mode)
+    if rows == weight.shape[0]:
+        return [(0, weight)]
+    if mode == "nf4":
+        return list(zip(range(0, weight.shape[0], rows), torch.split(weight, rows)))
+    return [(s, weight[s:s + rows]) for s in range(0, weight.shape[0], rows)]
+
+
+def _times_weight_t(x: torch.Tensor, block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x block^T in `dtype` (x already in it)."""
+    if quant_mode(block) == "int8":
+        return F.linear(x, block)  # torchao's own weight-only product: (x q^T) * s, q converted but never rescaled
+    return F.linear(x, dequantize(block, dtype))
+
+
 class _DequantLinear(torch.autograd.Function):
-    """y = x W^T + b with W quantized: dequantized (to `dtype`) for the product and dropped; the backward pass
-    dequantizes again, so only the quantized weight is kept between the passes. W is frozen: no gradient for it.
-    y comes out in `out_dtype` (what F.linear would give), the input gradient in x's dtype."""
+    """y = x W^T + b with W quantized (or held in a narrower dtype than the product is computed in): dequantized (to
+    `dtype`) a block of rows at a time for the product and dropped; the backward pass dequantizes again, so only the
+    stored weight is kept between the passes. W is frozen: no gradient for it. y comes out in `out_dtype` (what
+    F.linear would give), the input gradient in x's dtype."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
@@ -189,11 +235,10 @@ class _DequantLinear(torch.autograd.Function):
         ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
         ctx.has_bias = bias is not None
         with torch.autocast(x.device.type, enabled=False):
-            if quant_mode(weight) == "int8":
-                # torchao's own weight-only product: (x q^T) * s, the int8 matrix converted but never rescaled
-                y = F.linear(x.to(dtype), weight)
-            else:
-                y = F.linear(x.to(dtype), dequantize(weight, dtype))
+            xs = x.to(dtype)
+            parts = [_times_weight_t(xs, block, dtype) for _, block in row_blocks(weight)]
+            y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+            del parts
             if bias is not None:
                 y = y + bias.to(dtype)
         return y.to(out_dtype)
@@ -203,22 +248,37 @@ class _DequantLinear(torch.autograd.Function):
         gx = gb = None
         with torch.autocast(grad.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                gx = (grad.to(ctx.dtype) @ dequantize(ctx.weight, ctx.dtype)).to(ctx.x_dtype)
+                g = grad.to(ctx.dtype)
+                g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+                gx = None
+                for s, block in row_blocks(ctx.weight):
+                    w = dequantize(block, ctx.dtype)  # (rows, in)
+                    if gx is None:
+                        gx = g2[:, s:s + w.shape[0]] @ w
+                    else:
+                        gx.addmm_(g2[:, s:s + w.shape[0]], w)
+                gx = gx.reshape(*g.shape[:-1], gx.shape[-1]).to(ctx.x_dtype)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 gb = grad.reshape(-1, grad.shape[-1]).sum(0)
         return gx, None, gb, None, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear that also takes a quantized weight (dequantized on the fly, see `_DequantLinear`)."""
-    if not is_quantized(weight):
+    """F.linear that also takes a quantized weight, or a frozen one held in a narrower dtype than x (a quantized
+    base's bf16 head): dequantized / widened on the fly a block at a time, see `_DequantLinear`."""
+    if not is_quantized(weight) and (weight.dtype == x.dtype or weight.requires_grad
+                                     or torch.is_autocast_enabled(x.device.type)):
         return F.linear(x, weight, bias)
     return _DequantLinear.apply(x, weight, bias, compute_dtype(x), output_dtype(x))
 
 
 class QuantLinear(nn.Linear):
-    """An nn.Linear whose frozen weight is a torchao quantized tensor (same name, shape and dtype as before, so the
-    state dict's keys and shapes, peft's targets and adapters' shape checks see the original layer)."""
+    """An nn.Linear whose frozen weight is a torchao quantized tensor, or a plain one held in a narrower dtype than
+    the model computes in (same name, shape and dtype as before, so the state dict's keys and shapes, peft's targets
+    and adapters' shape checks see the original layer). Its output is always x W^T (+ b) with W its weight, which
+    the fused head-and-loss relies on (`plain_product`)."""
+
+    plain_product = True
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         nn.Module.__init__(self)
@@ -230,7 +290,27 @@ class QuantLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, quant={quant_mode(self.weight)}"
+        held = quant_mode(self.weight) if is_quantized(self.weight) else str(self.weight.dtype).replace("torch.", "")
+        return f"in_features={self.in_features}, out_features={self.out_features}, held={held}"
+
+
+class HeldEmbedding(nn.Embedding):
+    """An nn.Embedding whose frozen table is held in a narrower dtype than the model computes in (a quantized base
+    keeps the checkpoint's bf16 / fp16 table): the looked-up rows are converted, never the table."""
+
+    def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype) -> None:
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
+        self.scale_grad_by_freq, self.sparse = False, False
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.compute_dtype = compute_dtype
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight).to(self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, held={str(self.weight.dtype).replace('torch.', '')}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -273,12 +353,19 @@ def build_model(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory
             skeleton = family.model_class(family.config_from_state_dict(state_dict, path))
         targets = block_linear_weights(skeleton)
         del skeleton
+        # emb and head (a 1.5B model's largest frozen matrices: 1.07 GB in fp32) stay as the file holds them when
+        # that is 16-bit (published checkpoints are bf16: nothing is lost), widened a block at a time when used
+        keep = {k for k in HELD_AS_STORED if k in state_dict and state_dict[k].dtype.itemsize < dtype.itemsize}
 
         def convert(name: str, t: torch.Tensor) -> torch.Tensor:
             return quantize(t, mode, name) if name in targets else t
 
         model = swap_quantized_linears(checkpoint.build_from_state_dict(state_dict, path, dtype=dtype,
-                                                                        convert=convert))
+                                                                        convert=convert, keep=keep))
+        if "emb.weight" in keep:
+            model.emb = HeldEmbedding(model.emb.weight.data, dtype)
+        if "head.weight" in keep:
+            model.head = QuantLinear(model.head.weight.data, model.head.bias)
     model.base_quant = mode
     return model
 

@@ -134,3 +134,24 @@ def test_outputs_finite_checks_every_logit(monkeypatch):
         h[row, 0] = value
         head.weight.data.copy_(bad)
         assert not head_ce.head_outputs_finite(h.reshape(2, 37, 24), head), (row, col)
+
+
+def test_bf16_head_held_narrow_is_widened_a_block_at_a_time(monkeypatch):
+    """A quantized base's head held in bf16 under fp32 compute (no autocast): fused, the weight widened a few rows at
+    a time (several blocks here), equal to the float64 definition on the same bf16 values; never the plain path."""
+    from finetune.quant import QuantLinear
+
+    monkeypatch.setattr(head_ce, "CHUNK_BYTES", 4 * 24 * 300)  # blocks of 300 vocabulary rows, 97 hidden rows
+    hidden, weight, targets, mask = case(T=300, V=1000, dtype=torch.float32)
+    head = QuantLinear(weight.bfloat16())
+    assert head_ce.fusable(head) and len(head_ce._widened(head.weight, torch.float32)) == 4
+    monkeypatch.setattr(head, "forward", None)  # the fused path must not call the module
+    h1 = hidden.clone().requires_grad_()
+    total, _ = head_cross_entropy(h1, head, targets, mask)
+    total.backward()
+    h2 = hidden.double().requires_grad_()
+    expected = plain(h2, head.weight.double(), targets, mask)
+    expected.backward()
+    assert total.dtype == torch.float32 and head.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(h1.grad.double(), h2.grad, rtol=1e-4, atol=1e-5)

@@ -313,3 +313,63 @@ def test_load_peak_memory_near_the_model(tmp_path, suffix):
     assert results["new"]["growth"] < bound, (results, file_size)
     assert results["old"]["growth"] > bound, (results, file_size)  # the bound tells the two apart
     assert results["info"]["growth"] < file_size / 10, (results, file_size)  # `info` reads a few probes only
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Products a block of rows at a time; emb and head held as stored
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4", "bf16"])
+def test_big_weights_multiplied_a_block_of_rows_at_a_time(mode):
+    """A 4096 x 1024 weight is dequantized (or widened) in several blocks; forward and input gradient equal the
+    product with the whole weight dequantized by the library itself (torchao's own methods, bf16 -> fp32 exact)."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(4096, 1024, generator=g) * 0.03
+    q = w.bfloat16() if mode == "bf16" else quant.quantize(w, mode)
+    assert len(quant.row_blocks(q)) > 1
+    whole = {"int8": lambda: q.dequantize(torch.float32), "nf4": lambda: q.get_original_weight().float(),
+             "bf16": lambda: q.float()}[mode]()
+    x = (torch.randn(2, 3, 1024, generator=g)).requires_grad_()
+    y = quant.linear(x, q)
+    gy = torch.randn(2, 3, 4096, generator=g)
+    (y * gy).sum().backward()
+    assert y.dtype == torch.float32 and y.shape == (2, 3, 4096)
+    torch.testing.assert_close(y, x.detach() @ whole.t(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x.grad, gy @ whole, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def bf16_base(tmp_path_factory) -> Path:
+    sd = {k: v.bfloat16() for k, v in random_rwkv4_state_dict(*SHAPE, seed=6).items()}
+    return write_checkpoint(tmp_path_factory.mktemp("quant-bf16") / "base-bf16.pth", sd)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_bf16_file_keeps_emb_and_head_as_stored(bf16_base, mode):
+    """From a bf16 checkpoint a quantized fp32 model holds emb and head in bf16 (half their fp32 size, nothing
+    rounded) and gives the logits, loss and input gradients of the plain fp32 model with the same dequantized
+    block weights; an fp32 file keeps them fp32 (test above)."""
+    from finetune.ops.head_ce import head_cross_entropy
+
+    model = quant.load_model(bf16_base, dtype="fp32", quant=mode)
+    assert model.emb.weight.dtype == torch.bfloat16 and model.head.weight.dtype == torch.bfloat16
+    assert model.ln_out.weight.dtype == torch.float32 and model.blocks[0].ffn.key.weight.dtype == torch.float32
+    ref = load_plain(bf16_base, dtype="fp32")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if quant.is_quantized(p):
+                ref.get_parameter(n).copy_(quant.dequantize(p, torch.float32))
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(0, VOCAB, (2, 12), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), ref(idx), atol=1e-4, rtol=1e-4)
+    targets, mask = torch.randint(0, VOCAB, (2, 12), generator=g), torch.ones(2, 12)
+    losses, grads = [], []
+    for m in (model, ref):
+        h = m(idx, apply_head=False).detach().requires_grad_()
+        total, _ = head_cross_entropy(h, m.head, targets, mask)
+        total.backward()
+        losses.append(total)
+        grads.append(h.grad)
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)

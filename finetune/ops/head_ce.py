@@ -34,6 +34,38 @@ def rows_per_chunk(vocab: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab))
 
 
+def _widened(weight: torch.Tensor, dtype: torch.dtype) -> list[tuple[int, torch.Tensor]]:
+    """Blocks of rows of a weight held narrower than the computation (a quantized base's bf16 head), each converted
+    to `dtype` when used: (first row, block) of about CHUNK_BYTES each, lazily."""
+    rows = max(1, CHUNK_BYTES // (4 * weight.shape[1]))
+    return [(s, weight[s:s + rows]) for s in range(0, weight.shape[0], rows)]
+
+
+def _narrow_weight(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether products with `weight` must widen it to `dtype` first (autocast off and a different dtype)."""
+    return weight.dtype != dtype and not torch.is_autocast_enabled(weight.device.type)
+
+
+def _logits(hs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hs W^T (n, V)."""
+    if not _narrow_weight(weight, hs.dtype):
+        return F.linear(hs, weight)
+    out = hs.new_empty(hs.shape[0], weight.shape[0])
+    for s, block in _widened(weight, hs.dtype):
+        out[:, s:s + block.shape[0]] = F.linear(hs, block.to(hs.dtype))
+    return out
+
+
+def _times_weight(p: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """p W (n, C) in `dtype` (p (n, V) float32 or float64)."""
+    if not _narrow_weight(weight, dtype):
+        return (p.to(weight.dtype) @ weight).to(dtype)
+    out = torch.zeros(p.shape[0], weight.shape[1], dtype=dtype, device=p.device)
+    for s, block in _widened(weight, dtype):
+        out.addmm_(p[:, s:s + block.shape[0]].to(dtype), block.to(dtype))
+    return out
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
     """sum(mask * CE(h W^T, targets)) over rows h [N, C]; weight [V, C]; the gradients are made in the forward pass."""
 
@@ -46,7 +78,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device) if want_w else None
         for s in range(0, h.shape[0], rows):
             hs, ts, ms = h[s:s + rows], targets[s:s + rows], mask[s:s + rows]
-            logits = _at_least_fp32(F.linear(hs, weight))  # (n, V); under autocast in its dtype, as the plain path
+            logits = _at_least_fp32(_logits(hs, weight))  # (n, V); under autocast in its dtype, as the plain path
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             ce = lse - logits.gather(1, ts[:, None]).squeeze(1)
             total += (ce * ms).sum()
@@ -56,7 +88,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 p[torch.arange(p.shape[0], device=p.device), ts] -= 1
                 p.mul_(ms[:, None])
                 if want_h:
-                    grad_h[s:s + rows] = (p.to(weight.dtype) @ weight).to(h.dtype)  # (n, C)
+                    grad_h[s:s + rows] = _times_weight(p, weight, h.dtype)  # (n, C)
                 if want_w:
                     grad_w += p.t() @ _at_least_fp32(hs)  # (V, C)
         ctx.save_for_backward(grad_h, grad_w)
@@ -80,9 +112,11 @@ def masked_ce(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tens
 
 
 def fusable(head: nn.Module) -> bool:
-    """The head is a plain linear layer whose weight can be read directly: not a LoRA-wrapped or quantized layer,
-    no bias, not a parameter sharded away by DeepSpeed ZeRO-3 (those take the plain path)."""
-    return (type(head) is nn.Linear and head.bias is None and not hasattr(head.weight, "ds_id")
+    """The head computes x W^T with W its weight, a plain floating-point tensor that can be read directly: an
+    nn.Linear, or a layer that says so (`plain_product`: a quantized base's head held in bf16), no bias, not
+    LoRA-wrapped, quantized or sharded away by DeepSpeed ZeRO-3 (those take the plain path)."""
+    return ((type(head) is nn.Linear or getattr(type(head), "plain_product", False)) and head.bias is None
+            and not hasattr(head.weight, "ds_id") and type(head.weight.data) is torch.Tensor
             and head.weight.is_floating_point())
 
 
