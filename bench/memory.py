@@ -151,7 +151,7 @@ def work_train(arch: str, shape: str, base: str, ckpt: str, data: str, out: str,
 
     if precision == "auto":  # bf16 compute, as RWKV-PEFT's figures; "32" on CPUs whose bf16 is emulated
         precision = "32" if base == "fp32" else "bf16-mixed"
-    quant = base if base in ("int8", "nf4") else "none"
+    quant = base if base in ("bf16", "int8", "nf4") else "none"  # bf16 with precision 32: held bf16, fp32 products
     args = ["train", "--model", ckpt, "--data", data, "--out_dir", out, "--ctx_len", str(ctx), "--micro_bsz", "1",
             "--max_steps", str(steps), "--lr", "1e-4", "--lr_final", "1e-4", "--warmup_steps", "0",
             "--precision", precision, "--base_quant", quant, "--grad_checkpoint", "true", "--logger", "csv",

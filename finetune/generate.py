@@ -37,7 +37,7 @@ from finetune.errors import FinetuneError
 from finetune.adapter_format import adapter_tokenizer, parse_adapter_spec, read_adapter
 from finetune.models import DTYPE_NAMES, RNNState
 from finetune.plugin import attach_adapters, load_model
-from finetune.quant import MODES as QUANT_MODES, default_dtype
+from finetune.quant import MODES as QUANT_MODES, MODES_HELP as QUANT_HELP, default_dtype
 from finetune.templates import TEMPLATES, resolve_template
 from finetune.tokenizer import Tokenizer, load_tokenizer
 
@@ -356,7 +356,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto",
                        help="compute dtype; auto: bf16 where the CPU has native bf16 (AVX-512/AMX), else fp32")
         p.add_argument("--quant", choices=QUANT_MODES, default="none",
-                       help="hold the block projections quantized (int8: ~1/2 of bf16, nf4: ~1/4); needs torchao")
+                       help=QUANT_HELP)
         p.add_argument("--force", action="store_true", help="plug in adapters made for another base")
 
     p = sub.add_parser("generate", help="generate text (RNN mode), with adapters plugged in",

@@ -152,7 +152,7 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
                                 f"be merged (plug it in with --adapter when generating)")
         check_adapter(a, b.shapes, b.fingerprint, family=b.family, force=force, base_name=str(b.path))
         quantized = a.meta.extra.get("base_quant") or a.meta.recipe.get("base_quant") or "none"
-        if quantized != "none":
+        if quantized not in ("none", "bf16"):  # bf16: the published files' own precision
             # the usual QLoRA practice: merge into the full-precision base; the adapter learned around the
             # quantized weights, so its fit to them is not what the merged model computes
             note = (f"adapter {a.path} was trained on a {quantized}-quantized base; it is merged into the "

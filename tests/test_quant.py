@@ -373,3 +373,20 @@ def test_bf16_file_keeps_emb_and_head_as_stored(bf16_base, mode):
         grads.append(h.grad)
     torch.testing.assert_close(losses[0], losses[1], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_mode_holds_block_projections_in_bf16_and_computes_in_fp32(base):
+    """base_quant / --quant bf16 under fp32 compute: every block projection held in bf16 (half the bytes), widened
+    for each product: logits equal the fp32 model whose block weights are rounded to bf16."""
+    model = quant.load_model(base, dtype="fp32", quant="bf16")
+    held = {n for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert held == {n for n in linears if n.startswith("blocks.")} and len(held) == 2 * 7  # fp32 file: emb/head fp32
+    assert all(isinstance(model.get_submodule(n.rsplit(".", 1)[0]), quant.QuantLinear) for n in held)
+    ref = load_plain(base, dtype="fp32")
+    with torch.no_grad():
+        for n in held:
+            ref.get_parameter(n).copy_(ref.get_parameter(n).bfloat16().float())
+        idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(8))
+        torch.testing.assert_close(model(idx), ref(idx), atol=1e-5, rtol=1e-5)
+    assert quant.load_model(base, dtype="bf16", quant="bf16").base_quant == "none"  # nothing narrower than bf16

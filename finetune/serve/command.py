@@ -14,7 +14,7 @@ import ipaddress
 from pathlib import Path
 
 from finetune.errors import FinetuneError
-from finetune.quant import MODES as QUANT_MODES
+from finetune.quant import MODES as QUANT_MODES, MODES_HELP as QUANT_HELP
 from finetune.serve.config import DTYPES, ServeConfig
 
 
@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype)
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--quant", choices=QUANT_MODES, default=defaults.quant,
-                   help="hold the block projections quantized (int8: ~1/2 of bf16, nf4: ~1/4); needs torchao")
+                   help=QUANT_HELP)
     p.add_argument("--no-pack", action="store_true",
                    help="no oneDNN-packed second copy of an fp32 base's matrices: half their memory, slower batches")
     p.add_argument("--host", default=defaults.host, help="interface (default 127.0.0.1; others need --api-key)")
