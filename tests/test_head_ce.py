@@ -144,7 +144,8 @@ def test_bf16_head_held_narrow_is_widened_a_block_at_a_time(monkeypatch):
     monkeypatch.setattr(head_ce, "CHUNK_BYTES", 4 * 24 * 300)  # blocks of 300 vocabulary rows, 97 hidden rows
     hidden, weight, targets, mask = case(T=300, V=1000, dtype=torch.float32)
     head = QuantLinear(weight.bfloat16())
-    assert head_ce.fusable(head) and len(head_ce._widened(head.weight, torch.float32)) == 4
+    buffer = head_ce.widen_buffer(head.weight, torch.float32)
+    assert head_ce.fusable(head) and len(list(head_ce._widened(head.weight, buffer))) == 4
     monkeypatch.setattr(head, "forward", None)  # the fused path must not call the module
     h1 = hidden.clone().requires_grad_()
     total, _ = head_cross_entropy(h1, head, targets, mask)

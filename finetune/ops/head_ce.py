@@ -14,6 +14,8 @@ Triton (GPU only) and torchtune's chunked loss still takes the whole logits tens
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,35 +36,43 @@ def rows_per_chunk(vocab: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab))
 
 
-def _widened(weight: torch.Tensor, dtype: torch.dtype) -> list[tuple[int, torch.Tensor]]:
-    """Blocks of rows of a weight held narrower than the computation (a quantized base's bf16 head), each converted
-    to `dtype` when used: (first row, block) of about CHUNK_BYTES each, lazily."""
+def _widened(weight: torch.Tensor, buffer: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """A weight held narrower than the computation (a quantized base's bf16 head) a block of rows at a time, each
+    copied into `buffer` ([rows, C] in the compute dtype, reused: a fresh tensor per block costs ~3x the copy in
+    page faults): (first row, widened block)."""
+    rows = buffer.shape[0]
+    for s in range(0, weight.shape[0], rows):
+        n = min(rows, weight.shape[0] - s)
+        yield s, buffer[:n].copy_(weight[s:s + n])
+
+
+def widen_buffer(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The buffer `_widened` copies blocks of `weight` into, or None when products can use `weight` as it is
+    (the same dtype, or autocast on)."""
+    if weight.dtype == dtype or torch.is_autocast_enabled(weight.device.type):
+        return None
     rows = max(1, CHUNK_BYTES // (4 * weight.shape[1]))
-    return [(s, weight[s:s + rows]) for s in range(0, weight.shape[0], rows)]
+    return torch.empty(min(rows, weight.shape[0]), weight.shape[1], dtype=dtype, device=weight.device)
 
 
-def _narrow_weight(weight: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether products with `weight` must widen it to `dtype` first (autocast off and a different dtype)."""
-    return weight.dtype != dtype and not torch.is_autocast_enabled(weight.device.type)
-
-
-def _logits(hs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _logits(hs: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
     """hs W^T (n, V)."""
-    if not _narrow_weight(weight, hs.dtype):
+    if buffer is None:
         return F.linear(hs, weight)
     out = hs.new_empty(hs.shape[0], weight.shape[0])
-    for s, block in _widened(weight, hs.dtype):
-        out[:, s:s + block.shape[0]] = F.linear(hs, block.to(hs.dtype))
+    for s, block in _widened(weight, buffer):
+        out[:, s:s + block.shape[0]] = F.linear(hs, block)
     return out
 
 
-def _times_weight(p: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _times_weight(p: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
+                  buffer: torch.Tensor | None) -> torch.Tensor:
     """p W (n, C) in `dtype` (p (n, V) float32 or float64)."""
-    if not _narrow_weight(weight, dtype):
+    if buffer is None:
         return (p.to(weight.dtype) @ weight).to(dtype)
     out = torch.zeros(p.shape[0], weight.shape[1], dtype=dtype, device=p.device)
-    for s, block in _widened(weight, dtype):
-        out.addmm_(p[:, s:s + block.shape[0]].to(dtype), block.to(dtype))
+    for s, block in _widened(weight, buffer):
+        out.addmm_(p[:, s:s + block.shape[0]].to(dtype), block)
     return out
 
 
@@ -76,9 +86,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=_acc_dtype(h.dtype), device=h.device)
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device) if want_w else None
+        buffer = widen_buffer(weight, h.dtype)  # None unless the head is held narrower (bf16 under fp32)
         for s in range(0, h.shape[0], rows):
             hs, ts, ms = h[s:s + rows], targets[s:s + rows], mask[s:s + rows]
-            logits = _at_least_fp32(_logits(hs, weight))  # (n, V); under autocast in its dtype, as the plain path
+            logits = _at_least_fp32(_logits(hs, weight, buffer))  # (n, V); under autocast in its dtype, as the plain path
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             ce = lse - logits.gather(1, ts[:, None]).squeeze(1)
             total += (ce * ms).sum()
@@ -88,7 +99,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 p[torch.arange(p.shape[0], device=p.device), ts] -= 1
                 p.mul_(ms[:, None])
                 if want_h:
-                    grad_h[s:s + rows] = _times_weight(p, weight, h.dtype)  # (n, C)
+                    grad_h[s:s + rows] = _times_weight(p, weight, h.dtype, buffer)  # (n, C)
                 if want_w:
                     grad_w += p.t() @ _at_least_fp32(hs)  # (V, C)
         ctx.save_for_backward(grad_h, grad_w)
