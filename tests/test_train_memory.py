@@ -22,3 +22,43 @@ def test_trim_memory_keeps_every_loss_and_trims_before_each_block(setup_dir, mon
     assert trimmed["losses"] == plain["losses"] and len(plain["losses"]) == 3
     # 2 blocks x (forward + recomputation) x 3 steps (micro_bsz 4 in one window batch), at least
     assert len(calls) >= 2 * 2 * 3 and set(calls) == {0}
+
+
+
+PATTERN = """
+import sys, torch
+from finetune.models.rwkv4 import RWKV, RWKVConfig
+from finetune.train import memory
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+x = torch.ones(1 << 21); del x  # an 8 MB tensor freed: glibc's default then raises its mmap threshold past 2 MB
+if sys.argv[1] == "trim":
+    assert memory.trim_between_blocks(RWKV(RWKVConfig(n_layer=1, n_embd=8, vocab_size=16)))
+before = rss(); big, small = [], []
+for i in range(60):
+    big.append(torch.ones(512 * 1024))  # 2 MB, touched: a block's activations
+    small.append(torch.ones(4096))  # 16 KB, kept alive between them
+grown = rss() - before
+del big
+print(grown, rss() - before)
+"""
+
+
+def test_big_tensors_freed_between_small_live_ones_go_back_to_the_os():
+    """After trim_between_blocks (which fixes glibc's mmap threshold at 1 MB), 2 MB tensors freed while small
+    tensors allocated between them stay alive leave nothing resident; without it (glibc's default, which raises
+    the threshold after a big free) they stay in the heap. Each case in a fresh process (the setting is global)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    left = {}
+    for case in ("trim", "plain"):
+        out = subprocess.run([sys.executable, "-c", PATTERN, case], capture_output=True, text=True, cwd=root,
+                             check=True)
+        grown, left[case] = map(int, out.stdout.split())
+        assert grown > 100e6, (case, grown)
+    assert left["trim"] < 20e6 and left["plain"] > 100e6, left

@@ -178,7 +178,7 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     del sd
     base.gradient_checkpointing = cfg.grad_checkpoint
     if cfg.trim_memory and not trim_between_blocks(base) and not quiet:
-        print("note: trim_memory: this C library has no malloc_trim (not glibc); ignored", file=sys.stderr)
+        print("note: trim_memory: this C library has no malloc_trim / mallopt (not glibc); ignored", file=sys.stderr)
     model, base, tune = _build_model(cfg, base)
     model.train()
     resume_step = 0
