@@ -32,13 +32,14 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
+        self.factor_dtype = getattr(base, "compute_dtype", base.weight.dtype)  # a narrow-held weight's model dtype
         self.register_buffer("lora_A", None, persistent=False)
         self.register_buffer("lora_B", None, persistent=False)
 
     def add(self, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
         """Add one adapter's delta, lora_delta(A, B, scaling) (its weight folded into `scaling`)."""
         A, B = lora_factors(A, B, scaling)
-        dtype, device = self.weight.dtype, self.weight.device
+        dtype, device = self.factor_dtype, self.weight.device
         A, B = A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype)
         self.lora_A = A if self.lora_A is None else torch.cat([self.lora_A, A], 0)
         self.lora_B = B if self.lora_B is None else torch.cat([self.lora_B, B], 1)

@@ -287,11 +287,15 @@ class QuantLinear(nn.Linear):
 
     plain_product = True
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None) -> None:
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=bias.requires_grad)
+        self.compute_dtype = compute_dtype or weight.dtype
+        """The model's dtype, which this layer's products come out in (a torchao tensor's dtype says it; a plain
+        weight held narrower does not): what LoRA factors plugged into it are held in."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -339,7 +343,7 @@ def swap_quantized_linears(model: nn.Module, dtype: torch.dtype | None = None) -
                 and (is_quantized(m.weight) or (dtype is not None and m.weight.dtype != dtype))):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, QuantLinear(m.weight.data, m.bias))
+            setattr(parent, child, QuantLinear(m.weight.data, m.bias, dtype))
     return model
 
 

@@ -144,8 +144,10 @@ def test_peft_adapts_the_quantized_linears(base):
     assert all(p.grad is None for p in rwkv.parameters() if quant.is_quantized(p))
 
 
-def test_plugin_lora_on_a_quantized_base(base, tmp_path):
-    """attach_adapters' LoRALinear over an int8 base: y = x deq(W)^T + s * (x A^T) B^T, checked by hand."""
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_plugin_lora_on_a_quantized_base(base, tmp_path, mode):
+    """attach_adapters' LoRALinear over an int8 / bf16-held base: y = x deq(W)^T + s * (x A^T) B^T, checked by hand;
+    the factors stay in the model's fp32 (not the bf16 the weight is held in)."""
     from finetune.adapter_format import write_adapter as write_adapter_dir
 
     g = torch.Generator().manual_seed(4)
@@ -153,9 +155,10 @@ def test_plugin_lora_on_a_quantized_base(base, tmp_path):
     meta = {"base": {"fingerprint": None}, "tokenizer": None, "r": 4, "alpha": 8, "parts": ["att"], "train": []}
     adapter = write_adapter_dir(tmp_path / "a", meta, {"blocks.0.att.value": (A, B)}, {})
     # force: the adapter records no base (this test is about the arithmetic, not the provenance check)
-    model = attach_adapters(quant.load_model(base, dtype="fp32", quant="int8"), [adapter], force=True)
+    model = attach_adapters(quant.load_model(base, dtype="fp32", quant=mode), [adapter], force=True)
     lin = model.blocks[0].att.value
-    assert isinstance(lin, LoRALinear) and quant.is_quantized(lin.weight)
+    assert isinstance(lin, LoRALinear) and lin.lora_A.dtype == torch.float32
+    assert quant.is_quantized(lin.weight) if mode == "int8" else lin.weight.dtype == torch.bfloat16
     x = torch.randn(2, 3, 128, generator=g)
     with torch.no_grad():
         want = x @ quant.dequantize(lin.weight, torch.float32).T + 2.0 * (x @ A.T) @ B.T
