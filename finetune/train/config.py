@@ -115,10 +115,10 @@ class TrainConfig:
     grad_checkpoint: bool = False
     """Recompute each block in the backward pass: far less activation memory, about 30% slower."""
     trim_memory: bool = True
-    """Hand the memory each block freed back to the operating system before the next block runs (Linux, glibc).
-    The C allocator otherwise keeps it, fragmented, and a CPU run's peak grows with every block (RWKV-7 0.1B, NF4
-    base, ctx 1024: 1.61 instead of 2.49 GB peak, for ~7% of the step time; README, memory table). Ignored where the
-    C library lacks `malloc_trim`."""
+    """Hand freed memory back to the operating system as training goes (Linux, glibc): tensors of 1 MB or more get
+    their own memory mappings, and the heap is trimmed before each block runs. The C allocator otherwise keeps
+    what was freed, fragmented, and a CPU run's peak grows with every block (README, memory table). Costs the page
+    faults of touching fresh memory (a few percent of a step). Ignored where the C library lacks `malloc_trim`."""
     seed: int = 42
     """Seed for LoRA init, dropout and the data windows: the same seed gives the same run."""
     sampling: str = "random"
