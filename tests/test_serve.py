@@ -524,3 +524,22 @@ def test_no_pack_keeps_one_copy_and_the_same_text(env):
         assert engine_text(engine, "a2", PROMPT, 10, env["tok"]) == expected(env, "a2", PROMPT, 10)
     finally:
         engine.close()
+
+
+def test_adapters_with_one_tokenizer_share_one_ready_instance(tmp_path):
+    """Served names whose tokenizer is the same (here World, recorded by two adapters and given for the base) use one
+    tokenizer object, whose vocabulary is already read when the engine starts: the first request of each adapter
+    used to wait ~1 s while its own copy parsed the vocabulary file."""
+    base = write_checkpoint(tmp_path / "w.pth", random_rwkv4_state_dict(1, 16, 65536, seed=2))
+    adapters = {name: str(make_adapter(base, tmp_path / name, seed=i, r=2, train=(), tokenizer="world"))
+                for i, name in enumerate(["w1", "w2"])}
+    engine = Engine(ServeConfig(model=str(base), adapters=adapters, tokenizer="world", dtype="fp32"))
+    try:
+        toks = {name: engine.served[name].tokenizer for name in ["w1", "w2", "w"]}
+        assert toks["w1"] is toks["w2"] is toks["w"] is engine.tokenizer
+        assert engine.tokenizer._id_to_bytes is not None  # read at startup, not by the first request
+        assert engine_text(engine, "w2", "Hello", 3, engine.tokenizer) == \
+            generate_text(load_model(base, [adapters["w2"]], dtype="fp32"), load_tokenizer("world"), "Hello",
+                          max_tokens=3, temperature=0.0)[0]
+    finally:
+        engine.close()

@@ -399,7 +399,9 @@ class Engine:
         self.routing = LoRARouting()
         self.base_name = Path(config.model).stem
         adapter_paths = list(config.adapters.values())
-        self.tokenizer = resolve_tokenizer(config.tokenizer, adapter_paths, self.vocab_size)
+        self._tokenizers: dict[str, Tokenizer] = {}
+        """spec -> the one instance every served name with that tokenizer uses (`_shared_tokenizer`)."""
+        self.tokenizer = self._shared_tokenizer(resolve_tokenizer(config.tokenizer, adapter_paths, self.vocab_size))
         self.served: dict[str, ServedAdapter] = {
             self.base_name: ServedAdapter(self.base_name, BASE_SLOT, self.tokenizer,
                                           resolve_template("auto", self.tokenizer))}
@@ -450,6 +452,17 @@ class Engine:
             except FinetuneError as e:
                 self.skipped[name] = str(e)
 
+    def _shared_tokenizer(self, tokenizer: Tokenizer) -> Tokenizer:
+        """The instance already serving `tokenizer`'s spec, else `tokenizer`, made ready to decode.
+
+        Why: each World tokenizer parses its 65536-line vocabulary file on its first decode (~1 s here); with an
+        instance per adapter, the first request of every adapter waited that long for its first token (and each
+        held its own copy of the table). Decoding once now moves that second to startup."""
+        if tokenizer.spec not in self._tokenizers:
+            tokenizer.decode([0])
+            self._tokenizers[tokenizer.spec] = tokenizer
+        return self._tokenizers[tokenizer.spec]
+
     def check(self, adapter: Adapter) -> None:
         """Refuse (one line) an adapter this server cannot serve: another family or base, or full tensors."""
         check_adapter(adapter, self.shapes, self.base_fingerprint, family=self.family, force=self.config.force,
@@ -469,7 +482,8 @@ class Engine:
             raise FinetuneError(f"adapter name {name!r} is already served")
         adapter = adapter if adapter is not None else read_adapter(path)
         self.check(adapter)
-        tokenizer = adapter_tokenizer(adapter) or self.tokenizer
+        tokenizer = adapter_tokenizer(adapter)
+        tokenizer = self.tokenizer if tokenizer is None else self._shared_tokenizer(tokenizer)
         if tokenizer.vocab_size > self.vocab_size:
             raise FinetuneError(f"adapter {path}: its tokenizer has {tokenizer.vocab_size} tokens, the model "
                                 f"{self.vocab_size}")
