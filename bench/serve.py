@@ -10,9 +10,10 @@ time. The `generate_tokens` peer runs one stream on a model with one adapter plu
 prompt length and token count. Rounds are interleaved and the best of each kept (the machine is shared).
 
 Next to wall-clock tok/s, tok per CPU-second: generated tokens / the process's CPU time over the same run. With
-`--threads 1` that is the run's speed on a core of its own (the engine's worker and torch's one thread do all the
-work), so it stays put while other jobs take turns on the cores, which wall time does not; with more threads it also
-counts their spinning and is no speed. Writes bench/RESULTS-serve.md.
+`--threads 1` that is about the run's speed on a core of its own (the engine's worker and torch's one thread do all
+the work): other jobs' turns on the cores do not count, their contention for memory and caches still does (one
+stream: 23-25 tok per CPU-second at a load average of 4-5, 27-29 near 3), so it is steadier than wall time, not
+immune. With more threads it also counts their spinning and is no speed. Writes bench/RESULTS-serve.md.
 """
 
 from __future__ import annotations
