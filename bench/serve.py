@@ -8,7 +8,12 @@ to the engine at once (adapters assigned round-robin over the three adapters and
 random prompt each) and times the whole batch, prompts' prefill included: aggregate tok/s = generated tokens / wall
 time. The `generate_tokens` peer runs one stream on a model with one adapter plugged in (`attach_adapters`), same
 prompt length and token count. Rounds are interleaved and the best of each kept (the machine is shared).
-Writes bench/RESULTS-serve.md.
+
+Next to wall-clock tok/s, tok per CPU-second: generated tokens / the process's CPU time over the same run. With
+`--threads 1` that is about the run's speed on a core of its own (the engine's worker and torch's one thread do all
+the work): other jobs' turns on the cores do not count, their contention for memory and caches still does (one
+stream: 23-25 tok per CPU-second at a load average of 4-5, 27-29 near 3), so it is steadier than wall time, not
+immune. With more threads it also counts their spinning and is no speed. Writes bench/RESULTS-serve.md.
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 60000, (args.prompt,), generator=g).tolist() for _ in range(max(args.streams))]
 
-    def run_engine(n: int) -> tuple[float, float, int]:
+    def run_engine(n: int) -> tuple[float, float, int, float]:
         done = threading.Semaphore(0)
         usages = []
 
@@ -96,37 +101,39 @@ def main() -> None:
             elif event.kind == "error":
                 raise RuntimeError(event.text)
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(n):
             engine.submit(GenerationRequest(names[i % len(names)], prompts[i], args.tokens, temperature=0.0),
                           on_event)
         for _ in range(n):
             done.acquire()
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         tokens = sum(u.completion_tokens for u in usages)
-        return tokens / wall, sum(u.time_to_first_token for u in usages) / n, tokens
+        return tokens / wall, sum(u.time_to_first_token for u in usages) / n, tokens, tokens / cpu
 
-    def run_generate() -> tuple[float, float, int]:
-        t0 = time.perf_counter()
+    def run_generate() -> tuple[float, float, int, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         first = None
         n = 0
         for _ in generate_tokens(peer, prompts[0], max_tokens=args.tokens, temperature=0.0, stop_token=None):
             first = first or time.perf_counter() - t0
             n += 1
-        return n / (time.perf_counter() - t0), first, n
+        return n / (time.perf_counter() - t0), first, n, n / (time.process_time() - c0)
 
     run_engine(1)  # warm-up (kernels, allocator)
     run_generate()
     settings = {"generate_tokens, 1 stream (a0)": run_generate}
     for n in args.streams:
         settings[f"engine, {n} stream{'s' if n > 1 else ''}"] = lambda n=n: run_engine(n)
-    runs: dict[str, list[tuple[float, float, int]]] = {k: [] for k in settings}
+    runs: dict[str, list[tuple[float, float, int, float]]] = {k: [] for k in settings}
     for _ in range(args.rounds):
         for k, f in settings.items():
             runs[k].append(f())
     best = {k: max(v) for k, v in runs.items()}
+    best_cpu = {k: max(x[3] for x in v) for k, v in runs.items()}
     one = best[f"engine, 1 stream"][0]
     peer_speed = best["generate_tokens, 1 stream (a0)"][0]
+    one_cpu, peer_cpu = best_cpu["engine, 1 stream"], best_cpu["generate_tokens, 1 stream (a0)"]
     rows = ["# Serving benchmark", "",
             f"Random fp32 RWKV-4 {args.n_layer} x {args.n_embd}, vocab {args.vocab}; 3 r={args.r} att+ffn LoRA "
             f"adapters plugged in unmerged, streams round-robin over them and the base; {args.prompt}-token prompts "
@@ -134,11 +141,16 @@ def main() -> None:
             f"torch {torch.__version__}, {torch.get_num_threads()} threads on a 2-core machine shared with other "
             f"jobs.", "",
             "Command: `python bench/serve.py " + " ".join(sys.argv[1:]) + "`", "",
-            "| setting | aggregate tok/s | vs engine 1 stream | vs generate_tokens | mean time to first token |",
-            "|---|---|---|---|---|"]
-    for k, (speed, ttft, _) in best.items():
-        rows.append(f"| {k} | {speed:.1f} | {speed / one:.2f}x | {speed / peer_speed:.2f}x | {ttft * 1000:.0f} ms |")
+            "| setting | aggregate tok/s | vs engine 1 stream | vs generate_tokens | mean time to first token "
+            "| tok per CPU-second | vs engine 1 stream | vs generate_tokens |",
+            "|---|---|---|---|---|---|---|---|"]
+    for k, (speed, ttft, _, _) in best.items():
+        c = best_cpu[k]
+        rows.append(f"| {k} | {speed:.1f} | {speed / one:.2f}x | {speed / peer_speed:.2f}x | {ttft * 1000:.0f} ms "
+                    f"| {c:.1f} | {c / one_cpu:.2f}x | {c / peer_cpu:.2f}x |")
     rows += ["", "All rounds (tok/s): " + "; ".join(f"{k}: {[round(x[0], 1) for x in v]}" for k, v in runs.items()),
+             "", "All rounds (tok per CPU-second): "
+             + "; ".join(f"{k}: {[round(x[3], 1) for x in v]}" for k, v in runs.items()),
              "", "Targets: >= 4x aggregate at 8 streams vs 1; 1 stream >= 0.9x generate_tokens.", ""]
     engine.close()
     (ROOT / "bench" / "RESULTS-serve.md").write_text("\n".join(rows))

@@ -524,3 +524,58 @@ def test_no_pack_keeps_one_copy_and_the_same_text(env):
         assert engine_text(engine, "a2", PROMPT, 10, env["tok"]) == expected(env, "a2", PROMPT, 10)
     finally:
         engine.close()
+
+
+def test_adapters_with_one_tokenizer_share_one_ready_instance(tmp_path):
+    """Served names whose tokenizer is the same (here World, recorded by two adapters and given for the base) use one
+    tokenizer object, whose vocabulary is already read when the engine starts: the first request of each adapter
+    used to wait ~1 s while its own copy parsed the vocabulary file."""
+    base = write_checkpoint(tmp_path / "w.pth", random_rwkv4_state_dict(1, 16, 65536, seed=2))
+    adapters = {name: str(make_adapter(base, tmp_path / name, seed=i, r=2, train=(), tokenizer="world"))
+                for i, name in enumerate(["w1", "w2"])}
+    engine = Engine(ServeConfig(model=str(base), adapters=adapters, tokenizer="world", dtype="fp32"))
+    try:
+        toks = {name: engine.served[name].tokenizer for name in ["w1", "w2", "w"]}
+        assert toks["w1"] is toks["w2"] is toks["w"] is engine.tokenizer
+        assert engine.tokenizer._id_to_bytes is not None  # read at startup, not by the first request
+        assert engine_text(engine, "w2", "Hello", 3, engine.tokenizer) == \
+            generate_text(load_model(base, [adapters["w2"]], dtype="fp32"), load_tokenizer("world"), "Hello",
+                          max_tokens=3, temperature=0.0)[0]
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_mixed_rows_get_their_own_adapter_at_every_position(packed):
+    """`MultiLoRALinear` on a batch of rows with different adapters (and none), one token and several (a prefill's
+    [B, T, in]): each row is x W^T + (x A_s^T) (scaling B_s)^T of its own adapter, computed here in float64."""
+    from finetune.serve.engine import LoRARouting, MultiLoRALinear, PackedLinear, pack_weight
+
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(24, 40, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 24, generator=g))
+    if packed:
+        if pack_weight(lin.weight) is None:
+            pytest.skip("no oneDNN in this torch")
+        lin = PackedLinear(lin, pack_weight(lin.weight))
+    routing = LoRARouting()
+    layer = MultiLoRALinear(lin, routing)
+    factors = {1: (torch.randn(3, 24, generator=g), torch.randn(40, 3, generator=g), 0.5),
+               2: (torch.randn(5, 24, generator=g), torch.randn(40, 5, generator=g), 2.0)}
+    for slot, (A, B, scaling) in factors.items():
+        layer.set_slot(slot, A, B, scaling)
+    slots = [1, 0, 2, 1, 2]
+    for T in (1, 4):
+        x = torch.randn(len(slots), T, 24, generator=g)
+        routing.set(slots)
+        with torch.inference_mode():
+            got = layer(x)
+        routing.clear()
+        W = lin.weight.detach().double()
+        for i, s in enumerate(slots):
+            want = x[i].double() @ W.T
+            if s in factors:
+                A, B, scaling = factors[s]
+                want = want + (x[i].double() @ A.double().T) @ (scaling * B.double()).T
+            torch.testing.assert_close(got[i].double(), want, rtol=1e-5, atol=1e-4)
