@@ -495,16 +495,18 @@ def engine_text(engine: Engine, name: str, prompt: str, tokens: int, tok) -> str
     return "".join(parts)
 
 
-def test_quantized_base_served_like_generate_quant(env):
-    """`serve --quant int8`: the block projections are held quantized (nothing packed), and an adapter's greedy text
-    equals `generate --quant int8` with that adapter plugged in (plugin.load_model(quant=...)). NF4 needs matrices
-    of 16384+ weights (test_quant covers it); this base is 32 wide."""
-    quant = "int8"
+@pytest.mark.parametrize("quant", ["int8", "bf16"])
+def test_quantized_base_served_like_generate_quant(env, quant):
+    """`serve --quant int8|bf16`: the block projections are held quantized / in bf16 (nothing packed), and an
+    adapter's greedy text equals `generate --quant` with that adapter plugged in (plugin.load_model(quant=...)).
+    NF4 needs matrices of 16384+ weights (test_quant covers it); this base is 32 wide."""
     config = ServeConfig(**{**env["config"].__dict__, "adapters_dir": None, "allow_upload": False, "quant": quant})
     engine = Engine(config)
     try:
         from finetune.quant import is_quantized
-        assert is_quantized(engine.model.blocks[0].att.key.weight)
+        key = engine.model.blocks[0].att.key
+        assert is_quantized(key.weight) if quant == "int8" else key.weight.dtype == torch.bfloat16
+        assert getattr(key, "packed", None) is None
         got = engine_text(engine, "a1", PROMPT, 10, env["tok"])
     finally:
         engine.close()

@@ -117,6 +117,7 @@ class PackedLinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
+        self.compute_dtype = getattr(base, "compute_dtype", base.weight.dtype)  # a narrow-held weight's model dtype
         self.packed = packed
         """oneDNN's packed weight (`pack_weight`), or None (then every product is `quant_linear`'s)."""
 
@@ -163,12 +164,12 @@ class MultiLoRALinear(PackedLinear):
         super().__init__(base, base.packed if isinstance(base, PackedLinear) else None)
         self.routing = routing
         self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        """slot -> (A [r, in], scaling * B [out, r]) in the weight's dtype."""
+        """slot -> (A [r, in], scaling * B [out, r]) in the model's dtype."""
         self._batch: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         """(routing version, A_cat^T [in, sum r], B_cat^T [sum r, out], mask [B, 1, sum r]) for the current rows."""
 
     def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
-        dtype, device = self.weight.dtype, self.weight.device
+        dtype, device = self.compute_dtype, self.weight.device
         self.pairs[slot] = (A.to(device=device, dtype=dtype), (B.float() * scaling).to(device=device, dtype=dtype))
         self._batch = None
 
