@@ -102,10 +102,8 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _plain_fp32(*ts: torch.Tensor | None) -> bool:
-    """Whether every tensor is a plain contiguous float32 CPU tensor: what the compiled one-token step reads (a
-    tensor subclass, e.g. a quantized weight, could mean something else than its raw data)."""
-    return all(type(t) in (torch.Tensor, nn.Parameter) and t.dtype == torch.float32 and t.is_cpu
-               and t.is_contiguous() for t in ts)
+    """Whether every tensor is there, float32, on the CPU and contiguous: what the compiled one-token step reads."""
+    return all(t is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in ts)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -190,21 +188,12 @@ class TimeMix(nn.Module):
         y = torch.addcmul(y, (r * k * self.r_k).sum(dim=-1, keepdim=True), v)
         return self.output(_as(y.view(B * T, C) * g, x.dtype)).view(B, T, C), v_first, wkv_state
 
-    def fusable(self) -> bool:
-        """Whether `one_token` computes what `forward` does for this layer: every small tensor a plain float32 one
-        and ln_x a plain GroupNorm. (The projections are called as modules either way, LoRA-wrapped or not.)"""
-        v_mix = (self.v0, self.v1, self.v2) if hasattr(self, "v0") else ()
-        return (type(self.ln_x) is nn.GroupNorm and self.ln_x.affine
-                and _plain_fp32(self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g, self.w0, self.w1, self.w2,
-                                self.a0, self.a1, self.a2, *v_mix, self.g1, self.g2, self.k_k, self.k_a, self.r_k,
-                                self.ln_x.weight, self.ln_x.bias))
-
     def one_token(self, step, x: torch.Tensor, v_first: torch.Tensor | None, state: RNNState, new: RNNState,
                   layer: int, ln1: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` (with the block's ln1 before it) for one token per row through the compiled step (`step`,
         finetune.ops.rwkv7_step): x [B, C] fp32 (the block's input, before ln1) -> (input of the output projection
         [B, C], v_first [B, C]). Reads this layer's shift and WKV state from `state`, writes the new ones into `new`.
-        Only when `fusable()`, without autograd (RWKV7.forward decides)."""
+        Only when the block is `fusable()`, without autograd (RWKV7.forward decides)."""
         xr, xw, xk, xv, xa, xg = step.time_mix_in(x, state.att_shift, new.att_shift, layer, ln1.weight, ln1.bias,
                                                   ln1.eps, self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
@@ -265,11 +254,17 @@ class Block(nn.Module):
         return x, v_first, xa[:, -1], wkv_state, xf[:, -1]
 
     def fusable(self) -> bool:
-        """Whether `one_token` is exact for what this block holds (see TimeMix.fusable)."""
-        return (type(self.ln1) is nn.LayerNorm and type(self.ln2) is nn.LayerNorm and self.ln1.elementwise_affine
-                and self.ln2.elementwise_affine and self.ln1.bias is not None and self.ln2.bias is not None
-                and _plain_fp32(self.ln1.weight, self.ln1.bias, self.ln2.weight, self.ln2.bias, self.ffn.x_k)
-                and self.att.fusable())
+        """Whether `one_token` computes what `forward` does for this block: plain LayerNorms and GroupNorm with
+        weight and bias, and every small tensor (mixes, decay/rate/residual/gate factors, k_k, k_a, r_k, the norms'
+        weights) float32 and contiguous. The projections are called as modules either way (LoRA-wrapped, quantized
+        or plain), so they do not matter here. Runs on every one-token call: it reads the modules' parameter dicts
+        directly (nn.Module attribute lookups would cost more than the check)."""
+        att, ffn = self.att, self.ffn
+        norms = (self.ln1, self.ln2, att.ln_x)
+        return (tuple(map(type, norms)) == (nn.LayerNorm, nn.LayerNorm, nn.GroupNorm)
+                and _plain_fp32(*att._parameters.values(), *ffn._parameters.values(),
+                                *(p for norm in norms for p in (norm._parameters.get("weight"),
+                                                                norm._parameters.get("bias")))))
 
     def one_token(self, step, x: torch.Tensor, v_first: torch.Tensor | None, state: RNNState, new: RNNState,
                   layer: int) -> tuple[torch.Tensor, torch.Tensor]:
