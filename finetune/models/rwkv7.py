@@ -19,6 +19,13 @@ One block (x = ln1 output, xx = the previous token's x minus x; the carried shif
     out = output((GroupNorm_H(y) + sum_head(r * k * r_k) * v) * g)
 and the channel-mix `value(relu(key(x + xx * x_k)) ** 2)`; `x = ln0(emb)` before block 0, `head(ln_out(x))` after.
 
+One token at a time without autograd (generation: `step`), in float32 on the CPU, each block runs `Block.one_token`
+instead: the same arithmetic, but everything between the projections (ln1/ln2, the mixes, the four low-rank paths,
+the key normalisation, the WKV-7 update, ln_x, bonus and gate) in three compiled calls per layer
+(`finetune.ops.rwkv7_step`), while the six projections are still the layers' own nn.Linear modules (so LoRA-wrapped
+or quantized ones behave as in `forward`). `RWKV7._one_token_step` decides; anything else (training, float64,
+bf16/fp16 weights, several tokens, no compiler) runs the PyTorch path below.
+
 The recurrent state is an `RNNState`: att_shift [B, L, C], wkv [B, L, H, N, N] (row = value index, column = key
 index: the `rwkv` package's v7 layout, so states compare with its list `state[3 * l + 1]` directly), ffn_shift
 [B, L, C]. `v_first` is layer 0's value at the same position: recomputed by every forward, never part of the state.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn as nn
@@ -188,8 +196,8 @@ class TimeMix(nn.Module):
         y = torch.addcmul(y, (r * k * self.r_k).sum(dim=-1, keepdim=True), v)
         return self.output(_as(y.view(B * T, C) * g, x.dtype)).view(B, T, C), v_first, wkv_state
 
-    def one_token(self, step, x: torch.Tensor, v_first: torch.Tensor | None, state: RNNState, new: RNNState,
-                  layer: int, ln1: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    def one_token(self, step: ModuleType, x: torch.Tensor, v_first: torch.Tensor | None, state: RNNState,
+                  new: RNNState, layer: int, ln1: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` (with the block's ln1 before it) for one token per row through the compiled step (`step`,
         finetune.ops.rwkv7_step): x [B, C] fp32 (the block's input, before ln1) -> (input of the output projection
         [B, C], v_first [B, C]). Reads this layer's shift and WKV state from `state`, writes the new ones into `new`.
@@ -222,8 +230,8 @@ class ChannelMix(nn.Module):
         k = torch.relu(self.key(torch.lerp(x, prev, _as(self.x_k, x.dtype)).view(B * T, C))) ** 2  # 2-D: see TimeMix
         return self.value(k).view(B, T, C)
 
-    def one_token(self, step, x: torch.Tensor, dx: torch.Tensor, state: RNNState, new: RNNState, layer: int,
-                  ln2: nn.LayerNorm) -> torch.Tensor:
+    def one_token(self, step: ModuleType, x: torch.Tensor, dx: torch.Tensor, state: RNNState, new: RNNState,
+                  layer: int, ln2: nn.LayerNorm) -> torch.Tensor:
         """The residual add x + dx, ln2 and `forward` for one token per row through the compiled step: x, dx [B, C]
         fp32 -> the block's output [B, C]. Writes this layer's new shift into `new` (see TimeMix.one_token)."""
         x, xk = step.channel_mix_in(x, dx, state.ffn_shift, new.ffn_shift, layer, ln2.weight, ln2.bias, ln2.eps,
@@ -266,8 +274,8 @@ class Block(nn.Module):
                                 *(p for norm in norms for p in (norm._parameters.get("weight"),
                                                                 norm._parameters.get("bias")))))
 
-    def one_token(self, step, x: torch.Tensor, v_first: torch.Tensor | None, state: RNNState, new: RNNState,
-                  layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def one_token(self, step: ModuleType, x: torch.Tensor, v_first: torch.Tensor | None, state: RNNState,
+                  new: RNNState, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` for one token per row through the compiled step: x [B, C] -> (x, v_first), this layer's
         state read from `state` and written into `new`."""
         y, v_first = self.att.one_token(step, x, v_first, state, new, layer, self.ln1)
@@ -312,7 +320,7 @@ class RWKV7(RWKVModel):
             return logits, RNNState(*(torch.stack([_at_least_fp32(t[j]) for t in layers], dim=1) for j in range(3)))
         return logits
 
-    def _one_token_step(self, x: torch.Tensor, state: RNNState):
+    def _one_token_step(self, x: torch.Tensor, state: RNNState) -> ModuleType | None:
         """The compiled one-token step (finetune.ops.rwkv7_step) when it computes exactly what the PyTorch path
         would for this call: one token (x [B, 1, C]), float32 on the CPU, nothing recording gradients nor autocast
         changing dtypes, a float32 state, and blocks holding plain float32 small tensors (`Block.fusable`). Else
@@ -324,7 +332,7 @@ class RWKV7(RWKVModel):
             return None
         return step_kernel()
 
-    def _one_token(self, step, x: torch.Tensor, state: RNNState) -> tuple[torch.Tensor, RNNState]:
+    def _one_token(self, step: ModuleType, x: torch.Tensor, state: RNNState) -> tuple[torch.Tensor, RNNState]:
         """Every block on one token through the compiled step: x [B, 1, C] (after ln0) -> (x [B, 1, C] before
         ln_out, the new state). Each block writes its pieces of the new state in place (no stacking at the end)."""
         B, _, C = x.shape

@@ -9,10 +9,12 @@ lists the functions and shapes); `finetune.models.rwkv7` decides when that is ex
 
 from __future__ import annotations
 
+from types import ModuleType
+
 from finetune.ops.build import load_extension
 
 
-def step_kernel():
+def step_kernel() -> ModuleType | None:
     """The compiled one-token extension for the CPU, or None when it cannot be built (then the PyTorch path runs;
     one warning says why)."""
     return load_extension("rwkv7_step", cpu_sources=["rwkv7_step_cpu.cpp"], device_type="cpu")
