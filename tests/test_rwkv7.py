@@ -240,6 +240,30 @@ def test_compiled_one_token_step_is_used_exactly_where_it_is_exact():
         torch.testing.assert_close(got, want, rtol=0, atol=5e-5)
 
 
+def test_one_token_steps_fall_back_when_the_extension_does_not_build(monkeypatch):
+    """No compiler (load_extension gives None): `step` runs the PyTorch path and gives the same logits and state as
+    the compiled one, within the whole-model bound above."""
+    import finetune.models.rwkv7 as rwkv7
+
+    case = CASES["L2-C64-H1-fp32"]
+    model = build_from_state_dict(case.state_dict()).cast(torch.float32).eval()
+    tokens = prompt(case, 6)
+    compiled, state = [], None
+    for t in tokens.tolist():
+        logits, state = model.step([t], state)
+        compiled.append(logits)
+    monkeypatch.setattr(rwkv7, "step_kernel", lambda: None)
+    with torch.no_grad():
+        assert model._one_token_step(torch.zeros(1, 1, case.n_embd), model.zero_state(1, "cpu")) is None
+    fallback, fallback_state = [], None
+    for t in tokens.tolist():
+        logits, fallback_state = model.step([t], fallback_state)
+        fallback.append(logits)
+    torch.testing.assert_close(torch.stack(fallback), torch.stack(compiled), rtol=0, atol=5e-5)
+    for got, want in zip(fallback_state.tensors().values(), state.tensors().values()):
+        torch.testing.assert_close(got, want, rtol=0, atol=5e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_runs_close_to_fp32(dtype):
     """Kept in 16 bits (w0 stays fp32), the parallel forward and the steps stay close to the fp32 model."""
