@@ -5,7 +5,8 @@
 A random fp32 RWKV-7 (12 x 768, 12 heads of 64, RWKV-LM's low-rank widths, vocab 65536) is written once. Measured
 one token at a time, batch 1, after a short warm-up: the `rwkv` package 0.8.32 (`RWKV_V7_ON=1`, `cpu fp32`; its
 RWKV-7 is always TorchScript-compiled, as ChatRWKV users run it) `model.forward([token], state)`, and ours
-`model.step([token], state)` (the T == 1 path of the same forward that trains). Writes bench/RESULTS-generate-rwkv7.md.
+`model.step([token], state)` (the T == 1 call of the same forward that trains, which for fp32 on the CPU runs the
+compiled one-token step: `finetune.ops.rwkv7_step`). Writes bench/RESULTS-generate-rwkv7.md.
 """
 
 from __future__ import annotations

@@ -19,6 +19,13 @@ One block (x = ln1 output, xx = the previous token's x minus x; the carried shif
     out = output((GroupNorm_H(y) + sum_head(r * k * r_k) * v) * g)
 and the channel-mix `value(relu(key(x + xx * x_k)) ** 2)`; `x = ln0(emb)` before block 0, `head(ln_out(x))` after.
 
+One token at a time without autograd (generation: `step`), in float32 on the CPU, each block runs `Block.one_token`
+instead: the same arithmetic, but everything between the projections (ln1/ln2, the mixes, the four low-rank paths,
+the key normalisation, the WKV-7 update, ln_x, bonus and gate) in three compiled calls per layer
+(`finetune.ops.rwkv7_step`), while the six projections are still the layers' own nn.Linear modules (so LoRA-wrapped
+or quantized ones behave as in `forward`). `RWKV7._one_token_step` decides; anything else (training, float64,
+bf16/fp16 weights, several tokens, no compiler) runs the PyTorch path below.
+
 The recurrent state is an `RNNState`: att_shift [B, L, C], wkv [B, L, H, N, N] (row = value index, column = key
 index: the `rwkv` package's v7 layout, so states compare with its list `state[3 * l + 1]` directly), ffn_shift
 [B, L, C]. `v_first` is layer 0's value at the same position: recomputed by every forward, never part of the state.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn as nn
@@ -36,6 +44,7 @@ import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
 from finetune.models.family import Family, RNNState, RWKVModel
+from finetune.ops.rwkv7_step import step_kernel
 from finetune.ops.wkv7 import wkv7
 
 # Kept float32 whatever the model is cast to. w0 is the decay's bias: the per-token log decay is
@@ -98,6 +107,11 @@ class RWKV7Config:
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in dtype, without a dispatch when it already is (the one-token path counts its operations)."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def _plain_fp32(*ts: torch.Tensor | None) -> bool:
+    """Whether every tensor is there, float32, on the CPU and contiguous: what the compiled one-token step reads."""
+    return all(t is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in ts)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -182,6 +196,20 @@ class TimeMix(nn.Module):
         y = torch.addcmul(y, (r * k * self.r_k).sum(dim=-1, keepdim=True), v)
         return self.output(_as(y.view(B * T, C) * g, x.dtype)).view(B, T, C), v_first, wkv_state
 
+    def one_token(self, step: ModuleType, x: torch.Tensor, v_first: torch.Tensor | None, state: RNNState,
+                  new: RNNState, layer: int, ln1: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` (with the block's ln1 before it) for one token per row through the compiled step (`step`,
+        finetune.ops.rwkv7_step): x [B, C] fp32 (the block's input, before ln1) -> (input of the output projection
+        [B, C], v_first [B, C]). Reads this layer's shift and WKV state from `state`, writes the new ones into `new`.
+        Only when the block is `fusable()`, without autograd (RWKV7.forward decides)."""
+        xr, xw, xk, xv, xa, xg = step.time_mix_in(x, state.att_shift, new.att_shift, layer, ln1.weight, ln1.bias,
+                                                  ln1.eps, self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
+        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
+        v_mix = (self.v0, self.v1, self.v2) if self.layer_id > 0 else (None, None, None)  # block 0 makes v_first
+        return step.time_mix_out(r, k, v, xw, xv, xa, xg, v_first, self.w0, self.w1, self.w2, self.a0, self.a1,
+                                 self.a2, *v_mix, self.g1, self.g2, self.k_k, self.k_a, self.r_k, self.ln_x.weight,
+                                 self.ln_x.bias, self.ln_x.eps, state.wkv, new.wkv, layer)
+
 
 class ChannelMix(nn.Module):
     """The feed-forward sub-block: token shift and a squared-ReLU MLP (no receptance gate in RWKV-7)."""
@@ -201,6 +229,14 @@ class ChannelMix(nn.Module):
             prev = torch.cat([prev, x[:, :-1]], dim=1)  # (B, T, C)
         k = torch.relu(self.key(torch.lerp(x, prev, _as(self.x_k, x.dtype)).view(B * T, C))) ** 2  # 2-D: see TimeMix
         return self.value(k).view(B, T, C)
+
+    def one_token(self, step: ModuleType, x: torch.Tensor, dx: torch.Tensor, state: RNNState, new: RNNState,
+                  layer: int, ln2: nn.LayerNorm) -> torch.Tensor:
+        """The residual add x + dx, ln2 and `forward` for one token per row through the compiled step: x, dx [B, C]
+        fp32 -> the block's output [B, C]. Writes this layer's new shift into `new` (see TimeMix.one_token)."""
+        x, xk = step.channel_mix_in(x, dx, state.ffn_shift, new.ffn_shift, layer, ln2.weight, ln2.bias, ln2.eps,
+                                    self.x_k)
+        return x + self.value(step.relu_square_(self.key(xk)))
 
 
 class Block(nn.Module):
@@ -225,6 +261,26 @@ class Block(nn.Module):
         x = x + self.ffn(xf, ffn_shift)
         return x, v_first, xa[:, -1], wkv_state, xf[:, -1]
 
+    def fusable(self) -> bool:
+        """Whether `one_token` computes what `forward` does for this block: plain LayerNorms and GroupNorm with
+        weight and bias, and every small tensor (mixes, decay/rate/residual/gate factors, k_k, k_a, r_k, the norms'
+        weights) float32 and contiguous. The projections are called as modules either way (LoRA-wrapped, quantized
+        or plain), so they do not matter here. Runs on every one-token call: it reads the modules' parameter dicts
+        directly (nn.Module attribute lookups would cost more than the check)."""
+        att, ffn = self.att, self.ffn
+        norms = (self.ln1, self.ln2, att.ln_x)
+        return (tuple(map(type, norms)) == (nn.LayerNorm, nn.LayerNorm, nn.GroupNorm)
+                and _plain_fp32(*att._parameters.values(), *ffn._parameters.values(),
+                                *(p for norm in norms for p in (norm._parameters.get("weight"),
+                                                                norm._parameters.get("bias")))))
+
+    def one_token(self, step: ModuleType, x: torch.Tensor, v_first: torch.Tensor | None, state: RNNState,
+                  new: RNNState, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for one token per row through the compiled step: x [B, C] -> (x, v_first), this layer's
+        state read from `state` and written into `new`."""
+        y, v_first = self.att.one_token(step, x, v_first, state, new, layer, self.ln1)
+        return self.ffn.one_token(step, x, self.att.output(y), state, new, layer, self.ln2), v_first
+
 
 class RWKV7(RWKVModel):
     fp32_params = FP32_PARAMS
@@ -245,6 +301,12 @@ class RWKV7(RWKVModel):
         if state is None:
             state = self.empty_state(B, idx.device)
         x = self.blocks[0].ln0(self.emb(idx))
+        step = self._one_token_step(x, state)
+        if step is not None:
+            x, new_state = self._one_token(step, x, state)
+            x = self.ln_out(x)
+            logits = self.head(x) if apply_head else x
+            return (logits, new_state) if return_state else logits
         v_first: torch.Tensor | None = None
         layers = []
         per_layer = zip(state.att_shift.unbind(1), state.wkv.unbind(1), state.ffn_shift.unbind(1))
@@ -257,6 +319,30 @@ class RWKV7(RWKVModel):
             # float32 state whatever the weights' dtype (float64 stays float64: the tests' exact runs)
             return logits, RNNState(*(torch.stack([_at_least_fp32(t[j]) for t in layers], dim=1) for j in range(3)))
         return logits
+
+    def _one_token_step(self, x: torch.Tensor, state: RNNState) -> ModuleType | None:
+        """The compiled one-token step (finetune.ops.rwkv7_step) when it computes exactly what the PyTorch path
+        would for this call: one token (x [B, 1, C]), float32 on the CPU, nothing recording gradients nor autocast
+        changing dtypes, a float32 state, and blocks holding plain float32 small tensors (`Block.fusable`). Else
+        None: float64 (the tests' exact runs), bf16/fp16 weights, training, any other device."""
+        if (x.shape[1] != 1 or x.dtype != torch.float32 or not x.is_cpu or torch.is_grad_enabled()
+                or torch.is_autocast_enabled("cpu")
+                or any(t.dtype != torch.float32 for t in (state.att_shift, state.wkv, state.ffn_shift))
+                or not all(block.fusable() for block in self.blocks)):
+            return None
+        return step_kernel()
+
+    def _one_token(self, step: ModuleType, x: torch.Tensor, state: RNNState) -> tuple[torch.Tensor, RNNState]:
+        """Every block on one token through the compiled step: x [B, 1, C] (after ln0) -> (x [B, 1, C] before
+        ln_out, the new state). Each block writes its pieces of the new state in place (no stacking at the end)."""
+        B, _, C = x.shape
+        state = state.map(torch.Tensor.contiguous)  # e.g. an expanded learned start state
+        new = RNNState(torch.empty_like(state.att_shift), torch.empty_like(state.wkv),
+                       torch.empty_like(state.ffn_shift))
+        x, v_first = x.reshape(B, C), None  # rows of (B, C): the projections are 2-D products
+        for i, block in enumerate(self.blocks):
+            x, v_first = block.one_token(step, x, v_first, state, new, i)
+        return x.view(B, 1, C), new
 
 
 # ----------------------------------------------------------------------------------------------------------------------
