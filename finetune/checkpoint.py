@@ -156,10 +156,10 @@ def check_keys(sd: dict[str, torch.Tensor], family: Family, config, path: str | 
                                 f"(fp32, fp16, bf16) can be used (is it a quantized file? use the original)")
 
 
-def check_values(sd: dict[str, torch.Tensor], path: str | Path = "<memory>") -> None:
-    """Raise a one-line FinetuneError naming the first tensor that holds NaN or an infinity. Tensors memory-mapped
-    from `path` are read in chunks whose pages are released as they go (see `_release`): checking a checkpoint
-    costs a chunk of memory, not the file."""
+def first_non_finite(sd: Mapping[str, torch.Tensor], path: str | Path = "<memory>") -> str | None:
+    """The name of the first tensor that holds NaN or an infinity, or None. Tensors memory-mapped from `path` are
+    read in chunks whose pages are released as they go (see `_release`): checking a checkpoint costs a chunk of
+    memory, not the file."""
     mapped = _mapped_ranges(path)
     for k, v in sd.items():
         finite = True
@@ -167,8 +167,16 @@ def check_values(sd: dict[str, torch.Tensor], path: str | Path = "<memory>") -> 
             finite = finite and all_finite(v[rows])
             _release(v[rows], mapped)
         if not finite:
-            raise FinetuneError(f"{path}: {k} holds NaN or infinite values; the checkpoint is damaged (a diverged "
-                                f"training run?)")
+            return k
+    return None
+
+
+def check_values(sd: dict[str, torch.Tensor], path: str | Path = "<memory>") -> None:
+    """Raise a one-line FinetuneError naming the first tensor that holds NaN or an infinity (`first_non_finite`)."""
+    k = first_non_finite(sd, path)
+    if k is not None:
+        raise FinetuneError(f"{path}: {k} holds NaN or infinite values; the checkpoint is damaged (a diverged "
+                            f"training run?)")
 
 
 def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory>",

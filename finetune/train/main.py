@@ -27,7 +27,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from finetune.adapters import add_lora, unwrap
 from finetune.atomic import atomic_file, remove_stale_temps
-from finetune.checkpoint import fingerprint, read_state_dict
+from finetune.checkpoint import fingerprint, first_non_finite, read_state_dict
 from finetune.data import Corpus, WindowDataset, open_corpus
 from finetune.errors import FinetuneError, first_line
 from finetune.infctx import StateTune, StateTuned
@@ -83,11 +83,12 @@ def check_data(path: str, key: str, cfg: TrainConfig, vocab_size: int, tokenizer
 
 def check_base_finite(sd: dict[str, torch.Tensor], path: str) -> None:
     """A base holding NaN or inf trains to NaN whatever the settings: refuse it before training, by name (and do
-    not let the non-finite guard blame the learning rate later)."""
-    for k, t in sd.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise FinetuneError(f"{path}: the base checkpoint has non-finite weights ({k} holds NaN or infinite values); "
-                                f"training cannot start from it: use an intact checkpoint")
+    not let the non-finite guard blame the learning rate later). Read a chunk at a time, the file's pages released
+    (`isfinite` over the memory-mapped tensors kept the whole file resident: 3 GB at 1.5B, the run's peak)."""
+    k = first_non_finite(sd, path)
+    if k is not None:
+        raise FinetuneError(f"{path}: the base checkpoint has non-finite weights ({k} holds NaN or infinite values); "
+                            f"training cannot start from it: use an intact checkpoint")
 
 
 def _device_count(devices: Any) -> int:
