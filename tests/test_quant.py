@@ -324,19 +324,19 @@ def test_load_peak_memory_near_the_model(tmp_path, suffix):
 
 @pytest.mark.parametrize("mode", ["int8", "nf4", "bf16"])
 def test_big_weights_multiplied_a_block_of_rows_at_a_time(mode):
-    """A 4096 x 1024 weight is dequantized (or widened) in several blocks; forward and input gradient equal the
+    """An 8192 x 1024 weight is dequantized (or widened) in several blocks; forward and input gradient equal the
     product with the whole weight dequantized by the library itself (torchao's own methods, bf16 -> fp32 exact)."""
     g = torch.Generator().manual_seed(5)
-    w = torch.randn(4096, 1024, generator=g) * 0.03
+    w = torch.randn(8192, 1024, generator=g) * 0.03
     q = w.bfloat16() if mode == "bf16" else quant.quantize(w, mode)
     assert len(quant.row_blocks(q)) > 1
     whole = {"int8": lambda: q.dequantize(torch.float32), "nf4": lambda: q.get_original_weight().float(),
              "bf16": lambda: q.float()}[mode]()
     x = (torch.randn(2, 3, 1024, generator=g)).requires_grad_()
     y = quant.linear(x, q)
-    gy = torch.randn(2, 3, 4096, generator=g)
+    gy = torch.randn(2, 3, 8192, generator=g)
     (y * gy).sum().backward()
-    assert y.dtype == torch.float32 and y.shape == (2, 3, 4096)
+    assert y.dtype == torch.float32 and y.shape == (2, 3, 8192)
     torch.testing.assert_close(y, x.detach() @ whole.t(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(x.grad, gy @ whole, atol=1e-4, rtol=1e-4)
 
