@@ -81,6 +81,17 @@ def test_nf4_dequantized_within_documented_error():
     assert quant.quantized_bytes(q) < w.numel() * 0.6  # ~half a byte a weight
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_dequantized_as_torchao_does_bit_for_bit(dtype):
+    """quant.dequantize's own NF4 path equals torchao's get_original_weight exactly, whole and on split blocks."""
+    g = torch.Generator().manual_seed(9)
+    q = quant.quantize((torch.randn(512, 256, generator=g) * 0.05).to(dtype), "nf4")
+    for part in (q, *torch.split(q, 128)):
+        want = part.get_original_weight()
+        got = quant.dequantize(part, dtype)
+        assert got.dtype == want.dtype == dtype and torch.equal(got, want)
+
+
 def test_nf4_refuses_widths_its_blocks_do_not_fit():
     with pytest.raises(FinetuneError, match="blocks.0.att.key.weight .*multiple of 16384"):
         quant.quantize(torch.randn(32, 32), "nf4", "blocks.0.att.key.weight")
