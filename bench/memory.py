@@ -193,8 +193,9 @@ def work_generate(ckpt: str, tokens: int, rounds: int) -> dict:
     for strategy in ("cpu fp32", "cpu fp32i8"):
         m = BlinkRWKV(ckpt, strategy=strategy, verbose=False)
         engines[f"rwkv package ({strategy})"] = (lambda m: lambda t, s: m.forward([t], s)[1])(m)
-    for label, dtype, q in (("fp32", "fp32", "none"), ("bf16", "bf16", "none"), ("--quant int8 (fp32 compute)",
-                            "fp32", "int8"), ("--quant nf4 (fp32 compute)", "fp32", "nf4")):
+    for label, dtype, q in (("fp32", "fp32", "none"), ("bf16", "bf16", "none"),
+                            ("--quant bf16 (fp32 compute)", "fp32", "bf16"),
+                            ("--quant int8 (fp32 compute)", "fp32", "int8"), ("--quant nf4 (fp32 compute)", "fp32", "nf4")):
         m = load_quantized(ckpt, dtype=dtype, quant=q)
         engines[f"rwkv-lora {label}"] = (lambda m: lambda t, s: m.step([t], s)[1])(m)
     runs: dict[str, list[float]] = {k: [] for k in engines}
