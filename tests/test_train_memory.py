@@ -35,7 +35,7 @@ def rss():
 
 x = torch.ones(1 << 21); del x  # an 8 MB tensor freed: glibc's default then raises its mmap threshold past 2 MB
 if sys.argv[1] == "trim":
-    assert memory.trim_between_blocks(RWKV(RWKVConfig(n_layer=1, n_embd=8, vocab_size=16)))
+    assert memory.trim_between_blocks(RWKV(RWKVConfig(n_layer=1, n_embd=8, vocab_size=16)), map_big_allocations=True)
 before = rss(); big, small = [], []
 for i in range(60):
     big.append(torch.ones(512 * 1024))  # 2 MB, touched: a block's activations
@@ -47,7 +47,7 @@ print(grown, rss() - before)
 
 
 def test_big_tensors_freed_between_small_live_ones_go_back_to_the_os():
-    """After trim_between_blocks (which fixes glibc's mmap threshold at 1 MB), 2 MB tensors freed while small
+    """After trim_between_blocks(map_big_allocations=True) (glibc's mmap threshold fixed at 1 MB), 2 MB tensors freed while small
     tensors allocated between them stay alive leave nothing resident; without it (glibc's default, which raises
     the threshold after a big free) they stay in the heap. Each case in a fresh process (the setting is global)."""
     import subprocess

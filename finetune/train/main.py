@@ -178,7 +178,8 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
                        base_precision_dtype(cfg.precision), quant=cfg.base_quant)
     del sd
     base.gradient_checkpointing = cfg.grad_checkpoint
-    if cfg.trim_memory and not trim_between_blocks(base) and not quiet:
+    # the fixed mmap threshold trades speed for memory: only where the base is held narrow to fit in memory
+    if cfg.trim_memory and not trim_between_blocks(base, cfg.base_quant != "none") and not quiet:
         print("note: trim_memory: this C library has no malloc_trim / mallopt (not glibc); ignored", file=sys.stderr)
     model, base, tune = _build_model(cfg, base)
     model.train()
