@@ -25,6 +25,8 @@
 
 #include <torch/extension.h>
 
+#include "cpu_math.h"  // exp_f32
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -34,22 +36,6 @@
 
 namespace {
 
-// e^x, inline and branch-free so that loops over C channels vectorise (the same polynomial as kernels/wkv7_cpu.cpp's
-// exp_f32, Cephes' expf, about 1 ulp; a libm call per element would cost more than the rest of the loop).
-inline float exp_f32(float x0) {
-  const float x = std::min(std::max(x0, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float f = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float e = 1.9875691500e-4f;
-  e = e * f + 1.3981999507e-3f;
-  e = e * f + 8.3334519073e-3f;
-  e = e * f + 4.1665795894e-2f;
-  e = e * f + 1.6666665459e-1f;
-  e = e * f + 5.0000001201e-1f;
-  e = e * f * f + f + 1.0f;
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return x0 < -87.0f ? 0.0f : e * scale;
-}
 inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 // tanh(x) = 1 - 2 / (e^{2x} + 1): saturates to +-1 without overflow (exp_f32 clamps its argument)
 inline float tanh_f32(float x) { return 1.0f - 2.0f / (exp_f32(2.0f * x) + 1.0f); }

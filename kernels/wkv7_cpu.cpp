@@ -39,6 +39,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_math.h"  // exp_f32
+
 namespace wkv7cpu {
 
 #ifndef WKV7_K
@@ -60,24 +62,7 @@ inline void store(bf16* p, float x) {
   p->bits = x != x ? uint16_t(0x7FC0) : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-// e^x, inline and branch-free so that the loop over a head's N decays vectorises (a libm call per element costs
-// about as much as the rest of a forward step): 2^n * e^f with n = round(x / ln 2), |f| <= ln 2 / 2, e^f by the
-// degree-6 polynomial of Cephes' expf (about 1 ulp). Below -87 it returns 0 (the true value is below fp32's normal
-// range), above 88 it saturates at e^88; the decays of RWKV-7 are e^w with w in [-0.61, 0].
-inline float exp_f32(float x0) {
-  const float x = std::min(std::max(x0, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float f = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float e = 1.9875691500e-4f;
-  e = e * f + 1.3981999507e-3f;
-  e = e * f + 8.3334519073e-3f;
-  e = e * f + 4.1665795894e-2f;
-  e = e * f + 1.6666665459e-1f;
-  e = e * f + 5.0000001201e-1f;
-  e = e * f * f + f + 1.0f;
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return x0 < -87.0f ? 0.0f : e * scale;
-}
+// exp_f32 (kernels/cpu_math.h): the decays of RWKV-7 are e^w with w in [-0.61, 0].
 
 template <typename F>
 inline void load_vec(float* __restrict dst, const F* __restrict src, int64_t n) {
