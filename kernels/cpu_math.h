@@ -1,4 +1,4 @@
-// Small float helpers shared by the CPU kernels (kernels/wkv7_cpu.cpp, kernels/rwkv7_step_cpu.cpp).
+// Small float helpers shared by the CPU kernels (wkv_cpu.cpp, wkv7_cpu.cpp, rwkv7_step_cpu.cpp).
 #pragma once
 
 #include <algorithm>

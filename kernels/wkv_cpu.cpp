@@ -26,6 +26,8 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_math.h"  // exp_f32
+
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -51,24 +53,8 @@ inline float to_f(at::BFloat16 x) {
   return f;
 }
 
-// e^x for x <= 0 (all the kernel needs: every exponent is "something minus the max"), inline so that the loops over
-// channels vectorise: 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes
-// expf coefficients, about 1 ulp). Below -87 (e.g. the empty state's p = -1e38) it returns
-// 0 exactly, never NaN.
-inline float exp_nonpos(float x0) {
-  const float x = std::max(x0, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float e = 1.9875691500e-4f;
-  e = e * r + 1.3981999507e-3f;
-  e = e * r + 8.3334519073e-3f;
-  e = e * r + 4.1665795894e-2f;
-  e = e * r + 1.6666665459e-1f;
-  e = e * r + 5.0000001201e-1f;
-  e = e * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return x0 < -87.0f ? 0.0f : e * std::bit_cast<float>(bits);
-}
+// e^x: exp_f32 (kernels/cpu_math.h). Every exponent here is <= 0 ("something minus the max"); below -87 (e.g. the
+// empty state's p = -1e38) it returns 0 exactly, never NaN.
 
 // float -> bf16 bits, round to nearest even (as c10::BFloat16), NaN -> quiet NaN; branch-free so loops vectorise.
 inline uint16_t to_bf16_bits(float f) {
@@ -101,12 +87,12 @@ void forward_tile(const float* __restrict w, const float* __restrict u, const sc
     for (int64_t i = 0; i < n; ++i) {
       const float kk = to_f(kt[i]), vv = to_f(vt[i]);
       const float wo = uu[i] + kk;
-      const float e = exp_nonpos(-std::abs(p[i] - wo));  // one of e^(p-q), e^(wo-q) is 1, q being the max
+      const float e = exp_f32(-std::abs(p[i] - wo));  // one of e^(p-q), e^(wo-q) is 1, q being the max
       const float e1 = p[i] >= wo ? 1.f : e, e2 = p[i] >= wo ? e : 1.f;
       yt[i] = (e1 * a[i] + e2 * vv) / (e1 * b[i] + e2);
       const float ww = p[i] + ww_[i];
       const float q = std::max(ww, kk);
-      const float f = exp_nonpos(-std::abs(ww - kk));
+      const float f = exp_f32(-std::abs(ww - kk));
       const float f1 = ww >= kk ? 1.f : f, f2 = ww >= kk ? f : 1.f;
       a[i] = f1 * a[i] + f2 * vv;
       b[i] = f1 * b[i] + f2;
@@ -136,7 +122,7 @@ inline void advance(const float* __restrict ww_, const scalar_t* __restrict k, c
       const float kk = to_f(kt[i]), vv = to_f(vt[i]);
       const float ww = p[i] + ww_[i];
       const float q = std::max(ww, kk);
-      const float e = exp_nonpos(-std::abs(ww - kk));
+      const float e = exp_f32(-std::abs(ww - kk));
       const float e1 = ww >= kk ? 1.f : e, e2 = ww >= kk ? e : 1.f;
       if (bt) {
         bt[i] = a[i];
@@ -220,7 +206,7 @@ void backward_tile(const float* __restrict w, const float* __restrict u, const s
         float gai = e1u * ga[i], gbi = e1u * gb[i];
         // the output y_t
         const float wo = uu[i] + kk;
-        const float e = exp_nonpos(-std::abs(p - wo));
+        const float e = exp_f32(-std::abs(p - wo));
         const float e1 = p >= wo ? 1.f : e, e2 = p >= wo ? e : 1.f;
         const float inv = 1.f / (e1 * b + e2);
         const float yt = (e1 * a + e2 * vv) * inv;
