@@ -3,6 +3,9 @@ trim runs before every block, in the forward pass and in the recomputation of th
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from finetune.train import memory
 from finetune.train.main import main
 from test_lora import config, setup_dir  # noqa: F401
@@ -28,6 +31,9 @@ def test_trim_memory_keeps_every_loss_and_trims_before_each_block(setup_dir, mon
 PATTERN = """
 import sys, torch
 from finetune.models.rwkv4 import RWKV, RWKVConfig
+import pytest
+import torch
+
 from finetune.train import memory
 
 def rss():
@@ -62,3 +68,29 @@ def test_big_tensors_freed_between_small_live_ones_go_back_to_the_os():
         grown, left[case] = map(int, out.stdout.split())
         assert grown > 100e6, (case, grown)
     assert left["trim"] < 20e6 and left["plain"] > 100e6, left
+
+
+@pytest.mark.parametrize("family", ["rwkv4", "rwkv5", "rwkv6", "rwkv7"])
+def test_what_a_block_returns_owns_its_memory(family):
+    """Every tensor a block returns (the next block's input, v_first, the three state pieces) is its own storage,
+    not a view of a bigger one: a view of a [B, T, C] activation (the token shift is its last row) would keep the
+    whole window alive as long as the state, which with gradient checkpointing is until the backward pass (two
+    [B, T, C] per block, 0.38 GB of a 1.5B RWKV-7's peak at ctx 1024). In training mode, with gradients."""
+    from conftest import random_rwkv4_state_dict
+    from rwkv56_checkpoints import random_rwkv5_state_dict, random_rwkv6_state_dict
+    from rwkv7_helpers import random_rwkv7_state_dict
+
+    from finetune.checkpoint import build_from_state_dict
+
+    sd = {"rwkv4": lambda: random_rwkv4_state_dict(2, 32, 50),
+          "rwkv5": lambda: random_rwkv5_state_dict(2, 32, 50, head_size=16),
+          "rwkv6": lambda: random_rwkv6_state_dict(2, 32, 50, head_size=16),
+          "rwkv7": lambda: random_rwkv7_state_dict(2, 32, 50, head_size=16)}[family]()
+    model = build_from_state_dict(sd).train()
+    returned = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, args, out: returned.extend(t for t in out if torch.is_tensor(t)))
+    model(torch.randint(0, 50, (2, 16)))
+    assert len(returned) >= 2 * 4
+    for t in returned:
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), tuple(t.shape)

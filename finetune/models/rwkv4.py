@@ -90,7 +90,8 @@ class TimeMix(nn.Module):
             y, wkv_state = y.unsqueeze(1), torch.stack([a, b, p], dim=1)
         else:
             y, wkv_state = wkv(self.time_decay, self.time_first, k, v, wkv_state)
-        return self.output(r * y.to(r.dtype)), x[:, -1], wkv_state
+        # the shift is a copy: a view would keep the whole [B, T, C] input alive as long as the state
+        return self.output(r * y.to(r.dtype)), x[:, -1].clone(), wkv_state
 
 
 class ChannelMix(nn.Module):
@@ -111,7 +112,7 @@ class ChannelMix(nn.Module):
         xk = xx + dx * self.time_mix_k
         xr = xx + dx * self.time_mix_r
         k = torch.square(torch.relu(self.key(xk)))
-        return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
+        return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1].clone()
 
 
 class Block(nn.Module):

@@ -134,7 +134,8 @@ class TimeMix(nn.Module):
             y = y.reshape(B, T, C)
         # GroupNorm over each head's N channels, in fp32 (ln_x stays fp32 unless the model was cast around `cast`)
         y = self.ln_x(y.view(B * T, C).to(self.ln_x.weight.dtype)).view(B, T, C)
-        return self.output(y.to(g.dtype) * g), x[:, -1], wkv_state
+        # the shift is a copy: a view would keep the whole [B, T, C] input alive as long as the state
+        return self.output(y.to(g.dtype) * g), x[:, -1].clone(), wkv_state
 
 
 class ChannelMix(nn.Module):
@@ -155,7 +156,7 @@ class ChannelMix(nn.Module):
         xk = torch.lerp(prev, x, self.time_mix_k)  # x * mix + prev * (1 - mix)
         xr = torch.lerp(prev, x, self.time_mix_r)
         k = torch.square(torch.relu(self.key(xk)))
-        return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
+        return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1].clone()
 
 
 class Block(nn.Module):

@@ -141,7 +141,8 @@ class TimeMix(nn.Module):
             y = y.reshape(B, T, C)
         # GroupNorm over each head's N channels, in fp32 (ln_x stays fp32 unless the model was cast around `cast`)
         y = self.ln_x(y.view(B * T, C).to(self.ln_x.weight.dtype)).view(B, T, C)
-        return self.output(y.to(g.dtype) * g), x[:, -1], wkv_state
+        # the shift is a copy: a view would keep the whole [B, T, C] input alive as long as the state
+        return self.output(y.to(g.dtype) * g), x[:, -1].clone(), wkv_state
 
 
 class ChannelMix(nn.Module):
@@ -160,7 +161,8 @@ class ChannelMix(nn.Module):
         """x [B, T, C] (ln2 output), shift [B, C] -> (dx [B, T, C], new shift)."""
         xx = token_shift(x, shift) - x
         k = torch.square(torch.relu(self.key(torch.addcmul(x, xx, self.time_maa_k))))  # x + xx * maa_k
-        return torch.sigmoid(self.receptance(torch.addcmul(x, xx, self.time_maa_r))) * self.value(k), x[:, -1]
+        r = torch.sigmoid(self.receptance(torch.addcmul(x, xx, self.time_maa_r)))
+        return r * self.value(k), x[:, -1].clone()
 
 
 class Block(nn.Module):
