@@ -28,6 +28,26 @@ def test_trim_memory_keeps_every_loss_and_trims_before_each_block(setup_dir, mon
 
 
 
+def test_gradients_are_freed_right_after_each_optimizer_step(setup_dir, monkeypatch):
+    """No gradient is alive while the next step's forward pass runs (Lightning would zero them only after it), and
+    accumulation still adds up within a step: with grad_accum 2, each step's first micro-batch starts with no
+    gradient and its second with the first one's."""
+    from finetune.train.module import LitRWKV
+
+    tmp, ckpt, data, _ = setup_dir
+    seen = []
+    real = LitRWKV.training_step
+
+    def recording(self, batch, batch_idx):
+        seen.append(sum(p.grad is not None for p in self.trainable()))
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(LitRWKV, "training_step", recording)
+    main(config(tmp, ckpt, data, max_steps=3, grad_accum=2, micro_bsz=2), quiet=True)
+    n = len([p for p in seen if p])
+    assert len(seen) == 6 and seen[0::2] == [0, 0, 0] and n == 3 and len(set(seen[1::2])) == 1, seen
+
+
 PATTERN = """
 import sys, torch
 from finetune.models.rwkv4 import RWKV, RWKVConfig

@@ -69,6 +69,14 @@ class LitRWKV(pl.LightningModule):
         opt, sched = build_optimizer(self.trainable(), self.cfg)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The step, then the gradients freed at once: Lightning zeroes them only after the next forward pass, so
+        they would sit through it (LoRA r=64 on a 1.5B RWKV-7: 0.23 GB of the peak). DeepSpeed's engine keeps its
+        own gradient buffers and zeroes them itself."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if not self.cfg.strategy.startswith("deepspeed"):
+            optimizer.zero_grad(set_to_none=True)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
