@@ -99,12 +99,14 @@ def test_weight_decay_only_on_matrices(tmp_path):
 
 
 class GradRecorder(pl.Callback):
-    """The gradients before clipping (on_before_optimizer_step comes before Lightning clips) and after it (still in
-    place at the end of the step: they are zeroed only at the next one)."""
+    """The gradients before clipping (on_before_optimizer_step comes before Lightning clips) and after it, as the
+    update used them (a step post-hook, registered on the first step: Lightning runs the forward and backward passes
+    inside the optimizer's step, so a pre-hook would come before them; the trainer frees them after the step)."""
 
     def __init__(self) -> None:
         self.before: list[list[torch.Tensor]] = []
         self.after: list[list[torch.Tensor]] = []
+        self.hooked = False
 
     @staticmethod
     def grads(pl_module) -> list[torch.Tensor]:
@@ -112,9 +114,9 @@ class GradRecorder(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.before.append(self.grads(pl_module))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.after.append(self.grads(pl_module))
+        if not self.hooked:
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self.after.append(self.grads(pl_module)))
+            self.hooked = True
 
 
 def total_norm(grads: list[torch.Tensor]) -> float:
