@@ -48,6 +48,8 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     (["--lora.parts", "[attn]"], "lora.parts"),
     (["--lora.train", "[bias]"], "lora.train"),
     (["--logger", "tensorboard"], "logger"),
+    (["--optimizer", "sgd"], "optimizer: 'sgd' is not one of adamw, adamw8bit"),
+    (["--optimizer", "adamw8bit", "--strategy", "deepspeed_stage_2"], "optimizer: adamw8bit is not for DeepSpeed"),
     (["--lr"], "--lr needs a value"),
     # non-finite or nonsensical numbers fail here, not as NaN weights later
     (["--lr", "inf"], r"lr: must be a finite number > 0, got inf"),

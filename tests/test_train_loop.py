@@ -178,3 +178,68 @@ def test_the_cli_does_not_import_lightning_until_a_run_starts():
             "print('pytorch_lightning' in sys.modules, 'peft' in sys.modules, 'finetune.train.main' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.stdout.split() == ["False", "False", "False"], out.stderr[-2000:]
+
+
+def reference_adamw(p0: torch.Tensor, grads: list[torch.Tensor], lr: float, betas: tuple[float, float], eps: float,
+                    weight_decay: float) -> torch.Tensor:
+    """AdamW from its definition (Loshchilov & Hutter, torch's form), in float64."""
+    p, m, v = p0.double().clone(), torch.zeros_like(p0, dtype=torch.float64), torch.zeros_like(p0, dtype=torch.float64)
+    for k, g in enumerate(grads, start=1):
+        g = g.double()
+        p *= 1 - lr * weight_decay
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        p -= lr * (m / (1 - betas[0] ** k)) / ((v / (1 - betas[1] ** k)).sqrt() + eps)
+    return p
+
+
+def test_adamw8bit_moves_weights_like_adamw_and_holds_8bit_moments():
+    """optimizer adamw8bit (bitsandbytes): after 6 steps on a LoRA-sized matrix each weight's total move is AdamW's
+    (from its definition, float64) within the 8-bit moments' rounding, and the moments are held in one byte each."""
+    from finetune.train.config import TrainConfig
+    from finetune.train.optim import build_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randn(64, 256, generator=g)
+    grads = [torch.randn(64, 256, generator=g) * (1 + k) for k in range(6)]
+    cfg = TrainConfig(lr=1e-2, lr_final=1e-2, schedule="constant", optimizer="adamw8bit", weight_decay=0.1)
+    param = torch.nn.Parameter(p0.clone())
+    opt, _ = build_optimizer([param], cfg)
+    for grad in grads:
+        param.grad = grad.clone()
+        opt.step()
+    expected = reference_adamw(p0, grads, cfg.lr, tuple(cfg.betas), cfg.eps, cfg.weight_decay)
+    moved, want = (param.detach().double() - p0.double()), expected - p0.double()
+    # measured over four seeds: 0.8% in norm, 2-6% at the worst weight (fp32 torch.optim.AdamW: 4e-6 and 1.5e-5)
+    assert float((moved - want).norm() / want.norm()) < 0.015
+    assert float((moved - want).abs().max()) < 0.1 * float(want.abs().max())
+    moments = [t for t in opt.state[param].values() if torch.is_tensor(t) and t.numel() == param.numel()]
+    assert len(moments) == 2 and all(t.dtype == torch.uint8 for t in moments)
+
+
+def test_adamw8bit_run_trains_and_resumes_exactly(tmp_path):
+    """A LoRA run with optimizer adamw8bit lowers the loss, and a run killed after step 3 and resumed from its
+    last.ckpt (the 8-bit moments saved and read back) gives the same losses as one that was never stopped. C = 128,
+    r = 32: the LoRA matrices have 4096 values, the size bitsandbytes starts holding moments in 8 bits at."""
+    from conftest import random_rwkv4_state_dict, write_checkpoint
+    from train_helpers import KilledForTest, StopAfter
+
+    ckpt = write_checkpoint(tmp_path / "c128.pth", random_rwkv4_state_dict(2, 128, 97, seed=1))
+    data = make_corpus(tmp_path / "train", pattern_tokens())
+    over = {"optimizer": "adamw8bit", "lora.r": 32, "lora.alpha": 32, "max_steps": 8, "save_every": 3,
+            "lr": 3e-3, "lr_final": 3e-3}
+    full = main(config(tmp_path, ckpt, data, out_dir=str(tmp_path / "full"), **over), quiet=True)["losses"]
+    assert np.mean([full[s] for s in (6, 7, 8)]) < np.mean([full[s] for s in (1, 2, 3)]) - 0.5, full
+    with pytest.raises(KilledForTest):
+        main(config(tmp_path, ckpt, data, out_dir=str(tmp_path / "killed"), **over), quiet=True,
+             callbacks=[StopAfter(4)])
+    state = torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)["optimizer_states"][0]["state"]
+
+    def tensors(x):
+        return [x] if torch.is_tensor(x) else [t for v in x.values() for t in tensors(v)] if isinstance(x, dict) else []
+    assert any(t.dtype == torch.uint8 and t.numel() >= 4096 for t in tensors(state))
+    resumed = main(config(tmp_path, ckpt, data, out_dir=str(tmp_path / "killed"), resume=True, **over),
+                   quiet=True)["losses"]
+    assert sorted(resumed) == [4, 5, 6, 7, 8]
+    for s in resumed:
+        assert resumed[s] == full[s], (s, resumed[s], full[s])

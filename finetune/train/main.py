@@ -42,6 +42,7 @@ from finetune.train.loss import window_totals
 from finetune.train.memory import trim_between_blocks
 from finetune.train.layout import FINAL
 from finetune.train.module import LitRWKV
+from finetune.train.optim import optimizer_class
 from finetune.train.report import METRICS_CSV, MetricsLog, plot_losses, summary_line
 from finetune.train.run import (CONFIG_JSON, LAST_CKPT, DirectCheckpointIO, OutDirLock, Run, check_out_dir,
                                 read_resumable)
@@ -137,6 +138,7 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
             raise FinetuneError("logger: wandb needs the wandb package (pip install 'rwkv-lora[wandb]'), or use "
                                 "logger: csv") from None
     lightning_strategy(cfg)  # DeepSpeed without deepspeed or CUDA: one line now, not a traceback later
+    optimizer_class(cfg)  # likewise adamw8bit without bitsandbytes
     if cfg.val_data is None and cfg.val_every:
         raise FinetuneError("val_every: set, but val_data is null")
 

@@ -1,4 +1,5 @@
-"""AdamW over the trained tensors and the learning-rate schedule.
+"""AdamW over the trained tensors (torch's, or bitsandbytes' AdamW8bit with 8-bit moments) and the learning-rate
+schedule.
 
 Weight decay applies to matrices only (LoRA A and B, and emb / head when trained in full), never to the decays,
 bonuses, token-shift mixes, layer norms or a learned state: decaying those toward 0 changes what the model computes,
@@ -19,6 +20,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from finetune.errors import FinetuneError
 from finetune.train.config import TrainConfig
 
 
@@ -55,7 +57,21 @@ def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> l
     return [g for g in groups if g["params"]]
 
 
+def optimizer_class(cfg: TrainConfig) -> type[torch.optim.Optimizer]:
+    """The class `cfg.optimizer` names; a one-line FinetuneError when its package is missing (the trainer asks
+    before loading the model, not after)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW
+    try:
+        from bitsandbytes.optim import AdamW8bit  # optional: block-wise 8-bit moments, CPU and CUDA
+    except ImportError:
+        raise FinetuneError(f"optimizer: {cfg.optimizer} needs bitsandbytes (pip install 'rwkv-lora[quant]'), or "
+                            f"use optimizer: adamw") from None
+    return AdamW8bit
+
+
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig
-                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    opt = torch.optim.AdamW(param_groups(params, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    opt = optimizer_class(cfg)(param_groups(params, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                               eps=cfg.eps)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
