@@ -7,18 +7,15 @@ safetensors, and written back in the same layout: never after an inference loade
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
-import mmap
-import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Container, Mapping
 
 import torch
 from safetensors import safe_open
 
+from finetune import pages
 from finetune.atomic import atomic_file
 from finetune.errors import FinetuneError, first_line
 from finetune.models import Family, detect, parse_dtype
@@ -158,14 +155,14 @@ def check_keys(sd: dict[str, torch.Tensor], family: Family, config, path: str | 
 
 def first_non_finite(sd: Mapping[str, torch.Tensor], path: str | Path = "<memory>") -> str | None:
     """The name of the first tensor that holds NaN or an infinity, or None. Tensors memory-mapped from `path` are
-    read in chunks whose pages are released as they go (see `_release`): checking a checkpoint costs a chunk of
+    read in chunks whose pages are released as they go (`finetune.pages`): checking a checkpoint costs a chunk of
     memory, not the file."""
-    mapped = _mapped_ranges(path)
+    mapped = pages.file_ranges(path)
     for k, v in sd.items():
         finite = True
         for rows in _row_chunks(v):
             finite = finite and all_finite(v[rows])
-            _release(v[rows], mapped)
+            pages.release(v[rows], mapped)
         if not finite:
             return k
     return None
@@ -182,7 +179,7 @@ def check_values(sd: dict[str, torch.Tensor], path: str | Path = "<memory>") -> 
 def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory>",
                           dtype: torch.dtype | None = None,
                           convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-                          keep: Container[str] = ()) -> torch.nn.Module:
+                          keep: Container[str] = (), in_file: Container[str] = ()) -> torch.nn.Module:
     """The model of the checkpoint's family whose parameters are the checkpoint's tensors (built on the meta device:
     no random init). Keys and shapes are checked first.
 
@@ -191,7 +188,10 @@ def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path 
     to it one tensor at a time while the model is built, then `convert(name, tensor)` (e.g. quantization) is applied
     to it; pages of `path`'s memory map are released as they are copied, so the peak memory stays near the model as
     it will be held instead of file + model (a tensor that lives in that map reads back from the file if used again).
-    Tensors named in `keep` are copied in the dtype they are stored in.
+    Tensors named in `keep` are copied in the dtype they are stored in; those also named in `in_file` are not
+    copied at all where they lie in `path`'s memory map (contiguous): they stay in the file, to be read from it as
+    needed and released again (`finetune.pages`; frozen tensors only: a write would be lost), and keep the file's
+    row-major layout.
     """
     family = detect(state_dict, path)
     config = family.config_from_state_dict(state_dict, path)
@@ -209,8 +209,13 @@ def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path 
             if name.endswith(family.fp32_params) and p.dtype != torch.float32:
                 p.data = p.data.float()
         return model
-    mapped = _mapped_ranges(path)
+    mapped = pages.file_ranges(path)
+    left = {}
     for name, src in state_dict.items():
+        if name in keep and name in in_file and not name.endswith(family.fp32_params) and src.is_contiguous() \
+                and any(start <= src.data_ptr() < end for start, end in mapped):
+            left[name] = src
+            continue
         target = (torch.float32 if name.endswith(family.fp32_params) else
                   src.dtype if name in keep else (dtype or src.dtype))
         t = _copy_releasing(src, target, mapped)
@@ -218,6 +223,8 @@ def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path 
             t = convert(name, t)
         _assign(model, name, t)
     tall_weights_column_major_(model)  # the layout a load_state_dict gets from the model's post-hook
+    for name, src in left.items():  # after: a column-major copy would take them out of the file
+        _assign(model, name, src)
     return model
 
 
@@ -231,47 +238,10 @@ def _assign(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
         module._buffers[leaf] = t
 
 
-# Copy a checkpoint tensor while dropping the file pages it came from. Pages of a memory-mapped file count in the
-# process's resident memory once touched; without this, loading an fp16 file into a bf16 model peaks at file + model.
-# madvise(MADV_DONTNEED) on a private file mapping only forgets our copy of the pages: the file is untouched and the
-# data reads back from it on the next access. It is only ever called on ranges of the checkpoint file's own mapping
-# (found in /proc/self/maps), never on anonymous memory (where it would zero the data).
-_MADV_DONTNEED = 4
+# Copying a checkpoint tensor drops the file pages it came from (`finetune.pages`): pages of a memory-mapped file
+# count in the process's resident memory once touched; without this, loading an fp16 file into a bf16 model peaks at
+# file + model.
 _CHUNK_BYTES = 16 << 20  # copy (and release) big tensors 16 MiB at a time
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-if _libc is not None:
-    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-def _mapped_ranges(path: str | Path) -> list[tuple[int, int]]:
-    """Address ranges [start, end) where this process maps the file `path` (Linux); [] elsewhere."""
-    if _libc is None or not Path(path).is_file():
-        return []
-    real = os.path.realpath(path)
-    ranges = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].rstrip("\n") == real:
-                    start, end = (int(x, 16) for x in fields[0].split("-"))
-                    ranges.append((start, end))
-    except OSError:
-        return []
-    return ranges
-
-
-def _release(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
-    """Drop this process's copy of the pages under `t` when they belong to the checkpoint's mapping."""
-    if not mapped or t.numel() == 0:
-        return
-    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    page = mmap.PAGESIZE
-    for start, end in mapped:
-        if start <= lo and hi <= end:
-            a, b = max(start, lo // page * page), min(end, -(-hi // page) * page)
-            _libc.madvise(a, b - a, _MADV_DONTNEED)
-            return
 
 
 def _copy_releasing(src: torch.Tensor, dtype: torch.dtype, mapped: list[tuple[int, int]]) -> torch.Tensor:
@@ -279,7 +249,7 @@ def _copy_releasing(src: torch.Tensor, dtype: torch.dtype, mapped: list[tuple[in
     dst = torch.empty(src.shape, dtype=dtype)
     for rows in _row_chunks(src):
         dst[rows].copy_(src[rows])
-        _release(src[rows], mapped)
+        pages.release(src[rows], mapped)
     return dst
 
 

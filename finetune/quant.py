@@ -34,12 +34,13 @@ import functools
 import logging
 import warnings
 from pathlib import Path
+from typing import Container
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from finetune import checkpoint
+from finetune import checkpoint, pages
 from finetune.errors import FinetuneError
 from finetune.models import detect, parse_dtype
 
@@ -314,9 +315,15 @@ class QuantLinear(nn.Linear):
         self.compute_dtype = compute_dtype or weight.dtype
         """The model's dtype, which this layer's products come out in (a torchao tensor's dtype says it; a plain
         weight held narrower does not): what LoRA factors plugged into it are held in."""
+        self.in_file = type(weight) is torch.Tensor and bool(pages.file_mapping(weight))
+        """A plain weight left in the checkpoint file's memory map (`build_model(in_file=True)`): its pages are
+        released after each product (the fused head-and-loss releases them a block at a time)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
+        if self.in_file:  # the mapping is looked up again: a weight replaced since is no longer released
+            pages.release(self.weight, pages.file_mapping(self.weight))
+        return y
 
     def extra_repr(self) -> str:
         held = quant_mode(self.weight) if is_quantized(self.weight) else str(self.weight.dtype).replace("torch.", "")
@@ -325,7 +332,9 @@ class QuantLinear(nn.Linear):
 
 class HeldEmbedding(nn.Embedding):
     """An nn.Embedding whose frozen table is held in a narrower dtype than the model computes in (a quantized base
-    keeps the checkpoint's bf16 / fp16 table): the looked-up rows are converted, never the table."""
+    keeps the checkpoint's bf16 / fp16 table): the looked-up rows are converted, never the table. A table left in
+    the checkpoint file's memory map (`build_model(in_file=True)`) is read from it: the pages of the rows just looked
+    up are released again, so it costs no memory between lookups."""
 
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype) -> None:
         nn.Module.__init__(self)
@@ -334,9 +343,13 @@ class HeldEmbedding(nn.Embedding):
         self.scale_grad_by_freq, self.sparse = False, False
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.compute_dtype = compute_dtype
+        self.in_file = bool(pages.file_mapping(weight))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.weight).to(self.compute_dtype)
+        rows = F.embedding(idx, self.weight).to(self.compute_dtype)
+        if self.in_file:  # the mapping is looked up again: a weight replaced since is no longer released
+            pages.release(self.weight, pages.file_mapping(self.weight))
+        return rows
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, held={str(self.weight.dtype).replace('torch.', '')}"
@@ -366,10 +379,18 @@ def swap_quantized_linears(model: nn.Module, dtype: torch.dtype | None = None) -
 
 
 def build_model(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory>",
-                dtype: torch.dtype | str | None = None, quant: str | None = "none") -> nn.Module:
+                dtype: torch.dtype | str | None = None, quant: str | None = "none", trained: Container[str] = (),
+                in_file: bool = False) -> nn.Module:
     """The checkpoint's model in `dtype` (None: the device's default, see `default_dtype`), its block projections
     quantized (`quant` int8 / nf4) one tensor at a time while it is built: the peak memory is the model as it will
-    be held, plus one tensor. quant none gives the plain model (still cast tensor by tensor)."""
+    be held, plus one tensor. quant none gives the plain model (still cast tensor by tensor).
+
+    Under a quantized (or bf16-held) base, emb and head stay in the 16-bit dtype the file stores them in, except the
+    tensors named in `trained` (trained in full: held in `dtype`). With `in_file`, those two are not even copied:
+    they stay in the checkpoint file's memory map, read from it a block at a time when used and released again
+    (`finetune.pages`): ~0.27 GB each off a 1.5B RWKV-7's resident memory, for re-reading them (from the page cache
+    while memory is free, else the disk) at every use. For training, whose steps are long; a generation step would
+    re-read the head for every token."""
     mode = check_mode(quant, "quant")
     dtype = default_dtype("cpu") if dtype is None else parse_dtype(dtype)
     if mode == "bf16" and dtype == torch.bfloat16:
@@ -388,13 +409,14 @@ def build_model(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory
         del skeleton
         # emb and head (a 1.5B model's largest frozen matrices: 1.07 GB in fp32) stay as the file holds them when
         # that is 16-bit (published checkpoints are bf16: nothing is lost), widened a block at a time when used
-        keep = {k for k in HELD_AS_STORED if k in state_dict and state_dict[k].dtype.itemsize < dtype.itemsize}
+        keep = {k for k in HELD_AS_STORED if k in state_dict and k not in trained
+                and state_dict[k].dtype.itemsize < dtype.itemsize}
 
         def convert(name: str, t: torch.Tensor) -> torch.Tensor:
             return quantize(t, mode, name) if name in targets else t
 
-        model = swap_quantized_linears(checkpoint.build_from_state_dict(state_dict, path, dtype=dtype,
-                                                                        convert=convert, keep=keep), dtype)
+        model = swap_quantized_linears(checkpoint.build_from_state_dict(
+            state_dict, path, dtype=dtype, convert=convert, keep=keep, in_file=keep if in_file else ()), dtype)
         if "emb.weight" in keep:
             model.emb = HeldEmbedding(model.emb.weight.data, dtype)
         for m in model.modules():

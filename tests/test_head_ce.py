@@ -145,7 +145,7 @@ def test_bf16_head_held_narrow_is_widened_a_block_at_a_time(monkeypatch):
     hidden, weight, targets, mask = case(T=300, V=1000, dtype=torch.float32)
     head = QuantLinear(weight.bfloat16())
     buffer = head_ce.widen_buffer(head.weight, torch.float32)
-    assert head_ce.fusable(head) and len(list(head_ce._widened(head.weight, buffer))) == 4
+    assert head_ce.fusable(head) and len(list(head_ce._widened(head.weight, buffer, []))) == 4
     monkeypatch.setattr(head, "forward", None)  # the fused path must not call the module
     h1 = hidden.clone().requires_grad_()
     total, _ = head_cross_entropy(h1, head, targets, mask)
@@ -156,3 +156,26 @@ def test_bf16_head_held_narrow_is_widened_a_block_at_a_time(monkeypatch):
     assert total.dtype == torch.float32 and head.weight.dtype == torch.bfloat16
     torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=0)
     torch.testing.assert_close(h1.grad.double(), h2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_head_left_in_a_checkpoint_file_is_read_from_it(monkeypatch, tmp_path):
+    """A bf16 head left in a checkpoint's memory map (a quantized base's, `build_model(in_file=True)`): the fused
+    loss reads it a block at a time and releases each block's pages, so after the forward and backward passes at
+    most a block of it is resident, not the whole; the loss and gradient are those of the same head in memory."""
+    from finetune.quant import QuantLinear
+    from test_pages import resident
+
+    monkeypatch.setattr(head_ce, "CHUNK_BYTES", 4 * 512 * 1024)  # blocks of 1024 vocabulary rows (of 8192)
+    hidden, weight, targets, mask = case(T=64, C=512, V=8192, dtype=torch.float32)
+    weight = weight.bfloat16()  # 8 MiB
+    torch.save({"head.weight": weight}, tmp_path / "ckpt.pth")
+    in_file = QuantLinear(torch.load(tmp_path / "ckpt.pth", mmap=True, weights_only=True)["head.weight"])
+    results = []
+    for head in (in_file, QuantLinear(weight.clone())):
+        h = hidden.clone().requires_grad_()
+        total, _ = head_cross_entropy(h, head, targets, mask)
+        total.backward()
+        results.append((total, h.grad))
+    assert resident(in_file.weight) <= 1024 * 512 * 2 + (64 << 10)  # a block and the fault-around, not 8 MiB
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)

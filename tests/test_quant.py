@@ -358,15 +358,21 @@ def bf16_base(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("quant-bf16") / "base-bf16.pth", sd)
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
-def test_bf16_file_keeps_emb_and_head_as_stored(bf16_base, mode):
+@pytest.mark.parametrize("mode, in_file", [("int8", False), ("nf4", False), ("nf4", True)])
+def test_bf16_file_keeps_emb_and_head_as_stored(bf16_base, mode, in_file):
     """From a bf16 checkpoint a quantized fp32 model holds emb and head in bf16 (half their fp32 size, nothing
     rounded) and gives the logits, loss and input gradients of the plain fp32 model with the same dequantized
-    block weights; an fp32 file keeps them fp32 (test above)."""
+    block weights; an fp32 file keeps them fp32 (test above). With `in_file` (the trainer's choice) the two are not
+    copied: they are the file's memory-mapped tensors, row-major as stored, their pages released after use."""
+    from finetune import pages
+    from finetune.checkpoint import read_state_dict
     from finetune.ops.head_ce import head_cross_entropy
+    from test_pages import resident
 
-    model = quant.load_model(bf16_base, dtype="fp32", quant=mode)
+    model = quant.build_model(read_state_dict(bf16_base), bf16_base, dtype="fp32", quant=mode, in_file=in_file)
     assert model.emb.weight.dtype == torch.bfloat16 and model.head.weight.dtype == torch.bfloat16
+    for weight in (model.emb.weight, model.head.weight):
+        assert bool(pages.file_mapping(weight)) == in_file and weight.is_contiguous()
     assert model.ln_out.weight.dtype == torch.float32 and model.blocks[0].ffn.key.weight.dtype == torch.float32
     ref = load_plain(bf16_base, dtype="fp32")
     with torch.no_grad():
@@ -387,6 +393,8 @@ def test_bf16_file_keeps_emb_and_head_as_stored(bf16_base, mode):
         grads.append(h.grad)
     torch.testing.assert_close(losses[0], losses[1], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    if in_file:  # read, then released: nothing of emb or head resident (the file's other tensors were copied out)
+        assert resident(model.emb.weight) == 0 and resident(model.head.weight) == 0
 
 
 def test_bf16_mode_holds_block_projections_in_bf16_and_computes_in_fp32(base):

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from finetune import pages
+
 CHUNK_BYTES = 32 << 20  # fp32 logits per chunk: 128 rows of a 65536-token vocabulary
 
 
@@ -36,14 +38,18 @@ def rows_per_chunk(vocab: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab))
 
 
-def _widened(weight: torch.Tensor, buffer: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+def _widened(weight: torch.Tensor, buffer: torch.Tensor, in_file: list[pages.Range]
+             ) -> Iterator[tuple[int, torch.Tensor]]:
     """A weight held narrower than the computation (a quantized base's bf16 head) a block of rows at a time, each
     copied into `buffer` ([rows, C] in the compute dtype, reused: a fresh tensor per block costs ~3x the copy in
-    page faults): (first row, widened block)."""
+    page faults): (first row, widened block). A weight left in a checkpoint's memory map (`in_file`, from
+    `pages.file_mapping`) has each block's pages released once copied: it is read from the file, never resident."""
     rows = buffer.shape[0]
     for s in range(0, weight.shape[0], rows):
         n = min(rows, weight.shape[0] - s)
-        yield s, buffer[:n].copy_(weight[s:s + n])
+        block = buffer[:n].copy_(weight[s:s + n])
+        pages.release(weight[s:s + n], in_file)
+        yield s, block
 
 
 def widen_buffer(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -55,23 +61,24 @@ def widen_buffer(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | Non
     return torch.empty(min(rows, weight.shape[0]), weight.shape[1], dtype=dtype, device=weight.device)
 
 
-def _logits(hs: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+def _logits(hs: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor | None,
+            in_file: list[pages.Range]) -> torch.Tensor:
     """hs W^T (n, V)."""
     if buffer is None:
         return F.linear(hs, weight)
     out = hs.new_empty(hs.shape[0], weight.shape[0])
-    for s, block in _widened(weight, buffer):
+    for s, block in _widened(weight, buffer, in_file):
         out[:, s:s + block.shape[0]] = F.linear(hs, block)
     return out
 
 
-def _times_weight(p: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
-                  buffer: torch.Tensor | None) -> torch.Tensor:
+def _times_weight(p: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, buffer: torch.Tensor | None,
+                  in_file: list[pages.Range]) -> torch.Tensor:
     """p W (n, C) in `dtype` (p (n, V) float32 or float64)."""
     if buffer is None:
         return (p.to(weight.dtype) @ weight).to(dtype)
     out = torch.zeros(p.shape[0], weight.shape[1], dtype=dtype, device=p.device)
-    for s, block in _widened(weight, buffer):
+    for s, block in _widened(weight, buffer, in_file):
         out.addmm_(p[:, s:s + block.shape[0]].to(dtype), block)
     return out
 
@@ -87,9 +94,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device) if want_w else None
         buffer = widen_buffer(weight, h.dtype)  # None unless the head is held narrower (bf16 under fp32)
+        in_file = pages.file_mapping(weight) if buffer is not None else []  # left in the checkpoint's map?
         for s in range(0, h.shape[0], rows):
             hs, ts, ms = h[s:s + rows], targets[s:s + rows], mask[s:s + rows]
-            logits = _at_least_fp32(_logits(hs, weight, buffer))  # (n, V); under autocast in its dtype, as the plain path
+            # (n, V); under autocast in its dtype, as the plain path
+            logits = _at_least_fp32(_logits(hs, weight, buffer, in_file))
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             ce = lse - logits.gather(1, ts[:, None]).squeeze(1)
             total += (ce * ms).sum()
@@ -99,7 +108,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 p[torch.arange(p.shape[0], device=p.device), ts] -= 1
                 p.mul_(ms[:, None])
                 if want_h:
-                    grad_h[s:s + rows] = _times_weight(p, weight, h.dtype, buffer)  # (n, C)
+                    grad_h[s:s + rows] = _times_weight(p, weight, h.dtype, buffer, in_file)  # (n, C)
                 if want_w:
                     grad_w += p.t() @ _at_least_fp32(hs)  # (V, C)
         ctx.save_for_backward(grad_h, grad_w)

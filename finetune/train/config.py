@@ -115,9 +115,10 @@ class TrainConfig:
     base_quant: str = "none"
     """Hold the frozen base's block projections narrower than the compute (QLoRA): `none`, `bf16` (half of fp32 with
     precision 32: for CPUs whose bf16 matmuls are emulated), `int8` (per-row int8, about half of bf16) or `nf4`
-    (4-bit NormalFloat, about a quarter), dequantized (widened) on the fly in the forward and backward passes; emb
-    and head stay as the checkpoint stores them when that is 16-bit, LoRA and the tensors trained in full are
-    fp32. int8/nf4 need torchao (`pip install 'rwkv-lora[quant]'`); method lora or train_type state on one device."""
+    (4-bit NormalFloat, about a quarter), dequantized (widened) on the fly in the forward and backward passes. A
+    frozen emb and head stored 16-bit are left in the checkpoint file's memory map and read from it as used (their
+    pages released again: no resident copy); LoRA and the tensors trained in full are fp32. int8/nf4 need torchao
+    (`pip install 'rwkv-lora[quant]'`); method lora or train_type state on one device."""
     grad_checkpoint: bool = False
     """Recompute each block in the backward pass: far less activation memory, about 30% slower."""
     trim_memory: bool = True

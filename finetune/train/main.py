@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from finetune.adapters import add_lora, unwrap
+from finetune.adapters import add_lora, full_tensor_names, unwrap
 from finetune.atomic import atomic_file, remove_stale_temps
 from finetune.checkpoint import fingerprint, first_non_finite, read_state_dict
 from finetune.data import Corpus, WindowDataset, open_corpus
@@ -175,9 +175,13 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
               file=sys.stderr)
 
     torch.manual_seed(cfg.seed)
-    # cast (and for base_quant int8/nf4, quantize) tensor by tensor while building: peak ~ the model as held
+    # cast (and for base_quant int8/nf4, quantize) tensor by tensor while building: peak ~ the model as held; with a
+    # base_quant base, the frozen emb and head stay in the checkpoint file's memory map, read from it when used
+    trained = (full_tensor_names(sd, cfg.lora.train, family)
+               if cfg.method == "lora" and cfg.train_type != "state" else [])
     base = build_model(sd, cfg.model, dtype=torch.float32 if cfg.method == "full" else
-                       base_precision_dtype(cfg.precision), quant=cfg.base_quant)
+                       base_precision_dtype(cfg.precision), quant=cfg.base_quant, trained=trained,
+                       in_file=cfg.base_quant != "none")
     del sd
     base.gradient_checkpointing = cfg.grad_checkpoint
     # the fixed mmap threshold trades speed for memory: only where the base is held narrow to fit in memory
