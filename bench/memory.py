@@ -144,7 +144,7 @@ def work_load(path: str, how: str, tiny: str) -> dict:
 
 
 def work_train(arch: str, shape: str, base: str, ckpt: str, data: str, out: str, steps: int, ctx: int = 1024,
-               precision: str = "auto", trim: str = "keep") -> dict:
+               precision: str = "auto", trim: str = "keep", optimizer: str = "adamw") -> dict:
     import csv
 
     from finetune import cli
@@ -156,7 +156,7 @@ def work_train(arch: str, shape: str, base: str, ckpt: str, data: str, out: str,
             "--max_steps", str(steps), "--lr", "1e-4", "--lr_final", "1e-4", "--warmup_steps", "0",
             "--precision", precision, "--base_quant", quant, "--grad_checkpoint", "true", "--logger", "csv",
             "--lora.r", "64", "--lora.alpha", "128", "--lora.parts", "[att,ffn]", "--tokenizer", "world",
-            "--seed", "1", "--trim_memory", str(trim == "trim").lower()]
+            "--seed", "1", "--trim_memory", str(trim == "trim").lower(), "--optimizer", optimizer]
     t0 = time.perf_counter()
     rc = cli.main(args)
     if rc != 0:
@@ -169,7 +169,7 @@ def work_train(arch: str, shape: str, base: str, ckpt: str, data: str, out: str,
                 losses.append(float(row["train_loss"]))
     timed = rates[1:] or rates  # the first step also pays for warm-up
     return {"kind": "train", "arch": arch, "shape": shape, "base": base, "steps": steps, "ctx": ctx,
-            "precision": precision, "trim": trim == "trim", "peak": peak_bytes(),
+            "precision": precision, "trim": trim == "trim", "optimizer": optimizer, "peak": peak_bytes(),
             "tok_s": statistics.median(timed), "rates": rates, "losses": losses,
             "seconds": time.perf_counter() - t0}
 
@@ -229,9 +229,10 @@ def gb(n: float) -> str:
 
 def latest(results: list[dict]) -> list[dict]:
     """The last result of each measurement (a rerun replaces the earlier line), in first-run order."""
-    keys = {"load": ("file", "how"), "train": ("arch", "shape", "base", "ctx", "precision", "trim"), "generate": ("file",)}
+    keys = {"load": ("file", "how"), "train": ("arch", "shape", "base", "ctx", "precision", "trim", "optimizer"),
+            "generate": ("file",)}
     last: dict[tuple, dict] = {}
-    defaults = {"ctx": 1024, "trim": False}
+    defaults = {"ctx": 1024, "trim": False, "optimizer": "adamw"}
     for r in results:
         last[(r["kind"], *(r.get(k, defaults.get(k)) for k in keys[r["kind"]]))] = r
     return list(last.values())
@@ -263,9 +264,9 @@ def report(results: list[dict]) -> str:
     trains = [r for r in results if r["kind"] == "train"]
     if trains:
         lines += ["## LoRA training: r=64 att+ffn, batch 1, gradient checkpointing", "",
-                  "| arch | shape | ctx | base | compute | trim_memory | peak RSS | tok/s | RWKV-PEFT GPU memory "
-                  "(RWKV-7, ctx 1024, bf16) | ours vs theirs |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| arch | shape | ctx | base | compute | trim_memory | optimizer | peak RSS | tok/s | RWKV-PEFT GPU "
+                  "memory (RWKV-7, ctx 1024, bf16) | ours vs theirs |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in trains:
             theirs = RWKV_PEFT.get(r["shape"], (None, None))[1 if r["base"] == "nf4" else 0]
             vs = f"{r['peak'] / 1e9 / theirs:.2f}x" if theirs and r["base"] in ("bf16", "nf4", "int8") else "-"
@@ -274,7 +275,7 @@ def report(results: list[dict]) -> str:
             theirs_s = f"{theirs} GB" if theirs and r["base"] in ("bf16", "nf4", "int8") else "-"
             lines.append(f"| {r['arch']} | {r['shape']} | {r.get('ctx', 1024)} | {r['base']} | "
                          f"{r.get('precision', 'bf16-mixed')} | {'yes' if r.get('trim') else 'no'} | "
-                         f"{gb(r['peak'])} | "
+                         f"{r.get('optimizer', 'adamw')} | {gb(r['peak'])} | "
                          f"{r['tok_s']:.1f} | "
                          f"{theirs_s} | {vs} |")
         done = {(r["shape"], r["base"]) for r in trains if r.get("ctx", 1024) == 1024}
@@ -282,7 +283,9 @@ def report(results: list[dict]) -> str:
         if missing:
             lines += ["", f"Not measured at ctx 1024 in these runs: {', '.join(missing)}."]
         lines += ["", "Steps per run and per-step tok/s: " + "; ".join(
-            f"{r['shape']} {r['base']}{' trim' if r.get('trim') else ''}: {[round(x, 1) for x in r['rates']]}"
+            f"{r['shape']} {r['base']}{' trim' if r.get('trim') else ''}"
+            f"{' ' + r['optimizer'] if r.get('optimizer', 'adamw') != 'adamw' else ''}: "
+            f"{[round(x, 1) for x in r['rates']]}"
             for r in trains), ""]
     gens = [r for r in results if r["kind"] == "generate"]
     for r in gens:
@@ -308,6 +311,8 @@ def main() -> None:
                          "(more memory than bf16: an upper bound)")
     ap.add_argument("--trim-memory", nargs="+", default=["keep"], choices=["keep", "trim"],
                     help="train with trim_memory false (keep), true (trim), or both")
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"],
+                    help="the training runs' optimizer (adamw8bit: 8-bit moments, needs bitsandbytes)")
     ap.add_argument("--load-shape", default="1.5B", choices=list(SHAPES))
     ap.add_argument("--gen-shape", default="0.1B", choices=list(SHAPES))
     ap.add_argument("--tokens", type=int, default=32)
@@ -319,7 +324,7 @@ def main() -> None:
         kind, *rest = args.worker
         fn = {"load": work_load, "train": work_train, "generate": work_generate}[kind]
         if kind == "train":
-            rest[6:8] = [int(x) for x in rest[6:8]]  # steps [, ctx [, precision [, trim]]]
+            rest[6:8] = [int(x) for x in rest[6:8]]  # steps [, ctx [, precision [, trim [, optimizer]]]]
         if kind == "generate":
             rest = [rest[0], int(rest[1]), int(rest[2])]
         print(json.dumps(fn(*rest)))
@@ -344,12 +349,13 @@ def main() -> None:
             ckpt = write_checkpoint(d / f"{args.arch}-{shape}-bf16.pth", args.arch, L, C, "bf16")
             for base in args.bases:
                 for trim in args.trim_memory:
-                    out = d / f"run-{args.arch}-{shape}-{base}-ctx{args.ctx}-{trim}"
+                    out = d / f"run-{args.arch}-{shape}-{base}-ctx{args.ctx}-{trim}-{args.optimizer}"
                     for f in ("last.ckpt", "metrics.csv"):
                         (out / f).unlink(missing_ok=True)
                     r = spawn(["train", args.arch, shape, base, str(ckpt), str(data), str(out), str(args.steps),
-                               str(args.ctx), args.precision, trim], log)
-                    print(f"train {shape} {base} {trim}: peak {gb(r['peak'])}, {r['tok_s']:.1f} tok/s",
+                               str(args.ctx), args.precision, trim, args.optimizer], log)
+                    print(f"train {shape} {base} {trim} {args.optimizer}: peak {gb(r['peak'])}, "
+                          f"{r['tok_s']:.1f} tok/s",
                           file=sys.stderr)
     if args.what in ("generate", "all"):
         L, C = SHAPES[args.gen_shape]
