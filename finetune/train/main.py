@@ -27,7 +27,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from finetune.adapters import add_lora, full_tensor_names, unwrap
 from finetune.atomic import atomic_file, remove_stale_temps
-from finetune.checkpoint import fingerprint, first_non_finite, read_state_dict
+from finetune.checkpoint import fingerprint, read_state_dict
 from finetune.data import Corpus, WindowDataset, open_corpus
 from finetune.errors import FinetuneError, first_line
 from finetune.infctx import StateTune, StateTuned
@@ -80,16 +80,6 @@ def check_data(path: str, key: str, cfg: TrainConfig, vocab_size: int, tokenizer
         raise FinetuneError(f"{path}: prepared with tokenizer {data_tok!r}, but tokenizer is {cfg.tokenizer!r} "
                             f"({tokenizer_name}); re-run rwkv-lora prepare or fix the tokenizer setting")
     return corpus
-
-
-def check_base_finite(sd: dict[str, torch.Tensor], path: str) -> None:
-    """A base holding NaN or inf trains to NaN whatever the settings: refuse it before training, by name (and do
-    not let the non-finite guard blame the learning rate later). Read a chunk at a time, the file's pages released
-    (`isfinite` over the memory-mapped tensors kept the whole file resident: 3 GB at 1.5B, the run's peak)."""
-    k = first_non_finite(sd, path)
-    if k is not None:
-        raise FinetuneError(f"{path}: the base checkpoint has non-finite weights ({k} holds NaN or infinite values); "
-                            f"training cannot start from it: use an intact checkpoint")
 
 
 def _device_count(devices: Any) -> int:
@@ -145,7 +135,6 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     sd = read_state_dict(cfg.model)  # missing / unreadable checkpoint -> one-line error
     family = detect(sd, cfg.model)
     mcfg = family.config_from_state_dict(sd, cfg.model)
-    check_base_finite(sd, cfg.model)
     tokenizer_name = None
     if cfg.tokenizer is not None:
         try:
