@@ -179,7 +179,7 @@ def check_values(sd: dict[str, torch.Tensor], path: str | Path = "<memory>") -> 
 def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory>",
                           dtype: torch.dtype | None = None,
                           convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-                          keep: Container[str] = (), in_file: Container[str] = ()) -> torch.nn.Module:
+                          keep: Container[str] = (), keep_in_file: bool = False) -> torch.nn.Module:
     """The model of the checkpoint's family whose parameters are the checkpoint's tensors (built on the meta device:
     no random init). Keys and shapes are checked first.
 
@@ -188,10 +188,10 @@ def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path 
     to it one tensor at a time while the model is built, then `convert(name, tensor)` (e.g. quantization) is applied
     to it; pages of `path`'s memory map are released as they are copied, so the peak memory stays near the model as
     it will be held instead of file + model (a tensor that lives in that map reads back from the file if used again).
-    Tensors named in `keep` are copied in the dtype they are stored in; those also named in `in_file` are not
-    copied at all where they lie in `path`'s memory map (contiguous): they stay in the file, to be read from it as
-    needed and released again (`finetune.pages`; frozen tensors only: a write would be lost), and keep the file's
-    row-major layout.
+    Tensors named in `keep` are copied in the dtype they are stored in; with `keep_in_file` they are not copied at
+    all where they lie whole in `path`'s memory map (contiguous): they stay in the file, to be read from it as needed
+    and released again (`finetune.pages`; frozen tensors only: a write would be lost), and keep the file's row-major
+    layout.
     """
     family = detect(state_dict, path)
     config = family.config_from_state_dict(state_dict, path)
@@ -212,8 +212,9 @@ def build_from_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path 
     mapped = pages.file_ranges(path)
     left = {}
     for name, src in state_dict.items():
-        if name in keep and name in in_file and not name.endswith(family.fp32_params) and src.is_contiguous() \
-                and any(start <= src.data_ptr() < end for start, end in mapped):
+        span = src.data_ptr(), src.data_ptr() + src.numel() * src.element_size()
+        if keep_in_file and name in keep and not name.endswith(family.fp32_params) and src.is_contiguous() \
+                and any(start <= span[0] and span[1] <= end for start, end in mapped):
             left[name] = src
             continue
         target = (torch.float32 if name.endswith(family.fp32_params) else

@@ -416,7 +416,7 @@ def build_model(state_dict: dict[str, torch.Tensor], path: str | Path = "<memory
             return quantize(t, mode, name) if name in targets else t
 
         model = swap_quantized_linears(checkpoint.build_from_state_dict(
-            state_dict, path, dtype=dtype, convert=convert, keep=keep, in_file=keep if in_file else ()), dtype)
+            state_dict, path, dtype=dtype, convert=convert, keep=keep, keep_in_file=in_file), dtype)
         if "emb.weight" in keep:
             model.emb = HeldEmbedding(model.emb.weight.data, dtype)
         for m in model.modules():
