@@ -8,8 +8,9 @@ memory (the matrix is streamed once per token); batching streams reuses each str
 machine with spare arithmetic B rows cost little more than one. This prints the time and GFLOPS of x @ W^T for
 B = 1..16 and the shapes C x C (att, ffn.receptance), 4C x C (ffn.key), C x 4C (ffn.value) and V x C (head), with W
 row-major (as stored in checkpoints), column-major (how the models keep their tall matrices,
-`finetune.models.family.tall_weights_column_major_`) and prepacked by oneDNN for batch `--hint` (what the serving
-engine multiplies batches of rows with, `finetune.serve.engine.PackedLinear`): where GFLOPS stop growing with B,
+`finetune.models.family.tall_weights_column_major_`), prepacked by oneDNN for batch `--hint`, and in the 24-column
+panels of `finetune.ops.rows_matmul` (what the serving engine multiplies decode steps with,
+`finetune.serve.engine.PackedLinear`): where GFLOPS stop growing with B,
 batching stops paying and the aggregate throughput of `rwkv-lora serve` at B streams is bounded by
 B x (time at 1) / (time at B).
 """
@@ -21,6 +22,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from finetune.ops import rows_matmul
 
 
 def timed(f, repeat: int) -> float:
@@ -46,7 +49,7 @@ def main() -> None:
     C, V = args.n_embd, args.vocab
     packed = torch.backends.mkldnn.is_available()
     print(f"x [B, in] @ W^T, fp32, {args.threads} thread(s), best of 3 x (~50 ms); packed: oneDNN "
-          f"`_reorder_linear_weight(W, {args.hint})` + `_linear_pointwise`\n")
+          f"`_reorder_linear_weight(W, {args.hint})` + `_linear_pointwise`; panels: `finetune.ops.rows_matmul`\n")
     for out_f, in_f, name in ((C, C, "att / ffn.receptance"), (4 * C, C, "ffn.key"), (C, 4 * C, "ffn.value"),
                               (V, C, "head")):
         W = torch.randn(out_f, in_f)
@@ -57,6 +60,9 @@ def main() -> None:
         if packed:
             pw = torch.ops.mkldnn._reorder_linear_weight(W, args.hint)
             layouts["packed"] = lambda x, pw=pw: torch.ops.mkldnn._linear_pointwise(x, pw, None, "none", [], "")
+        panels = rows_matmul.pack(W)
+        if panels is not None:
+            layouts["panels"] = lambda x, p=panels, n=out_f: rows_matmul.matmul(x, p, n)
         repeat = max(3, int(0.05 / (2 * out_f * in_f / 10e9)))
         print(f"W {out_f} x {in_f} ({name})\n")
         print("| B | " + " | ".join(f"{k} ms | {k} GFLOPS" for k in layouts) + " | B x t(1) / t(B), best layouts |")

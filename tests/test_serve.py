@@ -394,9 +394,10 @@ def test_prompts_admitted_together_are_prefilled_together(env):
 
 
 def test_packed_linear_matches_f_linear_and_falls_back(monkeypatch):
-    """oneDNN's packed product equals F.linear to fp32 rounding at 1..16 rows and for [B, T, C] inputs, gives a row
-    the same bits at every batch size, and is not used for one row, other dtypes, quantized weights or without
-    oneDNN."""
+    """The panel-packed product equals F.linear to fp32 rounding at 2..32 rows and for [B, T, C] inputs, gives a row
+    the same bits at every batch size, and is not used for one row, more than 32 rows, other dtypes, quantized
+    weights or without the compiled kernel."""
+    from finetune.ops import rows_matmul
     from finetune.serve import engine as serve_engine
 
     g = torch.Generator().manual_seed(0)
@@ -405,28 +406,30 @@ def test_packed_linear_matches_f_linear_and_falls_back(monkeypatch):
         lin.weight.copy_(torch.randn(320, 96, generator=g))
         lin.bias.copy_(torch.randn(320, generator=g))
     packed = serve_engine.PackedLinear(lin, serve_engine.pack_weight(lin.weight))
-    if not torch.backends.mkldnn.is_available():
+    if rows_matmul.kernel() is None:
         assert packed.packed is None
         return
     assert packed.packed is not None and packed.weight is lin.weight
-    x = torch.randn(16, 96, generator=g)
+    x = torch.randn(40, 96, generator=g)
+    plain = torch.nn.functional.linear(x, lin.weight, lin.bias)
     with torch.inference_mode():
-        full = packed(x)
-        torch.testing.assert_close(full, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-4)
-        for b in range(2, 16):
+        full = packed(x[:32])
+        torch.testing.assert_close(full, plain[:32], rtol=1e-5, atol=1e-4)
+        for b in range(2, 32):
             assert torch.equal(packed(x[:b]), full[:b])
-        assert torch.equal(packed(x.view(2, 8, 96)), full.view(2, 8, 320))
-        assert torch.equal(packed(x[:1]), torch.nn.functional.linear(x[:1], lin.weight, lin.bias))  # one row: plain
+        assert torch.equal(packed(x[:16].view(2, 8, 96)), full[:16].view(2, 8, 320))
+        for rows in (1, 33, 40):  # one row, a prefill's many rows: the plain weight
+            assert torch.equal(packed(x[:rows]), torch.nn.functional.linear(x[:rows], lin.weight, lin.bias))
     assert serve_engine.pack_weight(lin.weight.to(torch.bfloat16)) is None
     assert serve_engine.pack_weight(lin.weight.to(torch.float64)) is None
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8).to(torch.bfloat16))
-    assert serve_engine.pack_linears(model) == 8 * 8 * 4
+    model = torch.nn.Sequential(torch.nn.Linear(8, 30), torch.nn.Linear(8, 8).to(torch.bfloat16))
+    assert serve_engine.pack_linears(model) == 48 * 8 * 4  # 30 outputs padded to two 24-column panels
     assert type(model[0]) is serve_engine.PackedLinear and type(model[1]) is torch.nn.Linear
     if importlib.util.find_spec("torchao") is not None:  # a quantized weight keeps its own kernels
         from finetune.quant import quantize
         assert serve_engine.pack_weight(quantize(lin.weight.detach(), "int8")) is None
         assert serve_engine.pack_weight(quantize(torch.randn(128, 128, generator=g), "nf4")) is None
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    monkeypatch.setattr(rows_matmul, "kernel", lambda: None)
     assert serve_engine.pack_weight(lin.weight) is None
 
 
@@ -452,10 +455,11 @@ def test_packed_base_steps_like_the_plain_one(tmp_path, family):
     prefill, RWKV-4/5/6) gives the unpacked model's logits and state to fp32 rounding."""
     from rwkv56_checkpoints import random_rwkv5_state_dict, random_rwkv6_state_dict
     from rwkv7_helpers import random_rwkv7_state_dict
+    from finetune.ops import rows_matmul
     from finetune.serve.engine import PackedLinear, pack_linears
 
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("no oneDNN in this torch")
+    if rows_matmul.kernel() is None:
+        pytest.skip("no C++ compiler for the CPU kernels")
     V = 97
     sd = {"4": lambda: random_rwkv4_state_dict(2, 64, V, seed=1),
           "5": lambda: random_rwkv5_state_dict(2, 64, V, head_size=16, seed=1),
@@ -464,7 +468,9 @@ def test_packed_base_steps_like_the_plain_one(tmp_path, family):
     base = write_checkpoint(tmp_path / "m.pth", sd)
     plain, packed = load_model(base, dtype="fp32"), load_model(base, dtype="fp32")
     linears = [name for name, m in plain.named_modules() if isinstance(m, torch.nn.Linear)]
-    assert pack_linears(packed) == sum(plain.get_submodule(n).weight.numel() * 4 for n in linears)
+    panel = rows_matmul.PANEL
+    assert pack_linears(packed) == sum(-(-plain.get_submodule(n).out_features // panel) * panel
+                                       * plain.get_submodule(n).in_features * 4 for n in linears)
     assert all(type(packed.get_submodule(n)) is PackedLinear for n in linears) and "head" in linears
     g = torch.Generator().manual_seed(0)
     state = plain.zero_state(3, "cpu")
@@ -559,7 +565,7 @@ def test_mixed_rows_get_their_own_adapter_at_every_position(packed):
         lin.weight.copy_(torch.randn(40, 24, generator=g))
     if packed:
         if pack_weight(lin.weight) is None:
-            pytest.skip("no oneDNN in this torch")
+            pytest.skip("no C++ compiler for the CPU kernels")
         lin = PackedLinear(lin, pack_weight(lin.weight))
     routing = LoRARouting()
     layer = MultiLoRALinear(lin, routing)

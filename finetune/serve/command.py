@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", choices=QUANT_MODES, default=defaults.quant,
                    help=QUANT_HELP)
     p.add_argument("--no-pack", action="store_true",
-                   help="no oneDNN-packed second copy of an fp32 base's matrices: half their memory, slower batches")
+                   help="no panel-packed second copy of an fp32 base's matrices: half their memory, slower decoding")
     p.add_argument("--host", default=defaults.host, help="interface (default 127.0.0.1; others need --api-key)")
     p.add_argument("--port", type=int, default=defaults.port)
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on every request")

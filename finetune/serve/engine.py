@@ -4,8 +4,9 @@
   a batch whose row i uses adapter slot s_i, computes y = x W^T + s_a (x A_{s_i}^T) B_{s_i}^T per row: the base
   matmul is shared by the whole batch, the low-rank deltas of the adapters present are two more matmuls with a
   per-row mask. Nothing is merged and the base exists once in memory (plus, on CPUs, the packed copy below).
-- `PackedLinear`: an fp32 base on a CPU multiplies batches of rows with oneDNN-prepacked copies of its linear
-  weights (~1.5x faster decode steps at 8 rows on the AVX2 machine measured; one row keeps the plain weight).
+- `PackedLinear`: an fp32 base on a CPU multiplies the few rows of a decode step with panel-packed copies of its
+  linear weights (`finetune.ops.rows_matmul`: ~1.5x faster products at 8 rows than oneDNN's on the AVX2 machine
+  measured); a prefill's many rows use the plain weight.
 - A single worker thread owns the model. Each loop it admits waiting requests (their prompts are prefilled from the
   longest cached prefix, each row with its adapter active; prompts admitted together with as many tokens left go
   through one forward), samples one token per active row (ChatRWKV's sampling and penalties from
@@ -41,6 +42,7 @@ from finetune.plugin import load_model
 from finetune.errors import FinetuneError, first_line
 from finetune.generate import Penalties, TextStream, check_sampling, resolve_tokenizer, sample_logits
 from finetune.models import RNNState, family_for
+from finetune.ops import rows_matmul
 from finetune.templates import ChatTemplate, resolve_template
 from finetune.quant import default_dtype, is_quantized, linear as quant_linear
 from finetune.serve.config import ServeConfig
@@ -80,37 +82,30 @@ class LoRARouting:
         self.slots, self.uniform = None, None
 
 
-PACK_ROWS = 8
-"""The batch size oneDNN lays the packed weights out for (`pack_weight`)."""
 PREFILL_ROWS = 1024
 """Prompt tokens (rows x tokens) per forward when prompts are prefilled together: `model.prefill`'s chunk for one."""
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's copy of a frozen fp32 CPU weight [out, in], prepacked (an opaque mkldnn tensor, as many bytes as the
-    weight) for products with a few rows; None where that path does not apply (no oneDNN in this torch, another
-    device or dtype, a quantized weight, which keeps its own kernels: `finetune.quant.linear`).
+    """The panel-packed copy of a frozen fp32 CPU weight [out, in] that `rows_matmul` multiplies a few rows with
+    (as many bytes as the weight, plus the padding of out to a multiple of 24), or None where that path does not
+    apply (another device or dtype, a quantized weight, which keeps its own kernels: `finetune.quant.linear`).
 
-    Why: on the AMD EPYC (AVX2) this was measured on, MKL's fp32 products with a few rows are slow, oneDNN's on
-    weights packed once are not (`bench/gemm_floor.py`, one thread; the head 65536 x 768: 8 rows 26 ms packed
-    against 41 row-major and 56 column-major, 2 rows 15 against 21; ffn.key and ffn.value 8 rows ~2x faster; a
-    whole 12 x 768 decode step at 8 rows 80 ms against 123). One row is faster on the plain weight (the step 37 ms
-    against 43 packed), so the plain weight stays too: see `PackedLinear`. Rows multiplied with a weight packed for
-    8 come out bit for bit the same at any number of rows (1..16 and [B, T, C] inputs checked)."""
-    if (not torch.backends.mkldnn.is_available() or weight.device.type != "cpu" or weight.dtype != torch.float32
-            or is_quantized(weight) or type(weight.data) is not torch.Tensor):
-        return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS)
+    Why: an 8-row decode step of the 12 x 768 RWKV-4 with vocab 65536 spends most of its time in these products;
+    on the AVX2 CPU measured (one thread) they take ~40 ms packed thus against ~60 in oneDNN on weights it prepacked
+    and ~85 in MKL on the plain ones (`bench/gemm_floor.py` has every matrix)."""
+    return rows_matmul.pack(weight)
 
 
 class PackedLinear(nn.Linear):
-    """A frozen nn.Linear of the served base that multiplies 2 rows or more (a decode step of several streams, a
-    prompt's prefill) with oneDNN-prepacked weights (`pack_weight`) and one row with the plain weight.
+    """A frozen nn.Linear of the served base that multiplies 2 to `rows_matmul.MAX_ROWS` rows (a decode step of
+    several streams) with its panel-packed weight (`pack_weight`); one row (memory-bound: torch's matrix-vector
+    product on the model's own layout is faster, the tall head's column-major one most) and more rows (a prefill,
+    where torch's GEMM is at its best) use the plain weight.
 
-    Memory: the packed copy is held next to the plain weight (the state dict, adapters' shape checks and one-row
-    products use it), so every packed matrix is in memory twice: for the 12 x 768 RWKV-4 with vocab 65536, +569 MB
-    on 771 MB of parameters (`Engine.packed_bytes`). Packing only (one copy) would make one stream's steps ~15%
-    slower (measured 37 -> 43 ms)."""
+    Memory: the packed copy is held next to the plain weight (the state dict, adapters' shape checks, one-row
+    products and prefills use it), so every packed matrix is in memory twice: for the 12 x 768 RWKV-4 with vocab
+    65536, +569 MB on 771 MB of parameters (`Engine.packed_bytes`)."""
 
     def __init__(self, base: nn.Linear, packed: torch.Tensor | None) -> None:
         nn.Module.__init__(self)
@@ -119,13 +114,15 @@ class PackedLinear(nn.Linear):
         self.bias = base.bias
         self.compute_dtype = getattr(base, "compute_dtype", base.weight.dtype)  # a narrow-held weight's model dtype
         self.packed = packed
-        """oneDNN's packed weight (`pack_weight`), or None (then every product is `quant_linear`'s)."""
+        """The panel-packed weight (`pack_weight`), or None (then every product is `quant_linear`'s)."""
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + bias."""
-        if self.packed is None or x.numel() == x.shape[-1]:
+        rows = x.numel() // x.shape[-1]
+        if self.packed is None or rows == 1 or rows > rows_matmul.MAX_ROWS:
             return quant_linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        y = rows_matmul.matmul(x, self.packed, self.out_features)
+        return y if self.bias is None else y.add_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_forward(x)
@@ -144,7 +141,7 @@ def pack_linears(model: nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, PackedLinear(m, packed))
-        total += m.weight.numel() * m.weight.element_size()
+        total += packed.numel() * packed.element_size()
     return total
 
 
@@ -392,7 +389,7 @@ class Engine:
         dtype = default_dtype(config.device) if config.dtype == "auto" else config.dtype
         self.model = load_model(config.model, dtype=dtype, device=config.device, quant=config.quant).eval()
         self.packed_bytes = pack_linears(self.model) if config.pack_weights else 0
-        """Memory the oneDNN-packed copies of the base's linear weights take (`PackedLinear`), 0 where none."""
+        """Memory the panel-packed copies of the base's linear weights take (`PackedLinear`), 0 where none."""
         self.family = family_for(self.model)
         self.device = self.model.emb.weight.device
         self.vocab_size = self.model.config.vocab_size
