@@ -58,3 +58,28 @@ def test_pack_refuses_what_the_kernel_does_not_take():
     assert rows_matmul.pack(w[0]) is None
     with pytest.raises(RuntimeError, match="panels do not match"):
         rows_matmul.matmul(torch.randn(2, 21), rows_matmul.pack(w), 30)
+
+
+@pytest.mark.parametrize("groups, positions", [(1, 1), (5, 1), (3, 4), (8, 2)])
+def test_lora_add_equals_float64_delta(groups, positions):
+    """y += ((x A^T) * mask) B^T in place, mask rows shared by the positions of a sequence, or no mask: within fp32
+    rounding of the float64 formula; rows whose mask is zero keep y's bits."""
+    g = torch.Generator().manual_seed(groups * 10 + positions)
+    n_in, n_out, rank = 70, 50, 40
+    A, B = torch.randn(rank, n_in, generator=g), torch.randn(n_out, rank, generator=g)
+    x = torch.randn(groups, positions, n_in, generator=g)
+    y0 = torch.randn(groups, positions, n_out, generator=g)
+    mask = (torch.rand(groups, rank, generator=g) < 0.5).float()
+    mask[0] = 0  # the first sequence has no adapter here
+    for m in (mask, None):
+        y = y0.clone()
+        out = rows_matmul.lora_add_(y, x, rows_matmul.pack(A), rank, rows_matmul.pack(B), m)
+        assert out is y
+        h = x.double() @ A.double().T
+        if m is not None:
+            h = h * m.double()[:, None, :]
+        want = y0.double() + h @ B.double().T
+        bound = 1e-6 * (y0.double().abs() + (x.double().abs() @ A.double().abs().T) @ B.double().abs().T) + 1e-7
+        assert ((y.double() - want).abs() <= bound).all()
+        if m is not None:
+            assert torch.equal(y[0], y0[0])

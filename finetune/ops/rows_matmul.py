@@ -2,13 +2,14 @@
 
     panels = pack(weight)             # [ceil(out / 24), in, 24] fp32, or None where the kernel does not apply
     y = matmul(x, panels, out)        # x [..., in] fp32 -> [..., out]
+    lora_add_(y, x, pack(A), r, pack(B), mask)   # y += ((x A^T) * mask) B^T in place: a batch's LoRA deltas
 
 At one row a product streams W at memory speed, and at hundreds of rows it is a large GEMM; in between, at the 2-32
 rows of a batched decode step, MKL and oneDNN reach well under this CPU's large-GEMM rate while W is read from
 memory at most half as fast as one row reads it. `kernels/rows_matmul_cpu.cpp` (its header says how and what was
 measured) reads each weight once for up to 16 rows at a time and keeps the FMA units busy while it does.
 Each output is one sequential sum over `in`, computed the same way whatever the number of rows or threads: a row's
-result does not depend on the rows batched with it.
+result does not depend on the rows batched with it. No autograd: these are inference products (serving).
 """
 
 from __future__ import annotations
@@ -45,3 +46,13 @@ def matmul(x: torch.Tensor, panels: torch.Tensor, out_features: int) -> torch.Te
     """x [..., in] @ W^T -> [..., out_features], with `panels = pack(W)`; x float32 on the CPU."""
     y = kernel().matmul(x.reshape(-1, x.shape[-1]), panels, out_features)
     return y.view(*x.shape[:-1], out_features)
+
+
+def lora_add_(y: torch.Tensor, x: torch.Tensor, a_panels: torch.Tensor, rank: int, b_panels: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """y [..., out] += ((x A^T) * mask) B^T in place and returned, with `a_panels = pack(A [rank, in])`,
+    `b_panels = pack(B [out, rank])`; mask [G, rank] (G dividing the rows of x: the rows of x.view(G, -1, in) share
+    a mask row, the positions of one sequence) or None. y must be contiguous."""
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+    kernel().lora_add_(y2, x2, a_panels, rank, b_panels, mask)
+    return y

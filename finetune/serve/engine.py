@@ -44,7 +44,7 @@ from finetune.generate import Penalties, TextStream, check_sampling, resolve_tok
 from finetune.models import RNNState, family_for
 from finetune.ops import rows_matmul
 from finetune.templates import ChatTemplate, resolve_template
-from finetune.quant import default_dtype, is_quantized, linear as quant_linear
+from finetune.quant import default_dtype, linear as quant_linear
 from finetune.serve.config import ServeConfig
 from finetune.tokenizer import Tokenizer
 
@@ -116,10 +116,13 @@ class PackedLinear(nn.Linear):
         self.packed = packed
         """The panel-packed weight (`pack_weight`), or None (then every product is `quant_linear`'s)."""
 
+    def uses_panels(self, x: torch.Tensor) -> bool:
+        """Whether x's rows are multiplied with the packed panels (2 to MAX_ROWS rows of a packed weight)."""
+        return self.packed is not None and 1 < x.numel() // x.shape[-1] <= rows_matmul.MAX_ROWS
+
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + bias."""
-        rows = x.numel() // x.shape[-1]
-        if self.packed is None or rows == 1 or rows > rows_matmul.MAX_ROWS:
+        if not self.uses_panels(x):
             return quant_linear(x, self.weight, self.bias)
         y = rows_matmul.matmul(x, self.packed, self.out_features)
         return y if self.bias is None else y.add_(self.bias)
@@ -145,6 +148,22 @@ def pack_linears(model: nn.Module) -> int:
     return total
 
 
+@dataclass
+class _MixedFactors:
+    """A mixed batch's LoRA factors in one `MultiLoRALinear` (see there), built when the batch's rows change."""
+
+    version: int
+    """The routing version they were built for."""
+    At: torch.Tensor | None = None
+    """A_cat^T [in, sum r], or None when no row of the batch has an adapter in this layer."""
+    Bt: torch.Tensor | None = None
+    """B_cat^T [sum r, out] (scaling included)."""
+    mask: torch.Tensor | None = None
+    """[B, 1, sum r]: 1 where the row's own adapter's block is."""
+    panels: tuple[torch.Tensor, torch.Tensor] | None = None
+    """A_cat and B_cat packed for `rows_matmul.lora_add_` (a packed base), else None."""
+
+
 class MultiLoRALinear(PackedLinear):
     """An nn.Linear with every served adapter's LoRA factors, applied per batch row (see the module docstring).
 
@@ -155,40 +174,47 @@ class MultiLoRALinear(PackedLinear):
     when the batch's rows change, and kept transposed (A_cat^T, B_cat^T, contiguous): the products are then plain
     `mm`/`addmm` calls, the mask multiplies in place and the add is the `addmm`'s, one op and one [B, out] tensor
     fewer per layer than `F.linear` twice, a multiply and an add (the same bits; 1-3 of the ~80 CPU-ms of an 8-row
-    step of the 12 x 768 RWKV-4 with three adapters)."""
+    step of the 12 x 768 RWKV-4 with three adapters). On a packed base the 2 to 32 rows of a decode step take the
+    products, the mask and the add in one call, `rows_matmul.lora_add_`, on the factors packed as panels (also when
+    every row uses one adapter)."""
 
     def __init__(self, base: nn.Linear, routing: LoRARouting) -> None:
         super().__init__(base, base.packed if isinstance(base, PackedLinear) else None)
         self.routing = routing
         self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         """slot -> (A [r, in], scaling * B [out, r]) in the model's dtype."""
-        self._batch: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        """(routing version, A_cat^T [in, sum r], B_cat^T [sum r, out], mask [B, 1, sum r]) for the current rows."""
+        self.panel_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        """slot -> (A, scaling * B) packed for `rows_matmul.lora_add_`, when the base weight is packed."""
+        self._batch: _MixedFactors | None = None
+        """The current rows' concatenated factors, for the routing version they were built for."""
 
     def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
         dtype, device = self.compute_dtype, self.weight.device
-        self.pairs[slot] = (A.to(device=device, dtype=dtype), (B.float() * scaling).to(device=device, dtype=dtype))
+        a, b = A.to(device=device, dtype=dtype), (B.float() * scaling).to(device=device, dtype=dtype)
+        self.pairs[slot] = (a, b)
+        if self.packed is not None:
+            self.panel_pairs[slot] = (rows_matmul.pack(a), rows_matmul.pack(b))
         self._batch = None
 
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def _factors(self) -> _MixedFactors | None:
         version = self.routing.version
-        if self._batch is None or self._batch[0] != version:
+        if self._batch is None or self._batch.version != version:
             slots = self.routing.slots
             present = sorted({s for s in slots if s in self.pairs})
             if not present:
-                self._batch = (version, None, None, None)
+                self._batch = _MixedFactors(version)
             else:
-                At = torch.cat([self.pairs[s][0] for s in present], 0).t().contiguous()
-                Bt = torch.cat([self.pairs[s][1] for s in present], 1).t().contiguous()
-                mask = torch.zeros(len(slots), 1, At.shape[1], dtype=At.dtype, device=At.device)
+                A = torch.cat([self.pairs[s][0] for s in present], 0)  # [sum r, in]
+                B = torch.cat([self.pairs[s][1] for s in present], 1)  # [out, sum r]
+                mask = torch.zeros(len(slots), 1, A.shape[0], dtype=A.dtype, device=A.device)
                 start = 0
                 for s in present:
                     r = self.pairs[s][0].shape[0]
                     mask[[i for i, row_slot in enumerate(slots) if row_slot == s], :, start:start + r] = 1
                     start += r
-                self._batch = (version, At, Bt, mask)
-        _, At, Bt, mask = self._batch
-        return None if At is None else (At, Bt, mask)
+                panels = (rows_matmul.pack(A), rows_matmul.pack(B)) if self.packed is not None else None
+                self._batch = _MixedFactors(version, A.t().contiguous(), B.t().contiguous(), mask, panels)
+        return self._batch if self._batch.At is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
@@ -197,16 +223,21 @@ class MultiLoRALinear(PackedLinear):
         s = self.routing.uniform
         if s is not None:  # one adapter for the whole batch: as `LoRALinear` does
             if s in self.pairs:
+                if self.uses_panels(x):
+                    a, b = self.panel_pairs[s]
+                    return rows_matmul.lora_add_(y, x, a, self.pairs[s][0].shape[0], b)
                 a, b = self.pairs[s]
                 y = y + F.linear(F.linear(x, a), b)
             return y
-        factors = self._factors()
-        if factors is None:
+        f = self._factors()
+        if f is None:
             return y
-        At, Bt, mask = factors
-        h = torch.mm(x.reshape(-1, x.shape[-1]), At)  # [B * T, sum r]
-        h.view(mask.shape[0], -1, h.shape[-1]).mul_(mask)  # each row (all its T positions) keeps its own block
-        return torch.addmm(y.reshape(-1, y.shape[-1]), h, Bt).view(y.shape)
+        if self.uses_panels(x):
+            a, b = f.panels
+            return rows_matmul.lora_add_(y, x, a, f.At.shape[1], b, f.mask.view(f.mask.shape[0], -1))
+        h = torch.mm(x.reshape(-1, x.shape[-1]), f.At)  # [B * T, sum r]
+        h.view(f.mask.shape[0], -1, h.shape[-1]).mul_(f.mask)  # each row (all its T positions) keeps its own block
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h, f.Bt).view(y.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
