@@ -3,8 +3,8 @@
 //
 // Why by hand: at a few rows a product is neither memory-bound (one row: it streams W at memory speed) nor a large
 // GEMM, and the libraries torch ships do it poorly on the AVX2 CPU measured (one thread, bench/gemm_floor.py):
-// 8 rows x the 65536 x 768 head take 35 ms in MKL on the row-major weight and 19-20 ms in oneDNN on a weight it
-// prepacked (42 GFLOPS), against ~13.5 ms (60 GFLOPS) here; the block's 768 x 768 and 3072 x 768 products likewise.
+// 8 rows x the 65536 x 768 head take 41 ms in MKL on the row-major weight and 22.6 ms in oneDNN on a weight it
+// prepacked (36 GFLOPS), against 12.4 ms (65 GFLOPS) here; the block's 768 x 768 and 3072 x 768 products likewise.
 // What it takes is reading W exactly once at the speed memory gives while the FMA units keep up with it: a
 // register tile of 4 rows x 24 columns (12 accumulators of 8 floats), W laid out so that each k reads 24 contiguous
 // floats, and a software prefetch of the next block of W into L2 spread evenly over the current one (the hardware

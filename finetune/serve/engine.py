@@ -5,8 +5,9 @@
   matmul is shared by the whole batch, the low-rank deltas of the adapters present are two more matmuls with a
   per-row mask. Nothing is merged and the base exists once in memory (plus, on CPUs, the packed copy below).
 - `PackedLinear`: an fp32 base on a CPU multiplies the few rows of a decode step with panel-packed copies of its
-  linear weights (`finetune.ops.rows_matmul`: ~1.5x faster products at 8 rows than oneDNN's on the AVX2 machine
-  measured); a prefill's many rows use the plain weight.
+  linear weights (`finetune.ops.rows_matmul`: ~1.8x faster products at 8 rows than oneDNN's and ~3x MKL's on the
+  AVX2 machine measured; a batch's LoRA deltas in the same kernel); one row and a prefill's many rows use the plain
+  weight.
 - A single worker thread owns the model. Each loop it admits waiting requests (their prompts are prefilled from the
   longest cached prefix, each row with its adapter active; prompts admitted together with as many tokens left go
   through one forward), samples one token per active row (ChatRWKV's sampling and penalties from
@@ -92,8 +93,8 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     apply (another device or dtype, a quantized weight, which keeps its own kernels: `finetune.quant.linear`).
 
     Why: an 8-row decode step of the 12 x 768 RWKV-4 with vocab 65536 spends most of its time in these products;
-    on the AVX2 CPU measured (one thread) they take ~40 ms packed thus against ~60 in oneDNN on weights it prepacked
-    and ~85 in MKL on the plain ones (`bench/gemm_floor.py` has every matrix)."""
+    on the AVX2 CPU measured (one thread) the whole 8-row step takes ~50-55 ms with them against ~125-135 ms with
+    MKL on the plain weights (and ~80 with oneDNN's prepacked ones before; `bench/gemm_floor.py` has every matrix)."""
     return rows_matmul.pack(weight)
 
 
