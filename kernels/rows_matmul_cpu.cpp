@@ -18,7 +18,7 @@
 // Arithmetic: every output is one sequential sum over k (c += x[k] * w[k], fused or not as the compiler contracts,
 // the same for every row count), computed by one thread: a row's result does not depend on how many rows come with
 // it or on the number of threads. The tile is written with GCC/Clang vector types (8 floats: an AVX2 register here,
-// two NEON ones on ARM) rather than x86 intrinsics, so it builds anywhere; on x86 an empty asm pins the three W
+// two NEON ones on ARM) rather than x86 intrinsics, so it builds anywhere; with AVX an empty asm pins the three W
 // vectors in registers: left to itself GCC folds each W load into every FMA that uses it (16 loads per 12 FMAs
 // instead of 7: ~70 instead of ~80 GFLOPS with W in cache).
 //
@@ -63,7 +63,7 @@ void tile(const float* __restrict x, int64_t ldx, const float* __restrict w, int
   for (int64_t k = 0; k < kn; ++k) {
     for (due += pf_lines; due >= kn; due -= kn) __builtin_prefetch(pf + LINE * done++, 0, 2);
     v8 w0 = load8(w + k * NR), w1 = load8(w + k * NR + 8), w2 = load8(w + k * NR + 16);
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__AVX__)
     asm("" : "+x"(w0), "+x"(w1), "+x"(w2));  // keep W in registers: 7 loads per 12 FMAs instead of 16
 #endif
 #pragma GCC unroll 4
