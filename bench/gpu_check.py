@@ -434,6 +434,88 @@ def train_step_bench(device, shapes, steps, warmup) -> list[list]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The trainer in fp32 and bf16-mixed
+
+
+def write_random_corpus(prefix: Path, vocab: int, n_tokens: int, seed: int) -> None:
+    import numpy as np
+
+    from finetune.binidx import BinidxWriter, token_dtype
+
+    rng = np.random.default_rng(seed)
+    writer = BinidxWriter(str(prefix), token_dtype(vocab))
+    writer.add_document(rng.integers(0, vocab, n_tokens).astype(token_dtype(vocab)))
+    writer.close()
+
+
+def trainer_run(device, pth: Path, data: Path, out: Path, precision: str, B: int, T: int, steps: int,
+                warmup: int) -> tuple[float, float, float]:
+    """`rwkv-lora train` itself (Lightning, LoRA r=8 on att and ffn, AdamW) for `steps` steps: (median tokens/s of
+    the steps after `warmup`, as the trainer's metrics.csv records them, peak GiB on the device, last loss)."""
+    from finetune.train.config import load_config
+    from finetune.train.main import main as train_main
+    from finetune.train.report import read_series
+
+    cfg = load_config(None, {"model": str(pth), "data": str(data), "out_dir": str(out), "precision": precision,
+                             "max_steps": steps, "micro_bsz": B, "ctx_len": T, "accelerator": device.type,
+                             "lr": 1e-4, "warmup_steps": 0, "lora.r": 8, "lora.alpha": 16})
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    train_main(cfg, quiet=True)
+    series = read_series(out / "metrics.csv", ("tokens_per_s", "train_loss"))
+    rates = sorted(v for k, v in series["tokens_per_s"].items() if k > warmup)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return rates[len(rates) // 2], peak, series["train_loss"][max(series["train_loss"])]
+
+
+def trainer_precision_section(device, big) -> list[str]:
+    """Training speed of the trainer itself in fp32 (`precision: 32`, no TF32) and bf16-mixed, per family and shape
+    (random checkpoints from `rwkv-lora init`, random tokens): the ratio users get from switching precision."""
+    import tempfile
+
+    from finetune.cli import main as cli_main
+
+    if big:  # (arch, layers, width, vocab, B, T)
+        shapes = [("7", 12, 768, 65536, 8, 1024), ("7", 12, 768, 65536, 1, 256), ("7", 24, 1024, 65536, 8, 1024),
+                  ("4", 12, 768, 50277, 8, 1024)]
+        steps, warmup = 12, 4
+    else:
+        shapes = [("7", 2, 128, 1000, 2, 32)]
+        steps, warmup = 3, 1
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for arch, L, C, V, B, T in shapes:
+            label = f"RWKV-{arch} {L}x{C}, vocab {V}"
+            try:
+                pth, data = work / f"v{arch}-{L}x{C}.pth", work / f"v{arch}-{V}"
+                if not pth.exists():
+                    cli_main(["init", "--arch", arch, "--n-layer", str(L), "--n-embd", str(C), "--vocab", str(V),
+                              "--out", str(pth)])
+                if not data.with_suffix(".bin").exists():
+                    write_random_corpus(data, V, 4 << 20 if big else 1 << 14, seed=0)
+                got = {}
+                for precision in ("32", "bf16-mixed"):
+                    t0 = time.perf_counter()
+                    got[precision] = trainer_run(device, pth, data, work / f"out-{arch}-{L}-{B}-{T}-{precision}",
+                                                 precision, B, T, steps, warmup)
+                    log(f"  {label} B={B} T={T} {precision}: {got[precision][0]:,.0f} tok/s "
+                        f"({time.perf_counter() - t0:.0f} s)")
+                (f32, p32, l32), (b16, pb16, lb16) = got["32"], got["bf16-mixed"]
+                rows.append([label, f"{B}x{T}", f"{f32:,.0f}", f"{b16:,.0f}", f"**{b16 / f32:.2f}x**",
+                             f"{p32:.2f} / {pb16:.2f}", f"{l32:.3f} / {lb16:.3f}"])
+            except Exception as e:  # one shape failing (OOM, a missing package) must not hide the others
+                rows.append([label, f"{B}x{T}", "-", "-", "-", "-",
+                             f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"])
+                log(f"  trainer {label} failed:\n{traceback.format_exc()}")
+    return ["## The trainer in fp32 and bf16-mixed (LoRA r=8 att+ffn, AdamW, median tokens/s of steps "
+            f"{warmup + 1}-{steps} from metrics.csv)\n\n" + table(
+                ["model", "B x T", "fp32 tok/s", "bf16-mixed tok/s", "bf16 / fp32", "peak GiB fp32 / bf16",
+                 "last loss fp32 / bf16"], rows)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # WKV-7
 
 NAMES7 = ["y", "state_out", "g_r", "g_w", "g_k", "g_v", "g_a", "g_b", "g_state_in"]
@@ -598,6 +680,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-train", action="store_true", help="no LoRA training-step benchmark")
     ap.add_argument("--skip-wkv7", action="store_true", help="no WKV-7 sections")
     ap.add_argument("--wkv7-only", action="store_true", help="only the WKV-7 sections")
+    ap.add_argument("--trainer-only", action="store_true",
+                    help="only the trainer's fp32 vs bf16-mixed speed (RWKV-7 and RWKV-4)")
+    ap.add_argument("--skip-trainer", action="store_true", help="no trainer fp32 vs bf16-mixed section")
     ap.add_argument("--bandwidth-tbs", type=float, default=4.8, help="memory bandwidth for the floor (H200: 4.8)")
     ap.add_argument("--out", type=Path, help="also write the Markdown report here")
     args = ap.parse_args(argv)
@@ -612,6 +697,14 @@ def main(argv=None) -> int:
     env += [["nvcc", kernel_build.find_nvcc()]]
     if big:
         env += [["nvcc flags", " ".join(kernel_build.cuda_compile_flags(kernel_build.find_nvcc()))]]
+
+    if args.trainer_only:
+        report.append("## Environment\n\n" + table(["", ""], env))
+        log(report[-1])
+        log("\nthe trainer in fp32 and bf16-mixed ...")
+        report += trainer_precision_section(device, big)
+        log(report[-1])
+        return finish(report, "FAILED" not in report[-1], args.out)
 
     if args.wkv7_only:
         report.append("## Environment\n\n" + table(["", ""], env))
@@ -681,6 +774,12 @@ def main(argv=None) -> int:
                  "peak GiB", "loss"], rows))
         except Exception:
             report.append("## LoRA training step\n\nFAILED:\n```\n" + traceback.format_exc() + "```")
+        log(report[-1])
+
+    # --- the trainer, fp32 against bf16-mixed
+    if not args.skip_trainer:
+        log("\nthe trainer in fp32 and bf16-mixed ...")
+        report += trainer_precision_section(device, big)
         log(report[-1])
 
     return finish(report, ok, args.out)

@@ -47,3 +47,12 @@ def test_wkv7_only_dry_run_on_cpu(capsys):
     assert "## WKV-7: correctness" in out and "## WKV-7: kernel time" in out
     assert "## Correctness" not in out  # the RWKV-4 sections were skipped
     assert rc == 0, out
+
+
+def test_trainer_only_dry_run_on_cpu(capsys):
+    """The trainer section runs `rwkv-lora train` itself in fp32 and bf16-mixed and reports both (tiny on the CPU)."""
+    rc = gpu_check.main(["--device", "cpu", "--trainer-only"])
+    out = capsys.readouterr().out
+    assert "## The trainer in fp32 and bf16-mixed" in out and "FAILED" not in out
+    assert "## Correctness" not in out and "## WKV-7" not in out
+    assert rc == 0, out
