@@ -179,3 +179,11 @@ def test_head_left_in_a_checkpoint_file_is_read_from_it(monkeypatch, tmp_path):
     assert resident(in_file.weight) <= 1024 * 512 * 2 + (64 << 10)  # a block and the fault-around, not 8 MiB
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+
+
+def test_chunks_are_bigger_on_a_gpu():
+    """128 rows of the World vocabulary per chunk on the CPU (32 MB of fp32 logits, cache-sized); 2048 on a GPU,
+    where each chunk's ~15 kernel launches, not memory, are what costs (no GPU needed: the size is the device's)."""
+    assert head_ce.rows_per_chunk(65536) == head_ce.rows_per_chunk(65536, "cpu") == 128
+    assert head_ce.rows_per_chunk(65536, torch.device("cuda")) == 2048
+    assert head_ce.rows_per_chunk(10 ** 9, "cuda") == 1  # never zero rows

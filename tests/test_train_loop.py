@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune.adapter_format import read_adapter
 from finetune.errors import FinetuneError
@@ -243,3 +244,48 @@ def test_adamw8bit_run_trains_and_resumes_exactly(tmp_path):
     assert sorted(resumed) == [4, 5, 6, 7, 8]
     for s in resumed:
         assert resumed[s] == full[s], (s, resumed[s], full[s])
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (`.item()`, `.tolist()`, `bool(t)`): on a GPU each one waits
+    for the work queued so far."""
+
+    READS = ("aten._local_scalar_dense.default", "aten.is_nonzero.default")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += str(func) in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_reads_its_losses_and_gradient_check_once_after_the_backward_passes(setup_dir):
+    """training_step queues the forward pass without reading the loss (a read would make a GPU finish the forward
+    pass before the backward pass is queued); check_step, before the optimizer step, reads every micro-batch's loss
+    and whether the gradients are finite together, and finds a NaN loss (with its micro-batch) or a NaN gradient."""
+    from finetune.train.module import LitRWKV
+
+    tmp, ckpt, data, _ = setup_dir
+    run = setup(config(tmp, ckpt, data, grad_accum=3), quiet=True)
+    lit = LitRWKV(run.model, run.cfg)
+    batches = [{k: v.unsqueeze(0) for k, v in run.train_data[i].items()} for i in range(3)]
+    losses = []
+    with DeviceReads() as mode:
+        for b in batches:
+            loss = lit.training_step(b, 0)
+            loss.backward()
+            losses.append(loss.detach())
+    assert mode.reads == 0
+    assert lit.check_step() is True
+    assert lit.step_losses == [x.item() for x in losses] and lit.nonfinite_loss is None and not lit.pending
+
+    lit.step_losses = []
+    for i, b in enumerate(batches):
+        loss = lit.training_step(b, 0)
+        (loss * (float("nan") if i == 1 else 1.0)).backward()
+        if i == 1:  # what training_step queued for this micro-batch, made non-finite as a broken forward would
+            lit.pending[-1] = (lit.pending[-1][0] * float("nan"), b)
+    assert lit.check_step() is False  # the NaN reached the gradients
+    assert math.isnan(lit.nonfinite_loss) and lit.bad_batch is batches[1] and len(lit.step_losses) == 2

@@ -23,6 +23,10 @@ import torch.nn.functional as F
 from finetune import pages
 
 CHUNK_BYTES = 32 << 20  # fp32 logits per chunk: 128 rows of a 65536-token vocabulary
+# On a GPU, memory is not what is short: every chunk costs ~15 kernel launches, and a ctx 1024 x 8 batch in chunks
+# of 128 rows (the CPU's size, chosen to stay in cache and out of page faults) queues ~1000 of them per pass, so the
+# chunks there are bigger: 2048 rows of a 65536-token vocabulary
+GPU_CHUNK_BYTES = 512 << 20
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,8 +38,10 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(_acc_dtype(t.dtype))
 
 
-def rows_per_chunk(vocab: int) -> int:
-    return max(1, CHUNK_BYTES // (4 * vocab))
+def rows_per_chunk(vocab: int, device: torch.device | str = "cpu") -> int:
+    """Rows of hidden states per chunk for a head with `vocab` rows on `device`."""
+    budget = CHUNK_BYTES if torch.device(device).type == "cpu" else GPU_CHUNK_BYTES
+    return max(1, budget // (4 * vocab))
 
 
 def _widened(weight: torch.Tensor, buffer: torch.Tensor, in_file: list[pages.Range]
@@ -151,7 +157,8 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Ten
         return masked_ce(head(hidden), targets, loss_mask)
     m = loss_mask.reshape(-1).float()
     h = hidden.reshape(-1, hidden.shape[-1])  # (B*T, C)
-    total = _HeadCrossEntropy.apply(h, head.weight, targets.reshape(-1), m, rows_per_chunk(head.weight.shape[0]))
+    total = _HeadCrossEntropy.apply(h, head.weight, targets.reshape(-1), m,
+                                   rows_per_chunk(head.weight.shape[0], h.device))
     return total, m.sum()
 
 
@@ -159,6 +166,6 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Ten
 def head_outputs_finite(hidden: torch.Tensor, head: nn.Module) -> bool:
     """Whether every logit head(hidden) is finite, checked a chunk of rows at a time (hidden [..., C])."""
     h = hidden.reshape(-1, hidden.shape[-1])
-    rows = rows_per_chunk(head.weight.shape[0])
+    rows = rows_per_chunk(head.weight.shape[0], h.device)
     flags = [torch.isfinite(head(h[s:s + rows])).all() for s in range(0, h.shape[0], rows)]
     return bool(torch.stack(flags).all()) if flags else True

@@ -49,9 +49,10 @@ class RunCallback(pl.Callback):
         # the rate this step uses (Lightning moves the scheduler on before on_train_batch_end)
         self.step_lr = float(optimizer.param_groups[0]["lr"])
         step = trainer.global_step + 1
+        grads_ok = pl_module.check_step()  # reads the step's losses too
         if pl_module.nonfinite_loss is not None:
             what = f"loss is {pl_module.nonfinite_loss} at step {step}"
-        elif pl_module.check_grads and not pl_module.grads_finite():
+        elif not grads_ok:
             what = f"non-finite gradient at step {step}"
         else:
             what = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import logging
 import signal
 import sys
@@ -285,6 +286,10 @@ def fit(run: Run, quiet: bool = False, callbacks: Sequence[pl.Callback] = ()) ->
     """Build the Trainer and run the loop. Returns the RunCallback (its `history` holds step -> train loss)."""
     cfg = run.cfg
     quiet_lightning()
+    # deterministic="warn" below (reproducible runs and resumes) wants cuBLAS's fixed workspace on a GPU, read when
+    # cuBLAS starts; without it torch raises a Python warning at every matrix product (~1000 per step of a 0.1B
+    # RWKV-7), each costing host time the GPU waits for
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     lit = LitRWKV(run.model, cfg)
     callback = RunCallback(run)
     val_interval = (cfg.val_every if cfg.val_every else cfg.max_steps) * cfg.grad_accum

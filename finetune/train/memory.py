@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from finetune.infctx import rwkv_core
@@ -43,7 +44,9 @@ _MALLOPT = getattr(_LIBC, "mallopt", None)
 
 
 def _trim_before_block(module: nn.Module, args: Any) -> None:
-    _MALLOC_TRIM(0)
+    # a block whose input is on a GPU keeps its activations there: nothing of the host heap to hand back
+    if not args or not isinstance(args[0], torch.Tensor) or args[0].device.type == "cpu":
+        _MALLOC_TRIM(0)
 
 
 def trim_between_blocks(model: nn.Module, map_big_allocations: bool = False) -> bool:

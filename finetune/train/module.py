@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from finetune.train.config import TrainConfig
-from finetune.train.loss import Batch, batch_loss, tensors_finite, window_totals
+from finetune.train.loss import Batch, batch_loss, window_totals
 from finetune.train.optim import build_optimizer
 
 
@@ -26,7 +26,8 @@ class LitRWKV(pl.LightningModule):
         self.cfg = cfg
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.check_grads = cfg.precision != "16-mixed"  # the fp16 grad scaler skips inf steps by itself
-        self.step_losses: list[float] = []
+        self.step_losses: list[float] = []  # the finite losses of the step's micro-batches, read by `check_step`
+        self.pending: list[tuple[torch.Tensor, Batch]] = []  # (loss, micro-batch) since the last check
         self.nonfinite_loss: float | None = None
         self.bad_batch: Batch | None = None  # the micro-batch that gave the non-finite loss
         self.last_batch: Batch | None = None
@@ -42,15 +43,29 @@ class LitRWKV(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = batch_loss(self.model, batch, self.cfg)
         self.last_batch = batch
-        value = loss.detach().item()
-        if math.isfinite(value):
-            self.step_losses.append(value)
-        elif self.nonfinite_loss is None:
-            self.nonfinite_loss, self.bad_batch = value, batch
+        # not read here: on a GPU, reading it would wait for the forward pass before the backward pass is queued
+        self.pending.append((loss.detach(), batch))
         return loss
 
-    def grads_finite(self) -> bool:
-        return tensors_finite([p.grad for p in self.trainable() if p.grad is not None])
+    def check_step(self) -> bool:
+        """After the backward passes of a step, before its optimizer step: reads the micro-batches' losses into
+        `step_losses` (a non-finite one into `nonfinite_loss` / `bad_batch`) and returns whether the gradients are
+        finite (True when `check_grads` is off). One device-to-host copy for all of it: each read waits for the
+        device to finish the work queued so far."""
+        pending, self.pending = self.pending, []
+        grads = [p.grad for p in self.trainable() if p.grad is not None] if self.check_grads else []
+        flags = [torch.isfinite(g).all() for g in grads if g.numel()]
+        parts = [t.float().reshape(1) for t, _ in pending]
+        if flags:
+            parts.append(torch.stack(flags).all().float().reshape(1))
+        device = parts[0].device if parts else None
+        values = torch.cat([x.to(device) for x in parts]).tolist() if parts else []
+        for value, (_, batch) in zip(values, pending):
+            if math.isfinite(value):
+                self.step_losses.append(value)
+            elif self.nonfinite_loss is None:
+                self.nonfinite_loss, self.bad_batch = value, batch
+        return not flags or values[-1] == 1.0
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         total, count = window_totals(self.model, batch, self.cfg)
