@@ -469,6 +469,62 @@ def trainer_run(device, pth: Path, data: Path, out: Path, precision: str, B: int
     return rates[len(rates) // 2], peak, series["train_loss"][max(series["train_loss"])]
 
 
+def loop_run(device, pth: Path, data: Path, out: Path, precision: str, B: int, T: int, steps: int,
+             warmup: int) -> tuple[float, str]:
+    """The same model, loss and optimizer as `trainer_run` in a plain loop (no Lightning, no callbacks, no per-step
+    checks): (median tokens/s after `warmup` steps, the share of two profiled steps' wall time the GPU spent in
+    kernels). Against the trainer's figure it shows what the trainer's own per-step work costs; a low GPU share
+    says the host's queueing of operations sets the pace."""
+    from finetune.train.config import load_config
+    from finetune.train.loss import batch_loss
+    from finetune.train.main import base_precision_dtype, setup
+    from finetune.train.optim import build_optimizer
+
+    cfg = load_config(None, {"model": str(pth), "data": str(data), "out_dir": str(out), "precision": precision,
+                             "max_steps": steps, "micro_bsz": B, "ctx_len": T, "lr": 1e-4, "lora.r": 8,
+                             "lora.alpha": 16})
+    run = setup(cfg, quiet=True)
+    model = run.model.to(device)
+    opt, _ = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    dtype = base_precision_dtype(precision)
+    batches = [{k: torch.stack([run.train_data[i * B + j][k] for j in range(B)]).to(device)
+                for k in ("input_ids", "targets", "loss_mask")} for i in range(steps)]
+
+    def step(batch):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = batch_loss(model, batch, cfg)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = []
+    for i, batch in enumerate(batches):
+        sync(device)
+        t0 = time.perf_counter()
+        step(batch)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    busy = "-"
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for batch in batches[:2]:
+                step(batch)
+            sync(device)
+            wall = time.perf_counter() - t0
+        from torch.autograd import DeviceType
+
+        # the kernels' own rows (an operator's row also carries its kernels' time: counting both would double it)
+        kernels = sum(e.self_device_time_total for e in prof.key_averages()
+                      if e.device_type == DeviceType.CUDA) / 1e6  # microseconds -> s
+        busy = f"{100 * kernels / wall:.0f}%"
+    times.sort()
+    return B * T / times[len(times) // 2], busy
+
+
 def trainer_precision_section(device, big) -> list[str]:
     """Training speed of the trainer itself in fp32 (`precision: 32`, no TF32) and bf16-mixed, per family and shape
     (random checkpoints from `rwkv-lora init`, random tokens): the ratio users get from switching precision."""
@@ -502,17 +558,22 @@ def trainer_precision_section(device, big) -> list[str]:
                                                  precision, B, T, steps, warmup)
                     log(f"  {label} B={B} T={T} {precision}: {got[precision][0]:,.0f} tok/s "
                         f"({time.perf_counter() - t0:.0f} s)")
+                loop = {precision: loop_run(device, pth, data, work / f"loop-{arch}-{L}-{B}-{T}-{precision}",
+                                            precision, B, T, steps, warmup) for precision in ("32", "bf16-mixed")}
                 (f32, p32, l32), (b16, pb16, lb16) = got["32"], got["bf16-mixed"]
+                (lf32, busy32), (lb16_, busy16) = loop["32"], loop["bf16-mixed"]
                 rows.append([label, f"{B}x{T}", f"{f32:,.0f}", f"{b16:,.0f}", f"**{b16 / f32:.2f}x**",
+                             f"{lf32:,.0f} / {lb16_:,.0f} ({lb16_ / lf32:.2f}x)", f"{busy32} / {busy16}",
                              f"{p32:.2f} / {pb16:.2f}", f"{l32:.3f} / {lb16:.3f}"])
             except Exception as e:  # one shape failing (OOM, a missing package) must not hide the others
-                rows.append([label, f"{B}x{T}", "-", "-", "-", "-",
+                rows.append([label, f"{B}x{T}", "-", "-", "-", "-", "-", "-",
                              f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"])
                 log(f"  trainer {label} failed:\n{traceback.format_exc()}")
     return ["## The trainer in fp32 and bf16-mixed (LoRA r=8 att+ffn, AdamW, median tokens/s of steps "
-            f"{warmup + 1}-{steps} from metrics.csv)\n\n" + table(
-                ["model", "B x T", "fp32 tok/s", "bf16-mixed tok/s", "bf16 / fp32", "peak GiB fp32 / bf16",
-                 "last loss fp32 / bf16"], rows)]
+            f"{warmup + 1}-{steps} from metrics.csv; the plain loop: the same model, loss and optimizer without "
+            "Lightning; GPU busy: kernel time / wall time over two profiled plain steps)\n\n" + table(
+                ["model", "B x T", "fp32 tok/s", "bf16-mixed tok/s", "bf16 / fp32", "plain loop fp32 / bf16 tok/s",
+                 "GPU busy fp32 / bf16", "peak GiB fp32 / bf16", "last loss fp32 / bf16"], rows)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
