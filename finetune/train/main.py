@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import logging
+import os
 import signal
 import sys
 import time
