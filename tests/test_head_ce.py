@@ -182,8 +182,8 @@ def test_head_left_in_a_checkpoint_file_is_read_from_it(monkeypatch, tmp_path):
 
 
 def test_chunks_are_bigger_on_a_gpu():
-    """128 rows of the World vocabulary per chunk on the CPU (32 MB of fp32 logits, cache-sized); 2048 on a GPU,
+    """128 rows of the World vocabulary per chunk on the CPU (32 MB of fp32 logits, cache-sized); 1024 on a GPU,
     where each chunk's ~15 kernel launches, not memory, are what costs (no GPU needed: the size is the device's)."""
     assert head_ce.rows_per_chunk(65536) == head_ce.rows_per_chunk(65536, "cpu") == 128
-    assert head_ce.rows_per_chunk(65536, torch.device("cuda")) == 2048
+    assert head_ce.rows_per_chunk(65536, torch.device("cuda")) == 1024
     assert head_ce.rows_per_chunk(10 ** 9, "cuda") == 1  # never zero rows

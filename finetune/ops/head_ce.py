@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from finetune import pages
 
 CHUNK_BYTES = 32 << 20  # fp32 logits per chunk: 128 rows of a 65536-token vocabulary
-# On a GPU, memory is not what is short: every chunk costs ~15 kernel launches, and a ctx 1024 x 8 batch in chunks
-# of 128 rows (the CPU's size, chosen to stay in cache and out of page faults) queues ~1000 of them per pass, so the
-# chunks there are bigger: 2048 rows of a 65536-token vocabulary
-GPU_CHUNK_BYTES = 512 << 20
+# On a GPU every chunk costs ~15 kernel launches, and a ctx 1024 x 8 batch in chunks of 128 rows (the CPU's size,
+# chosen to stay in cache and out of page faults) queues ~1000 of them per pass, so the chunks there are bigger:
+# 1024 rows of a 65536-token vocabulary, ~60 launches for that batch, for ~0.5 GB more at the peak (small beside a
+# GPU's memory, even an 8 GB card's)
+GPU_CHUNK_BYTES = 256 << 20
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
