@@ -469,6 +469,21 @@ def trainer_run(device, pth: Path, data: Path, out: Path, precision: str, B: int
     return rates[len(rates) // 2], peak, series["train_loss"][max(series["train_loss"])]
 
 
+def kernel_share(device, work) -> float:
+    """The share of `work()`'s wall time that the GPU spent running kernels (from torch's profiler)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        work()
+        sync(device)
+        wall = time.perf_counter() - t0
+    # the kernels' own rows (an operator's row also carries its kernels' time: counting both would double it)
+    kernels = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+    return kernels / 1e6 / wall  # microseconds -> s
+
+
 def loop_run(device, pth: Path, data: Path, out: Path, precision: str, B: int, T: int, steps: int,
              warmup: int) -> tuple[float, str]:
     """The same model, loss and optimizer as `trainer_run` in a plain loop (no Lightning, no callbacks, no per-step
@@ -507,20 +522,10 @@ def loop_run(device, pth: Path, data: Path, out: Path, precision: str, B: int, T
             times.append(time.perf_counter() - t0)
     busy = "-"
     if device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            t0 = time.perf_counter()
-            for batch in batches[:2]:
-                step(batch)
-            sync(device)
-            wall = time.perf_counter() - t0
-        from torch.autograd import DeviceType
-
-        # the kernels' own rows (an operator's row also carries its kernels' time: counting both would double it)
-        kernels = sum(e.self_device_time_total for e in prof.key_averages()
-                      if e.device_type == DeviceType.CUDA) / 1e6  # microseconds -> s
-        busy = f"{100 * kernels / wall:.0f}%"
+        try:  # a profiler problem must not cost the row its speed figures
+            busy = f"{100 * kernel_share(device, lambda: [step(b) for b in batches[:2]]):.0f}%"
+        except Exception as e:
+            busy = f"? ({type(e).__name__})"
     times.sort()
     return B * T / times[len(times) // 2], busy
 
