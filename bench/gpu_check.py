@@ -448,17 +448,23 @@ def write_random_corpus(prefix: Path, vocab: int, n_tokens: int, seed: int) -> N
     writer.close()
 
 
+def bench_config(pth: Path, data: Path, out: Path, precision: str, B: int, T: int, steps: int, **extra):
+    """The run both the trainer and the plain loop measure: LoRA r=8 (alpha 16) on att and ffn, AdamW at 1e-4."""
+    from finetune.train.config import load_config
+
+    return load_config(None, {"model": str(pth), "data": str(data), "out_dir": str(out), "precision": precision,
+                              "max_steps": steps, "micro_bsz": B, "ctx_len": T, "lr": 1e-4, "warmup_steps": 0,
+                              "lora.r": 8, "lora.alpha": 16, **extra})
+
+
 def trainer_run(device, pth: Path, data: Path, out: Path, precision: str, B: int, T: int, steps: int,
                 warmup: int) -> tuple[float, float, float]:
     """`rwkv-lora train` itself (Lightning, LoRA r=8 on att and ffn, AdamW) for `steps` steps: (median tokens/s of
     the steps after `warmup`, as the trainer's metrics.csv records them, peak GiB on the device, last loss)."""
-    from finetune.train.config import load_config
     from finetune.train.main import main as train_main
     from finetune.train.report import read_series
 
-    cfg = load_config(None, {"model": str(pth), "data": str(data), "out_dir": str(out), "precision": precision,
-                             "max_steps": steps, "micro_bsz": B, "ctx_len": T, "accelerator": device.type,
-                             "lr": 1e-4, "warmup_steps": 0, "lora.r": 8, "lora.alpha": 16})
+    cfg = bench_config(pth, data, out, precision, B, T, steps, accelerator=device.type)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -490,14 +496,11 @@ def loop_run(device, pth: Path, data: Path, out: Path, precision: str, B: int, T
     checks): (median tokens/s after `warmup` steps, the share of two profiled steps' wall time the GPU spent in
     kernels). Against the trainer's figure it shows what the trainer's own per-step work costs; a low GPU share
     says the host's queueing of operations sets the pace."""
-    from finetune.train.config import load_config
     from finetune.train.loss import batch_loss
     from finetune.train.main import base_precision_dtype, setup
     from finetune.train.optim import build_optimizer
 
-    cfg = load_config(None, {"model": str(pth), "data": str(data), "out_dir": str(out), "precision": precision,
-                             "max_steps": steps, "micro_bsz": B, "ctx_len": T, "lr": 1e-4, "lora.r": 8,
-                             "lora.alpha": 16})
+    cfg = bench_config(pth, data, out, precision, B, T, steps)
     run = setup(cfg, quiet=True)
     model = run.model.to(device)
     opt, _ = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
