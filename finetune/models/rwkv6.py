@@ -170,6 +170,7 @@ class Block(nn.Module):
         super().__init__()
         C = config.n_embd
         self.layer_id = layer_id
+        self.first = layer_id == 0  # what forward branches on: under torch.compile blocks 1..L-1 share one graph
         if layer_id == 0:
             self.ln0 = nn.LayerNorm(C)  # block 0 only: normalises the embedding
         self.ln1 = nn.LayerNorm(C)
@@ -180,7 +181,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, att_shift: torch.Tensor, wkv_state: torch.Tensor,
                 ffn_shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, C] and this layer's state -> (x, att_shift [B, C], wkv [B, H, N, N], ffn_shift [B, C])."""
-        if self.layer_id == 0:
+        if self.first:
             x = self.ln0(x)
         dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state)
         x = x + dx

@@ -127,6 +127,9 @@ class TimeMix(nn.Module):
         C, H, N = config.n_embd, config.n_head, config.head_size
         Dw, Da, Dv, Dg = config.d_decay, config.d_iclr, config.d_value, config.d_gate
         self.layer_id = layer_id
+        # a bool, not layer_id, is what the forward pass branches on: torch.compile specialises on the attribute it
+        # reads, so all blocks after the first share one compiled graph
+        self.makes_v_first = layer_id == 0
         self.n_head, self.head_size = H, N
         # registration order = BlinkDL's key order, so saved files list their keys as RWKV-LM's do
         self.x_r = nn.Parameter(torch.zeros(1, 1, C))
@@ -178,7 +181,7 @@ class TimeMix(nn.Module):
             r, k, v = r.float(), k.float(), v.float()
         # decay in fp32 (w0 is an fp32 parameter): the slow channels' decays sit within 1e-3 of 1
         log_decay = -LOG_DECAY_SCALE * torch.sigmoid(self.w0 + _as(torch.tanh(xw @ self.w1) @ self.w2, self.w0.dtype))
-        if self.layer_id == 0:
+        if self.makes_v_first:
             v_first = v
         else:  # value residual: move towards layer 0's value of the same token, per channel and token
             v = torch.lerp(v, v_first, _as(torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2), v.dtype))

@@ -13,6 +13,7 @@ copy) each keep their own build instead of rebuilding over each other's on every
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import re
@@ -20,6 +21,7 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
@@ -36,6 +38,8 @@ CUDA_ARCHS = (70, 80, 90)
 CPU_CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffast-math", "-fno-finite-math-only"]
 
 _extensions: dict[str, object] = {}
+
+F = TypeVar("F", bound=Callable)
 
 
 def cpu_id() -> str:
@@ -149,3 +153,19 @@ def load_extension(name: str, cpu_sources: list[str] | None = None, cuda_sources
                       f"reference. {hint}.", stacklevel=3)
     _extensions[key] = ext
     return ext
+
+
+def eager_under_compile(op: F) -> F:
+    """`op` (an operator that calls a compiled extension) run eagerly when called from code under torch.compile
+    (the trainer's `compile: true` compiles each block): torch.compile cannot trace into a pybind11 function, so the
+    block's graph is split cleanly around the operator (the code on either side is still compiled) instead of a
+    warning at every compilation. Eager callers pay one `is_compiling()` check (~0.1 us)."""
+    eager = torch.compiler.disable(op)
+
+    @functools.wraps(op)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return eager(*args, **kwargs)
+        return op(*args, **kwargs)
+
+    return call  # type: ignore[return-value]

@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from finetune.ops.build import load_extension
+from finetune.ops.build import eager_under_compile, load_extension
 
 P_EMPTY = -1e38  # the running max of an empty state: exp(P_EMPTY - anything) == 0 in fp32
 
@@ -146,6 +146,7 @@ class WKVKernel(torch.autograd.Function):
         return None, gw * w, gu, gk.to(ctx.k_dtype), gv.to(ctx.v_dtype), gstate
 
 
+@eager_under_compile
 def wkv(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         state: torch.Tensor | None = None, backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """WKV with gradients, on the best backend for k's device. See the module docstring for shapes.

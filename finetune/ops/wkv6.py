@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch.autograd.function import once_differentiable
 
-from finetune.ops.build import load_extension
+from finetune.ops.build import eager_under_compile, load_extension
 
 Backend = Literal["auto", "reference", "kernel"]
 
@@ -97,6 +97,7 @@ class WKV6Kernel(torch.autograd.Function):
         return (None, *(g.to(dt) for g, dt in zip(grads, ctx.dtypes)))
 
 
+@eager_under_compile
 def wkv6(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
          state: torch.Tensor | None = None, backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """WKV-5/6 with gradients on the best backend for the inputs' device (see the module docstring for shapes).

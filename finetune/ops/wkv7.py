@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch.autograd.function import once_differentiable
 
-from finetune.ops.build import load_extension
+from finetune.ops.build import eager_under_compile, load_extension
 
 Backend = Literal["auto", "reference", "kernel"]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -113,6 +113,7 @@ class WKV7Kernel(torch.autograd.Function):
         return None, None, *(g.to(dt) for g, dt in zip(grads, ctx.dtypes)), gstate
 
 
+@eager_under_compile
 def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
          state: torch.Tensor | None = None, backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """WKV-7 with gradients on the best backend for the inputs' device (see the module docstring for shapes).
