@@ -70,6 +70,9 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     (["--val_samples", "0"], r"val_samples: must be a positive integer, got 0"),
     (["--max_steps", "1e3"], r"max_steps: must be a positive integer, got 1000.0"),
     (["model"], "expected --key value"),
+    (["--compile", "yes please"], "compile: must be true or false"),
+    (["--compile", "true", "--base_quant", "nf4"], "compile: not with base_quant nf4"),
+    (["--compile", "true", "--strategy", "deepspeed_stage_2"], "compile: not with strategy deepspeed_stage_2"),
 ])
 def test_bad_values(args, msg):
     with pytest.raises(FinetuneError, match=msg):

@@ -17,9 +17,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune.adapter_format import read_adapter
 from finetune.errors import FinetuneError
+from finetune.infctx import rwkv_core
 from finetune.train.main import main, setup
 from finetune.train.optim import lr_factor
-from test_lora import config, make_corpus, pattern_tokens, setup_dir  # noqa: F401
+from conftest import write_checkpoint
+from test_lora import VOCAB, config, make_corpus, pattern_tokens, setup_dir  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -289,3 +291,58 @@ def test_a_step_reads_its_losses_and_gradient_check_once_after_the_backward_pass
             lit.pending[-1] = (lit.pending[-1][0] * float("nan"), b)
     assert lit.check_step() is False  # the NaN reached the gradients
     assert math.isnan(lit.nonfinite_loss) and lit.bad_batch is batches[1] and len(lit.step_losses) == 2
+
+
+def step_grads(run, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    """The loss of `batch` and the gradients of every trained tensor (then cleared)."""
+    from finetune.train.loss import batch_loss
+
+    loss = batch_loss(run.model, batch, run.cfg)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    run.model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, monkeypatch):
+    """compile: true compiles every block, and the compiled blocks compute the eager loss and LoRA / full-tensor
+    gradients, with gradient checkpointing on and off; the blocks after the first share one compiled graph (a 4-layer
+    model compiles no more graphs than a 2-layer one: nothing specialises on the layer). Compiled with torch's
+    `aot_eager` backend (dynamo's capture, the graph breaks around the WKV extension, AOTAutograd's backward: what
+    this code is responsible for) instead of inductor, whose code generation takes ~70 s a run on 2 cores; the
+    inductor runs are in bench/train_rwkv7.py (same first loss as eager)."""
+    from torch._dynamo.utils import counters
+
+    from rwkv7_helpers import random_rwkv7_state_dict
+
+    compiled_blocks = []
+    plain_compile = torch.nn.Module.compile
+
+    def compile_for_test(module, *args, **kwargs):
+        compiled_blocks.append(module)
+        plain_compile(module, *args, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_for_test)
+    data = make_corpus(tmp_path / "train", pattern_tokens())
+    graphs = {}
+    for n_layer, checkpointing in ((2, False), (3, False), (3, True)):
+        ckpt = write_checkpoint(tmp_path / f"v7-{n_layer}.pth", random_rwkv7_state_dict(n_layer, 64, VOCAB, 32, seed=2))
+        runs = {}
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            counters.clear()
+            compiled_blocks.clear()
+            cfg = config(tmp_path, ckpt, data, compile=compiled, grad_checkpoint=checkpointing,
+                         **{"lora.parts": ["att", "ffn"], "lora.train": ["time"]})
+            run = setup(cfg, quiet=True)
+            assert compiled_blocks == (list(rwkv_core(run.model).blocks) if compiled else [])
+            batch = {k: torch.stack([run.train_data[i][k] for i in range(2)]) for k in run.train_data[0]}
+            runs[compiled] = step_grads(run, batch)
+            if compiled and not checkpointing:
+                graphs[n_layer] = counters["stats"]["unique_graphs"]
+        (loss, grads), (loss_c, grads_c) = runs[False], runs[True]
+        assert loss_c == pytest.approx(loss, rel=1e-6)
+        assert grads.keys() == grads_c.keys() and any("lora_A" in n for n in grads)
+        for n in grads:
+            torch.testing.assert_close(grads_c[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert 0 < graphs[3] == graphs[2]  # block 2 runs block 1's graph

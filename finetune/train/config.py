@@ -121,12 +121,20 @@ class TrainConfig:
     (`pip install 'rwkv-lora[quant]'`); method lora or train_type state on one device."""
     grad_checkpoint: bool = False
     """Recompute each block in the backward pass: far less activation memory, about 30% slower."""
+    compile: bool = False
+    """Compile each block with torch.compile (TorchInductor), which fuses the elementwise work between the matrix
+    products into a few generated kernels: fewer passes over memory, and far fewer operations queued per step (what
+    bounds small models on a GPU). The first steps wait for the compiler (~15-60 s per precision and block shape on
+    a CPU; blocks after the first share one compiled graph), later ones run faster (RWKV-7 12 x 768 LoRA at ctx 256
+    on this 2-core CPU: README, training table). Needs a C++ compiler (CPU) or Triton (CUDA, shipped with torch).
+    Not with `base_quant` int8/nf4 or DeepSpeed strategies."""
     trim_memory: bool = True
     """Hand freed memory back to the operating system as training goes (Linux, glibc): the heap is trimmed before
-    each block runs (costs ~0-7% of a step), and with a `base_quant` base tensors of 1 MB or more also get their
-    own memory mappings (more page faults: RWKV-7 0.1B NF4 ran at ~0.6x the speed for half the peak, 1.15 instead
-    of 2.25 GB; README, memory table). The C allocator otherwise keeps what was freed, fragmented, and a CPU run's
-    peak grows with every block. Ignored where the C library lacks `malloc_trim`."""
+    each block runs (costs ~0-7% of a big step, up to ~25% of a small one: RWKV-7 0.1B at ctx 256, batch 1, for a
+    21% lower peak), and with a `base_quant` base tensors of 1 MB or more also get their own memory mappings (more
+    page faults: RWKV-7 0.1B NF4 ran at ~0.6x the speed for half the peak, 1.15 instead of 2.25 GB; README, memory
+    table). The C allocator otherwise keeps what was freed, fragmented, and a CPU run's peak grows with every block.
+    Ignored where the C library lacks `malloc_trim`."""
     seed: int = 42
     """Seed for LoRA init, dropout and the data windows: the same seed gives the same run."""
     sampling: str = "random"
@@ -373,6 +381,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     _require(isinstance(cfg.resume, bool), f"resume: must be true or false, got {cfg.resume!r}")
     _require(isinstance(cfg.grad_checkpoint, bool), "grad_checkpoint: must be true or false")
     _require(isinstance(cfg.trim_memory, bool), "trim_memory: must be true or false")
+    _require(isinstance(cfg.compile, bool), "compile: must be true or false")
     cfg.base_quant = "none" if cfg.base_quant in (None, False) else str(cfg.base_quant)
     _require(cfg.base_quant in BASE_QUANTS, f"base_quant: {cfg.base_quant!r} is not one of {', '.join(BASE_QUANTS)}")
     if cfg.base_quant != "none":
@@ -383,6 +392,11 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
                  "lora.init default or base_quant none")
         _require(cfg.strategy == "auto" and cfg.num_nodes == 1 and cfg.devices in (1, [0], "1"),
                  "base_quant: quantized bases are supported on one device (strategy auto, devices 1, num_nodes 1)")
+    if cfg.compile:  # combinations the compiled blocks are not tested with
+        _require(cfg.base_quant in ("none", "bf16"), f"compile: not with base_quant {cfg.base_quant} (the "
+                                                     f"quantized projections are not compiled here); set compile: false")
+        _require(not cfg.strategy.startswith("deepspeed"), f"compile: not with strategy {cfg.strategy}; set "
+                                                           f"compile: false")
     lo = cfg.lora
     _require_int("lora.r", lo.r, minimum=1)
     lo.alpha = _require_real("lora.alpha", lo.alpha, minimum=0.0, inclusive=False)

@@ -179,6 +179,12 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
         print("note: trim_memory: this C library has no malloc_trim / mallopt (not glibc); ignored", file=sys.stderr)
     model, base, tune = _build_model(cfg, base)
     model.train()
+    if cfg.compile:
+        for block in base.blocks:  # in place: peft's wrappers and Lightning see the same modules
+            block.compile()
+        if not quiet:
+            print("note: compile: the blocks are compiled during the first step (about a minute on a CPU)",
+                  file=sys.stderr)
     resume_step = 0
     if resume_from is not None:  # the checkpoint must fit this model: checked now, with a one-line error
         expected = {f"model.{n}": tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
