@@ -458,13 +458,13 @@ def bench_config(pth: Path, data: Path, out: Path, precision: str, B: int, T: in
 
 
 def trainer_run(device, pth: Path, data: Path, out: Path, precision: str, B: int, T: int, steps: int,
-                warmup: int) -> tuple[float, float, float]:
+                warmup: int, compile: bool = False) -> tuple[float, float, float]:
     """`rwkv-lora train` itself (Lightning, LoRA r=8 on att and ffn, AdamW) for `steps` steps: (median tokens/s of
     the steps after `warmup`, as the trainer's metrics.csv records them, peak GiB on the device, last loss)."""
     from finetune.train.main import main as train_main
     from finetune.train.report import read_series
 
-    cfg = bench_config(pth, data, out, precision, B, T, steps, accelerator=device.type)
+    cfg = bench_config(pth, data, out, precision, B, T, steps, accelerator=device.type, compile=compile)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -491,7 +491,7 @@ def kernel_share(device, work) -> float:
 
 
 def loop_run(device, pth: Path, data: Path, out: Path, precision: str, B: int, T: int, steps: int,
-             warmup: int) -> tuple[float, str]:
+             warmup: int, compile: bool = False) -> tuple[float, str]:
     """The same model, loss and optimizer as `trainer_run` in a plain loop (no Lightning, no callbacks, no per-step
     checks): (median tokens/s after `warmup` steps, the share of two profiled steps' wall time the GPU spent in
     kernels). Against the trainer's figure it shows what the trainer's own per-step work costs; a low GPU share
@@ -500,7 +500,7 @@ def loop_run(device, pth: Path, data: Path, out: Path, precision: str, B: int, T
     from finetune.train.main import base_precision_dtype, setup
     from finetune.train.optim import build_optimizer
 
-    cfg = bench_config(pth, data, out, precision, B, T, steps)
+    cfg = bench_config(pth, data, out, precision, B, T, steps, compile=compile)
     run = setup(cfg, quiet=True)
     model = run.model.to(device)
     opt, _ = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
@@ -533,9 +533,10 @@ def loop_run(device, pth: Path, data: Path, out: Path, precision: str, B: int, T
     return B * T / times[len(times) // 2], busy
 
 
-def trainer_precision_section(device, big) -> list[str]:
+def trainer_precision_section(device, big, compile: bool = False) -> list[str]:
     """Training speed of the trainer itself in fp32 (`precision: 32`, no TF32) and bf16-mixed, per family and shape
-    (random checkpoints from `rwkv-lora init`, random tokens): the ratio users get from switching precision."""
+    (random checkpoints from `rwkv-lora init`, random tokens): the ratio users get from switching precision. With
+    `compile`, every run (the plain loop's too) has `compile: true`: the warm-up steps then include compiling."""
     import tempfile
 
     from finetune.cli import main as cli_main
@@ -563,11 +564,12 @@ def trainer_precision_section(device, big) -> list[str]:
                 for precision in ("32", "bf16-mixed"):
                     t0 = time.perf_counter()
                     got[precision] = trainer_run(device, pth, data, work / f"out-{arch}-{L}-{B}-{T}-{precision}",
-                                                 precision, B, T, steps, warmup)
+                                                 precision, B, T, steps, warmup, compile)
                     log(f"  {label} B={B} T={T} {precision}: {got[precision][0]:,.0f} tok/s "
                         f"({time.perf_counter() - t0:.0f} s)")
                 loop = {precision: loop_run(device, pth, data, work / f"loop-{arch}-{L}-{B}-{T}-{precision}",
-                                            precision, B, T, steps, warmup) for precision in ("32", "bf16-mixed")}
+                                            precision, B, T, steps, warmup, compile)
+                        for precision in ("32", "bf16-mixed")}
                 (f32, p32, l32), (b16, pb16, lb16) = got["32"], got["bf16-mixed"]
                 (lf32, busy32), (lb16_, busy16) = loop["32"], loop["bf16-mixed"]
                 rows.append([label, f"{B}x{T}", f"{f32:,.0f}", f"{b16:,.0f}", f"**{b16 / f32:.2f}x**",
@@ -577,7 +579,8 @@ def trainer_precision_section(device, big) -> list[str]:
                 rows.append([label, f"{B}x{T}", "-", "-", "-", "-", "-", "-",
                              f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"])
                 log(f"  trainer {label} failed:\n{traceback.format_exc()}")
-    return ["## The trainer in fp32 and bf16-mixed (LoRA r=8 att+ffn, AdamW, median tokens/s of steps "
+    return [f"## The trainer in fp32 and bf16-mixed{', compile: true' if compile else ''} (LoRA r=8 att+ffn, AdamW, "
+            "median tokens/s of steps "
             f"{warmup + 1}-{steps} from metrics.csv; the plain loop: the same model, loss and optimizer without "
             "Lightning; GPU busy: kernel time / wall time over two profiled plain steps)\n\n" + table(
                 ["model", "B x T", "fp32 tok/s", "bf16-mixed tok/s", "bf16 / fp32", "plain loop fp32 / bf16 tok/s",
@@ -752,6 +755,8 @@ def main(argv=None) -> int:
     ap.add_argument("--trainer-only", action="store_true",
                     help="only the trainer's fp32 vs bf16-mixed speed (RWKV-7 and RWKV-4)")
     ap.add_argument("--skip-trainer", action="store_true", help="no trainer fp32 vs bf16-mixed section")
+    ap.add_argument("--trainer-compile", action="store_true",
+                    help="run the trainer section with compile: true (torch.compile of every block)")
     ap.add_argument("--bandwidth-tbs", type=float, default=4.8, help="memory bandwidth for the floor (H200: 4.8)")
     ap.add_argument("--out", type=Path, help="also write the Markdown report here")
     args = ap.parse_args(argv)
@@ -771,7 +776,7 @@ def main(argv=None) -> int:
         report.append("## Environment\n\n" + table(["", ""], env))
         log(report[-1])
         log("\nthe trainer in fp32 and bf16-mixed ...")
-        report += trainer_precision_section(device, big)
+        report += trainer_precision_section(device, big, args.trainer_compile)
         log(report[-1])
         return finish(report, "FAILED" not in report[-1], args.out)
 
@@ -848,7 +853,7 @@ def main(argv=None) -> int:
     # --- the trainer, fp32 against bf16-mixed
     if not args.skip_trainer:
         log("\nthe trainer in fp32 and bf16-mixed ...")
-        report += trainer_precision_section(device, big)
+        report += trainer_precision_section(device, big, args.trainer_compile)
         log(report[-1])
 
     return finish(report, ok, args.out)
