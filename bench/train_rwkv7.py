@@ -2,7 +2,7 @@
 
     python bench/train_rwkv7.py                          # the README table (several minutes per configuration)
     python bench/train_rwkv7.py --cases ours:256 hf:256 --steps 3
-    python bench/train_rwkv7.py --cases ours:1024:ckpt ours:4096:ckpt:chunk512 ours:256:bf16
+    python bench/train_rwkv7.py --cases ours:1024:ckpt ours:4096:ckpt:chunk512 ours:256:bf16 ours:256:compile
 
 One random fp32 RWKV-7 checkpoint (12 x 768, 12 heads of 64, RWKV-LM's low-rank widths, vocab 65536) is written once
 and converted with rwkv7-hf's own converter (`rwkv7-hf convert --precision fp32`), so both sides run the same
@@ -16,7 +16,8 @@ case that would need more memory fails alone instead of starving the machine. Ca
 IMPL `ours` or `hf` and flags `ckpt` (gradient checkpointing per block: ours `model.gradient_checkpointing`, theirs
 `gradient_checkpointing_enable()`), `chunkN` (ours: train_type infctx, the window in chunks of N tokens with the
 state carried, each chunk recomputed in the backward pass) and `bf16` (ours: bf16 base weights under
-`torch.autocast(bfloat16)`, fp32 LoRA weights: what `precision: bf16-mixed` runs). Reports tokens/s by the wall
+`torch.autocast(bfloat16)`, fp32 LoRA weights: what `precision: bf16-mixed` runs) and `compile` (ours: every block
+through torch.compile, as `compile: true` does; the warm-up step compiles, its wall time is reported). Reports tokens/s by the wall
 clock (median over the timed steps) and CPU seconds per token (steadier on a shared machine), and the ratios
 against the peer measured in the same run. On a shared machine run one thread (the default): with two, every
 parallel region of these thousands of small ops waits for a descheduled sibling thread, and both the wall clock and
@@ -39,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 N_LAYER, N_EMBD, HEAD, VOCAB = 12, 768, 64, 65536
 LORA_R, LORA_ALPHA = 8, 16
 HF_TARGETS = r".*\.attn\.(r_proj|k_proj|v_proj|o_proj)|.*\.ffn\.(key|value)"
-DEFAULT_CASES = ["ours:256", "hf:256", "ours:1024:ckpt", "ours:4096:ckpt:chunk1024", "ours:256:bf16"]
+DEFAULT_CASES = ["ours:256", "hf:256", "ours:1024:ckpt", "ours:4096:ckpt:chunk1024", "ours:256:bf16",
+                 "ours:256:compile", "ours:1024:ckpt:compile"]
 
 
 def make_checkpoint(work: Path) -> tuple[Path, Path]:
@@ -77,6 +79,9 @@ def build_ours(pth: Path, flags: set[str]) -> tuple[Any, Callable]:
     if "bf16" in flags:
         base.cast(torch.bfloat16)
     base.gradient_checkpointing = "ckpt" in flags
+    if "compile" in flags:  # as the trainer's `compile: true`
+        for block in base.blocks:
+            block.compile()
     model = add_lora(base, r=LORA_R, alpha=LORA_ALPHA, parts=("att", "ffn")).train()
     for p in model.parameters():  # trained tensors in fp32, as the trainer keeps them
         if p.requires_grad:
@@ -142,6 +147,8 @@ def worker(case: str, pth: Path, hf_dir: Path, steps: int, warmup: int, mem_gb: 
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if i == 0:
+            first_step = time.perf_counter() - t0
         if i >= warmup:
             walls.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
@@ -149,13 +156,13 @@ def worker(case: str, pth: Path, hf_dir: Path, steps: int, warmup: int, mem_gb: 
     walls.sort()
     return {"case": case, "impl": impl, "ctx": ctx, "flags": sorted(flags), "tok_s": ctx / walls[len(walls) // 2],
             "cpu_ms_per_tok": 1e3 * sorted(cpus)[len(cpus) // 2] / ctx, "peak_gb": resource.getrusage(
-                resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "first_loss": losses[0], "lora_modules": n_lora,
+                resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "first_loss": losses[0], "first_step_s": first_step, "lora_modules": n_lora,
             "trained_params": sum(p.numel() for p in params), "threads": torch.get_num_threads()}
 
 
 def describe(case: str) -> str:
     impl, ctx, *flags = case.split(":")
-    words = {"ckpt": "grad checkpointing", "bf16": "bf16-mixed"}
+    words = {"ckpt": "grad checkpointing", "bf16": "bf16-mixed", "compile": "torch.compile"}
     extra = [words.get(f, f"infctx chunks of {f[5:]}" if f.startswith("chunk") else f) for f in flags]
     name = "rwkv-lora" if impl == "ours" else "rwkv7-hf + peft"
     return f"{name}{' (' + ', '.join(extra) + ')' if extra else ''}"
@@ -189,11 +196,10 @@ def main() -> None:
             continue
         rows[case] = r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"  {case}: {r['tok_s']:.1f} tok/s, {r['cpu_ms_per_tok']:.1f} CPU ms/token, peak {r['peak_gb']:.2f} GB, "
-              f"first loss {r['first_loss']:.5f}, {r['lora_modules']} LoRA modules "
+              f"first loss {r['first_loss']:.5f}, first step {r['first_step_s']:.0f} s, {r['lora_modules']} LoRA modules "
               f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
 
     peer = next((r for r in rows.values() if r and r["impl"] == "hf" and r["ctx"] == 256 and not r["flags"]), None)
-    fp32 = next((r for r in rows.values() if r and r["impl"] == "ours" and r["ctx"] == 256 and not r["flags"]), None)
     threads = next((r["threads"] for r in rows.values() if r), 0)
     print(f"\nRWKV-7 LoRA r=8 (att r/k/v/o, ffn key/value) training step, 12 x 768, vocab 65536, batch 1, "
           f"{threads} threads, median of {args.steps} steps after {args.warmup} warm-up\n")
@@ -210,10 +216,17 @@ def main() -> None:
             vs = f"{r['tok_s'] / peer['tok_s']:.2f}x, {r['peak_gb'] / peer['peak_gb']:.2f}x"
         print(f"| {describe(case)} | {ctx} | {r['tok_s']:.1f} | {r['cpu_ms_per_tok']:.1f} | {r['peak_gb']:.2f} GB | "
               f"{vs} | {r['first_loss']:.5f} |")
-    bf16 = next((r for r in rows.values() if r and "bf16" in r["flags"] and r["ctx"] == 256), None)
-    if bf16 and fp32:
-        print(f"\nbf16-mixed vs our fp32 at ctx 256: {bf16['tok_s'] / fp32['tok_s']:.2f}x tok/s, "
-              f"{fp32['cpu_ms_per_tok'] / bf16['cpu_ms_per_tok']:.2f}x by CPU time")
+    print()
+    for flag, name in (("bf16", "bf16-mixed"), ("compile", "torch.compile")):
+        for ctx, base_flags in ((256, []), (1024, ["ckpt"])):
+            plain = next((r for r in rows.values() if r and r["impl"] == "ours" and r["ctx"] == ctx
+                          and r["flags"] == base_flags), None)
+            r = next((r for r in rows.values() if r and r["impl"] == "ours" and r["ctx"] == ctx
+                      and r["flags"] == sorted(base_flags + [flag])), None)
+            if r and plain:
+                print(f"{name} vs without at ctx {ctx}: {r['tok_s'] / plain['tok_s']:.2f}x tok/s, "
+                      f"{plain['cpu_ms_per_tok'] / r['cpu_ms_per_tok']:.2f}x by CPU time; first step "
+                      f"{r['first_step_s']:.0f} s vs {plain['first_step_s']:.0f} s")
 
 
 if __name__ == "__main__":

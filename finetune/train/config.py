@@ -123,11 +123,11 @@ class TrainConfig:
     """Recompute each block in the backward pass: far less activation memory, about 30% slower."""
     compile: bool = False
     """Compile each block with torch.compile (TorchInductor), which fuses the elementwise work between the matrix
-    products into a few generated kernels: fewer passes over memory, and far fewer operations queued per step (what
-    bounds small models on a GPU). The first steps wait for the compiler (~15-60 s per precision and block shape on
-    a CPU; blocks after the first share one compiled graph), later ones run faster (RWKV-7 12 x 768 LoRA at ctx 256
-    on this 2-core CPU: README, training table). Needs a C++ compiler (CPU) or Triton (CUDA, shipped with torch).
-    Not with `base_quant` int8/nf4 or DeepSpeed strategies."""
+    products into generated kernels: fewer tensors kept for the backward pass and far fewer operations queued per
+    step (what bounds small models on a GPU). The first step waits for the compiler (about a minute on a 2-core CPU,
+    seconds once TorchInductor's cache has the graphs; blocks after the first share one graph). RWKV-7 0.1B LoRA on
+    this CPU: 0.96-1.10x the speed, 15-18% less peak memory (README, RWKV-7 training table). Needs a C++ compiler
+    (CPU) or Triton (CUDA, shipped with torch). Not with `base_quant` int8/nf4 or DeepSpeed strategies."""
     trim_memory: bool = True
     """Hand freed memory back to the operating system as training goes (Linux, glibc): the heap is trimmed before
     each block runs (costs ~0-7% of a big step, up to ~25% of a small one: RWKV-7 0.1B at ctx 256, batch 1, for a
