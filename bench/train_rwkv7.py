@@ -11,17 +11,17 @@ attn.r_proj/k_proj/v_proj/o_proj and ffn.key/value) through peft, AdamW on the L
 batches, the same next-token loss computed from the logits. LoRA's B starts at zero, so the first step's loss is the
 base model's on both sides: the table shows it as a check that they compute the same model.
 
-Each case runs in a fresh subprocess (its own peak RSS, `ru_maxrss`), capped by an address-space limit so that a
-case that would need more memory fails alone instead of starving the machine. Case syntax `IMPL:CTX[:FLAGS]` with
-IMPL `ours` or `hf` and flags `ckpt` (gradient checkpointing per block: ours `model.gradient_checkpointing`, theirs
-`gradient_checkpointing_enable()`), `chunkN` (ours: train_type infctx, the window in chunks of N tokens with the
-state carried, each chunk recomputed in the backward pass) and `bf16` (ours: bf16 base weights under
+Each case runs in a fresh subprocess (its own peak RSS, `ru_maxrss`), capped by an address-space limit so that a case
+that would need more memory fails alone instead of starving the machine. Case syntax `IMPL:CTX[:FLAGS]` with IMPL
+`ours` or `hf` and flags `ckpt` (gradient checkpointing per block: ours `model.gradient_checkpointing`, theirs
+`gradient_checkpointing_enable()`), `chunkN` (ours: train_type infctx, the window in chunks of N tokens with the state
+carried, each chunk recomputed in the backward pass), `bf16` (ours: bf16 base weights under
 `torch.autocast(bfloat16)`, fp32 LoRA weights: what `precision: bf16-mixed` runs) and `compile` (ours: every block
-through torch.compile, as `compile: true` does; the warm-up step compiles, its wall time is reported). Reports tokens/s by the wall
-clock (median over the timed steps) and CPU seconds per token (steadier on a shared machine), and the ratios
-against the peer measured in the same run. On a shared machine run one thread (the default): with two, every
-parallel region of these thousands of small ops waits for a descheduled sibling thread, and both the wall clock and
-the CPU time (spinning threads) then measure the machine's load rather than the code.
+through torch.compile, as `compile: true` does; the warm-up step compiles, its wall time is reported). Reports
+tokens/s by the wall clock (median over the timed steps) and CPU seconds per token (steadier on a shared machine), and
+the ratios against the peer measured in the same run. On a shared machine run one thread (the default): with two,
+every parallel region of these thousands of small ops waits for a descheduled sibling thread, and both the wall clock
+and the CPU time (spinning threads) then measure the machine's load rather than the code.
 """
 
 from __future__ import annotations
@@ -156,8 +156,9 @@ def worker(case: str, pth: Path, hf_dir: Path, steps: int, warmup: int, mem_gb: 
     walls.sort()
     return {"case": case, "impl": impl, "ctx": ctx, "flags": sorted(flags), "tok_s": ctx / walls[len(walls) // 2],
             "cpu_ms_per_tok": 1e3 * sorted(cpus)[len(cpus) // 2] / ctx, "peak_gb": resource.getrusage(
-                resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "first_loss": losses[0], "first_step_s": first_step, "lora_modules": n_lora,
-            "trained_params": sum(p.numel() for p in params), "threads": torch.get_num_threads()}
+                resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "first_loss": losses[0], "first_step_s": first_step,
+            "lora_modules": n_lora, "trained_params": sum(p.numel() for p in params),
+            "threads": torch.get_num_threads()}
 
 
 def describe(case: str) -> str:
@@ -196,8 +197,8 @@ def main() -> None:
             continue
         rows[case] = r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"  {case}: {r['tok_s']:.1f} tok/s, {r['cpu_ms_per_tok']:.1f} CPU ms/token, peak {r['peak_gb']:.2f} GB, "
-              f"first loss {r['first_loss']:.5f}, first step {r['first_step_s']:.0f} s, {r['lora_modules']} LoRA modules "
-              f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+              f"first loss {r['first_loss']:.5f}, first step {r['first_step_s']:.0f} s, "
+              f"{r['lora_modules']} LoRA modules ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
 
     peer = next((r for r in rows.values() if r and r["impl"] == "hf" and r["ctx"] == 256 and not r["flags"]), None)
     threads = next((r["threads"] for r in rows.values() if r), 0)

@@ -393,8 +393,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         _require(cfg.strategy == "auto" and cfg.num_nodes == 1 and cfg.devices in (1, [0], "1"),
                  "base_quant: quantized bases are supported on one device (strategy auto, devices 1, num_nodes 1)")
     if cfg.compile:  # combinations the compiled blocks are not tested with
-        _require(cfg.base_quant in ("none", "bf16"), f"compile: not with base_quant {cfg.base_quant} (the "
-                                                     f"quantized projections are not compiled here); set compile: false")
+        _require(cfg.base_quant in ("none", "bf16"), f"compile: not with base_quant {cfg.base_quant} (quantized "
+                                                     f"projections are not tested compiled); set compile: false")
         _require(not cfg.strategy.startswith("deepspeed"), f"compile: not with strategy {cfg.strategy}; set "
                                                            f"compile: false")
     lo = cfg.lora
