@@ -26,7 +26,7 @@
 //   matmul(x [M, K] fp32, panels, N) -> y [M, N] fp32
 //   lora_add_(y [M, N], x [M, K], pack(A [R, K]), R, pack(B [N, R]), mask [G, R] or None): y += ((x A^T) * mask) B^T
 
-#include <torch/extension.h>
+#include "torch_ext.h"  // ATen and pybind11, not the whole C++ frontend
 
 #include <ATen/Parallel.h>
 
@@ -78,12 +78,12 @@ void tile(const float* __restrict x, int64_t ldx, const float* __restrict w, int
     for (int64_t j = 0; j < 3; ++j) __builtin_memcpy(acc + r * NR + 8 * j, &c[r][j], sizeof(v8));
 }
 
-torch::Tensor pack(torch::Tensor w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.device().is_cpu(),
+at::Tensor pack(at::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(),
               "rows_matmul.pack: a 2-D float32 CPU weight expected");
   w = w.contiguous();
   const int64_t N = w.size(0), K = w.size(1), P = (N + NR - 1) / NR;
-  auto out = torch::zeros({P, K, NR}, w.options());
+  auto out = at::zeros({P, K, NR}, w.options());
   const float* src = w.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
@@ -129,13 +129,13 @@ void gemm(const float* xp, int64_t M, int64_t Mp, int64_t K, const float* wp, in
   });
 }
 
-void check_x(const torch::Tensor& x, const char* what) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(), "rows_matmul.", what,
+void check_x(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "rows_matmul.", what,
               ": x must be a 2-D float32 CPU tensor");
 }
 
-void check_panels(const torch::Tensor& panels, int64_t K, int64_t N, const char* what) {
-  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == NR && panels.scalar_type() == torch::kFloat32 &&
+void check_panels(const at::Tensor& panels, int64_t K, int64_t N, const char* what) {
+  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == NR && panels.scalar_type() == at::kFloat &&
                   panels.is_contiguous() && panels.size(1) == K && panels.size(0) * NR >= N &&
                   (panels.size(0) - 1) * NR < N,
               "rows_matmul.", what, ": panels do not match x or N");
@@ -144,18 +144,18 @@ void check_panels(const torch::Tensor& panels, int64_t K, int64_t N, const char*
 // x with zero rows added up to whole 4-row tiles, contiguous. One tile shape means one order of operations for every
 // row, so a row's bits cannot depend on the rows around it (a 1-row tile compiled differently gave different bits
 // under -ffast-math); a lone row costs no more, being memory-bound.
-torch::Tensor whole_tiles(torch::Tensor x) {
+at::Tensor whole_tiles(at::Tensor x) {
   const int64_t M = x.size(0), Mp = (M + MR - 1) / MR * MR;
-  if (Mp != M) x = torch::cat({x, x.new_zeros({Mp - M, x.size(1)})});
+  if (Mp != M) x = at::cat({x, x.new_zeros({Mp - M, x.size(1)})});
   return x.contiguous();
 }
 
-torch::Tensor matmul(torch::Tensor x, torch::Tensor panels, int64_t N) {
+at::Tensor matmul(at::Tensor x, at::Tensor panels, int64_t N) {
   check_x(x, "matmul");
   check_panels(panels, x.size(1), N, "matmul");
   const int64_t M = x.size(0);
   x = whole_tiles(x);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = at::empty({M, N}, x.options());
   gemm(x.data_ptr<float>(), M, x.size(0), x.size(1), panels.data_ptr<float>(), panels.size(0), N, y.data_ptr<float>(),
        false);
   return y;
@@ -165,24 +165,24 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor panels, int64_t N) {
 // uses mask row m / (M / G), the T positions of a sequence one row) or None. The LoRA delta of a batch of rows in
 // one call: the two products, the mask and the add that would be four torch operations, each with its dispatch and
 // a fresh [M, *] tensor.
-void lora_add_(torch::Tensor y, torch::Tensor x, torch::Tensor a_panels, int64_t R, torch::Tensor b_panels,
-               std::optional<torch::Tensor> mask) {
+void lora_add_(at::Tensor y, at::Tensor x, at::Tensor a_panels, int64_t R, at::Tensor b_panels,
+               std::optional<at::Tensor> mask) {
   check_x(x, "lora_add_");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(y.dim() == 2 && y.size(0) == M && y.is_contiguous() && y.scalar_type() == torch::kFloat32,
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == M && y.is_contiguous() && y.scalar_type() == at::kFloat,
               "rows_matmul.lora_add_: y must be a contiguous float32 [M, N]");
   const int64_t N = y.size(1);
   check_panels(a_panels, K, R, "lora_add_ (A)");
   check_panels(b_panels, R, N, "lora_add_ (B)");
   x = whole_tiles(x);
   const int64_t Mp = x.size(0);
-  auto h = torch::zeros({Mp, R}, x.options());
+  auto h = at::zeros({Mp, R}, x.options());
   float* hp = h.data_ptr<float>();
   gemm(x.data_ptr<float>(), M, Mp, K, a_panels.data_ptr<float>(), a_panels.size(0), R, hp, false);
   if (mask) {
-    const torch::Tensor m = mask->contiguous();
+    const at::Tensor m = mask->contiguous();
     TORCH_CHECK(m.dim() == 2 && m.size(1) == R && m.size(0) > 0 && M % m.size(0) == 0 &&
-                    m.scalar_type() == torch::kFloat32,
+                    m.scalar_type() == at::kFloat,
                 "rows_matmul.lora_add_: mask must be float32 [G, R] with G dividing the rows");
     const float* mp = m.data_ptr<float>();
     const int64_t per = M / m.size(0);

@@ -23,7 +23,7 @@
 // The maths is the PyTorch path's, line for line (see TimeMix.forward); the WKV state keeps the `rwkv` package's
 // layout S[i][j], i = value index, j = key index, and is updated in that layout (one token: no transpose needed).
 
-#include <torch/extension.h>
+#include "torch_ext.h"  // ATen and pybind11, not the whole C++ frontend
 
 #include "cpu_math.h"  // exp_f32
 
@@ -81,9 +81,9 @@ void layer_norm(const float* __restrict x, const float* __restrict w, const floa
   for (int64_t c = 0; c < C; ++c) out[c] = (x[c] - mean) * rstd * w[c] + b[c];
 }
 
-float* fp(const torch::Tensor& t) { return t.data_ptr<float>(); }
+float* fp(const at::Tensor& t) { return t.data_ptr<float>(); }
 
-void check(const torch::Tensor& t, int64_t numel, const char* name) {
+void check(const at::Tensor& t, int64_t numel, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == numel,
               "rwkv7_step: ", name, " must be a contiguous float32 CPU tensor of ", numel, " elements, got ",
               t.scalar_type(), " ", t.sizes());
@@ -96,18 +96,18 @@ struct LayerRows {
   float* at(int64_t b) const { return base + (b * L + layer) * row; }
 };
 
-LayerRows layer_rows(const torch::Tensor& t, int64_t B, int64_t layer, int64_t row, const char* name) {
+LayerRows layer_rows(const at::Tensor& t, int64_t B, int64_t layer, int64_t row, const char* name) {
   TORCH_CHECK(t.dim() >= 2 && t.size(0) == B && layer >= 0 && layer < t.size(1), "rwkv7_step: ", name,
               " must be [B, L, ...] with B = ", B, " and layer < L, got ", t.sizes(), " and layer ", layer);
   check(t, B * t.size(1) * row, name);
   return {fp(t), t.size(1), layer, row};
 }
 
-std::vector<torch::Tensor> time_mix_in(const torch::Tensor& x, const torch::Tensor& shift_in,
-                                       const torch::Tensor& shift_out, int64_t layer, const torch::Tensor& ln_w,
-                                       const torch::Tensor& ln_b, double eps, const torch::Tensor& x_r,
-                                       const torch::Tensor& x_w, const torch::Tensor& x_k, const torch::Tensor& x_v,
-                                       const torch::Tensor& x_a, const torch::Tensor& x_g) {
+std::vector<at::Tensor> time_mix_in(const at::Tensor& x, const at::Tensor& shift_in,
+                                       const at::Tensor& shift_out, int64_t layer, const at::Tensor& ln_w,
+                                       const at::Tensor& ln_b, double eps, const at::Tensor& x_r,
+                                       const at::Tensor& x_w, const at::Tensor& x_k, const at::Tensor& x_v,
+                                       const at::Tensor& x_a, const at::Tensor& x_g) {
   TORCH_CHECK(x.dim() == 2, "rwkv7_step: x must be [B, C], got ", x.sizes());
   const int64_t B = x.size(0), C = x.size(1);
   check(x, B * C, "x");
@@ -115,11 +115,11 @@ std::vector<torch::Tensor> time_mix_in(const torch::Tensor& x, const torch::Tens
                                                                                      "shift_out");
   check(ln_w, C, "ln_w");
   check(ln_b, C, "ln_b");
-  const torch::Tensor* mixes[6] = {&x_r, &x_w, &x_k, &x_v, &x_a, &x_g};
-  std::vector<torch::Tensor> xs;
+  const at::Tensor* mixes[6] = {&x_r, &x_w, &x_k, &x_v, &x_a, &x_g};
+  std::vector<at::Tensor> xs;
   for (const auto* m : mixes) {
     check(*m, C, "x_r..x_g");
-    xs.push_back(torch::empty({B, C}, x.options()));
+    xs.push_back(at::empty({B, C}, x.options()));
   }
   for (int64_t b = 0; b < B; ++b) {
     float* __restrict xa = out.at(b);  // ln1(x): this layer's new token-shift state
@@ -135,15 +135,15 @@ std::vector<torch::Tensor> time_mix_in(const torch::Tensor& x, const torch::Tens
   return xs;
 }
 
-std::tuple<torch::Tensor, torch::Tensor> time_mix_out(
-    const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& xw,
-    const torch::Tensor& xv, const torch::Tensor& xa, const torch::Tensor& xg,
-    const std::optional<torch::Tensor>& v_first, const torch::Tensor& w0, const torch::Tensor& w1,
-    const torch::Tensor& w2, const torch::Tensor& a0, const torch::Tensor& a1, const torch::Tensor& a2,
-    const std::optional<torch::Tensor>& v0, const std::optional<torch::Tensor>& v1,
-    const std::optional<torch::Tensor>& v2, const torch::Tensor& g1, const torch::Tensor& g2,
-    const torch::Tensor& k_k, const torch::Tensor& k_a, const torch::Tensor& r_k, const torch::Tensor& lnx_w,
-    const torch::Tensor& lnx_b, double lnx_eps, const torch::Tensor& wkv_in, const torch::Tensor& wkv_out,
+std::tuple<at::Tensor, at::Tensor> time_mix_out(
+    const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& xw,
+    const at::Tensor& xv, const at::Tensor& xa, const at::Tensor& xg,
+    const std::optional<at::Tensor>& v_first, const at::Tensor& w0, const at::Tensor& w1,
+    const at::Tensor& w2, const at::Tensor& a0, const at::Tensor& a1, const at::Tensor& a2,
+    const std::optional<at::Tensor>& v0, const std::optional<at::Tensor>& v1,
+    const std::optional<at::Tensor>& v2, const at::Tensor& g1, const at::Tensor& g2,
+    const at::Tensor& k_k, const at::Tensor& k_a, const at::Tensor& r_k, const at::Tensor& lnx_w,
+    const at::Tensor& lnx_b, double lnx_eps, const at::Tensor& wkv_in, const at::Tensor& wkv_out,
     int64_t layer) {
   TORCH_CHECK(r.dim() == 2 && r_k.dim() == 2, "rwkv7_step: r must be [B, C] and r_k [H, N], got ", r.sizes(), " ",
               r_k.sizes());
@@ -170,9 +170,9 @@ std::tuple<torch::Tensor, torch::Tensor> time_mix_out(
   const LayerRows s_in = layer_rows(wkv_in, B, layer, H * N * N, "wkv_in");
   const LayerRows s_out = layer_rows(wkv_out, B, layer, H * N * N, "wkv_out");
 
-  auto out = torch::empty({B, C}, r.options());
+  auto out = at::empty({B, C}, r.options());
   auto vf = residual ? *v_first : v;  // layer 0: v_first is this layer's value itself
-  auto v_mixed = residual ? torch::empty({B, C}, r.options()) : v;
+  auto v_mixed = residual ? at::empty({B, C}, r.options()) : v;
   // scratch: the low-rank hidden vector, then per channel: decay, a, g, kk, the updated k, the WKV output
   std::vector<float> scratch(std::max({Dw, Da, Dv, Dg}) + 7 * C);
   float* __restrict hid = scratch.data();
@@ -278,11 +278,11 @@ std::tuple<torch::Tensor, torch::Tensor> time_mix_out(
   return {out, residual ? vf : v};
 }
 
-std::tuple<torch::Tensor, torch::Tensor> channel_mix_in(const torch::Tensor& x, const torch::Tensor& dx,
-                                                        const torch::Tensor& shift_in, const torch::Tensor& shift_out,
-                                                        int64_t layer, const torch::Tensor& ln_w,
-                                                        const torch::Tensor& ln_b, double eps,
-                                                        const torch::Tensor& x_k) {
+std::tuple<at::Tensor, at::Tensor> channel_mix_in(const at::Tensor& x, const at::Tensor& dx,
+                                                        const at::Tensor& shift_in, const at::Tensor& shift_out,
+                                                        int64_t layer, const at::Tensor& ln_w,
+                                                        const at::Tensor& ln_b, double eps,
+                                                        const at::Tensor& x_k) {
   TORCH_CHECK(x.dim() == 2, "rwkv7_step: x must be [B, C], got ", x.sizes());
   const int64_t B = x.size(0), C = x.size(1);
   check(x, B * C, "x");
@@ -292,7 +292,7 @@ std::tuple<torch::Tensor, torch::Tensor> channel_mix_in(const torch::Tensor& x, 
   check(x_k, C, "x_k");
   const LayerRows in = layer_rows(shift_in, B, layer, C, "shift_in"), out = layer_rows(shift_out, B, layer, C,
                                                                                      "shift_out");
-  auto xn = torch::empty({B, C}, x.options()), kin = torch::empty({B, C}, x.options());
+  auto xn = at::empty({B, C}, x.options()), kin = at::empty({B, C}, x.options());
   for (int64_t b = 0; b < B; ++b) {
     const float *__restrict xb = fp(x) + b * C, *__restrict db = fp(dx) + b * C, *__restrict prev = in.at(b);
     float *__restrict sum = fp(xn) + b * C, *__restrict xf = out.at(b), *__restrict ko = fp(kin) + b * C;
@@ -306,7 +306,7 @@ std::tuple<torch::Tensor, torch::Tensor> channel_mix_in(const torch::Tensor& x, 
   return {xn, kin};
 }
 
-torch::Tensor relu_square_(torch::Tensor h) {
+at::Tensor relu_square_(at::Tensor h) {
   check(h, h.numel(), "h");
   float* __restrict p = fp(h);
   const int64_t n = h.numel();

@@ -31,7 +31,7 @@
 // inputs.
 
 #ifndef WKV6_CORE_ONLY  // -DWKV6_CORE_ONLY: the maths alone, for a quick standalone build (no torch headers)
-#include <torch/extension.h>
+#include "torch_ext.h"  // ATen and pybind11, not the whole C++ frontend
 #endif
 
 #include <omp.h>
@@ -469,10 +469,10 @@ int64_t auto_col_blocks(int64_t BH, int64_t N, int64_t threads) {
 
 #ifndef WKV6_CORE_ONLY
 
-const bf16* as_bf16(const torch::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
+const bf16* as_bf16(const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
 
-Shape check_inputs(const torch::Tensor& r, const torch::Tensor& w, const torch::Tensor& k, const torch::Tensor& v,
-                   const torch::Tensor& u, const torch::Tensor& s) {
+Shape check_inputs(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& u, const at::Tensor& s) {
   TORCH_CHECK(r.dim() == 4, "wkv6_cpu: r must be [B, T, H, N], got ", r.sizes());
   const Shape sh{r.size(0), r.size(1), r.size(2), r.size(3)};
   for (const auto* x : {&r, &w, &k, &v, &u, &s}) {
@@ -499,13 +499,13 @@ int64_t pick_col_blocks(const Shape& sh, int64_t col_blocks) {
   return col_blocks;
 }
 
-std::vector<torch::Tensor> wkv6_forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
-                                        torch::Tensor u, torch::Tensor state_in, int64_t col_blocks) {
+std::vector<at::Tensor> wkv6_forward(at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v,
+                                        at::Tensor u, at::Tensor state_in, int64_t col_blocks) {
   const Shape sh = check_inputs(r, w, k, v, u, state_in);
   const int64_t nb = pick_col_blocks(sh, col_blocks), J = sh.N / std::max<int64_t>(nb, 1);
   auto f32 = r.options().dtype(at::kFloat);
-  auto y = torch::empty({sh.B, sh.T, sh.H, sh.N}, f32);
-  auto s_out = torch::empty({sh.B, sh.H, sh.N, sh.N}, f32);
+  auto y = at::empty({sh.B, sh.T, sh.H, sh.N}, f32);
+  auto s_out = at::empty({sh.B, sh.H, sh.N, sh.N}, f32);
   const int64_t tiles = sh.B * sh.H * nb;
   const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>(), *sp = state_in.data_ptr<float>();
   float *yp = y.data_ptr<float>(), *sop = s_out.data_ptr<float>();
@@ -527,9 +527,9 @@ std::vector<torch::Tensor> wkv6_forward(torch::Tensor r, torch::Tensor w, torch:
   return {y, s_out};
 }
 
-std::vector<torch::Tensor> wkv6_backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
-                                         torch::Tensor u, torch::Tensor state_in, torch::Tensor gy,
-                                         torch::Tensor gstate_out, int64_t col_blocks, int64_t ckpt_every) {
+std::vector<at::Tensor> wkv6_backward(at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v,
+                                         at::Tensor u, at::Tensor state_in, at::Tensor gy,
+                                         at::Tensor gstate_out, int64_t col_blocks, int64_t ckpt_every) {
   const Shape sh = check_inputs(r, w, k, v, u, state_in);
   TORCH_CHECK(gy.scalar_type() == at::kFloat && gy.is_contiguous() && gy.sizes() == r.sizes(),
               "wkv6_cpu: gy must be a contiguous float32 [B, T, H, N]");
@@ -543,12 +543,12 @@ std::vector<torch::Tensor> wkv6_backward(torch::Tensor r, torch::Tensor w, torch
   auto f32 = r.options().dtype(at::kFloat);
   // the sums over value columns (gr, gk, gw, gu) are per column block, added up below; with one block the partial
   // is the result itself
-  auto gr = torch::empty({nb, sh.B, sh.T, sh.H, sh.N}, f32);
-  auto gk = torch::empty({nb, sh.B, sh.T, sh.H, sh.N}, f32);
-  auto gw = torch::empty({nb, sh.B, sh.T, sh.H, sh.N}, f32);
-  auto gu = torch::empty({nb, sh.B, sh.H, sh.N}, f32);
-  auto gv = torch::empty({sh.B, sh.T, sh.H, sh.N}, f32);
-  auto gs_in = torch::empty({sh.B, sh.H, sh.N, sh.N}, f32);
+  auto gr = at::empty({nb, sh.B, sh.T, sh.H, sh.N}, f32);
+  auto gk = at::empty({nb, sh.B, sh.T, sh.H, sh.N}, f32);
+  auto gw = at::empty({nb, sh.B, sh.T, sh.H, sh.N}, f32);
+  auto gu = at::empty({nb, sh.B, sh.H, sh.N}, f32);
+  auto gv = at::empty({sh.B, sh.T, sh.H, sh.N}, f32);
+  auto gs_in = at::empty({sh.B, sh.H, sh.N, sh.N}, f32);
   const int64_t tiles = sh.B * sh.H * nb, part = sh.B * sh.T * sh.H * sh.N;
   const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>(), *sp = state_in.data_ptr<float>();
   const float *gyp = gy.data_ptr<float>(), *gsop = gstate_out.data_ptr<float>();
@@ -572,7 +572,7 @@ std::vector<torch::Tensor> wkv6_backward(torch::Tensor r, torch::Tensor w, torch
     else
       run(as_bf16(r), as_bf16(k), as_bf16(v));
   }
-  auto reduce = [&](const torch::Tensor& p) { return nb == 1 ? p[0] : p.sum(0); };
+  auto reduce = [&](const at::Tensor& p) { return nb == 1 ? p[0] : p.sum(0); };
   return {reduce(gr), reduce(gw), reduce(gk), gv, gu.sum({0, 1}), gs_in};
 }
 

@@ -7,7 +7,7 @@
 // Set RWKV_LORA_WKV_POISON=1 to pre-fill every output and scratch buffer with NaN (a check that the kernel writes
 // everything it returns and reads only what it wrote).
 
-#include <torch/extension.h>
+#include "torch_ext.h"  // ATen and pybind11, not the whole C++ frontend
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 

@@ -451,14 +451,14 @@ void backward(int64_t B, int64_t T, int64_t H, int64_t N, const F* r, const FW* 
 // The torch binding: checks, allocations, dtype dispatch
 
 #ifndef WKV7_NO_TORCH
-#include <torch/extension.h>
+#include "torch_ext.h"  // ATen and pybind11, not the whole C++ frontend
 
 namespace {
 
 static_assert(sizeof(at::BFloat16) == sizeof(wkv7cpu::bf16), "at::BFloat16 is expected to be 16 bits");
 
 // returns (B, T, H, N); checks r, w, k, v, a, b and the state-shaped tensor
-std::array<int64_t, 4> check_inputs(const std::vector<torch::Tensor>& x, const torch::Tensor& state,
+std::array<int64_t, 4> check_inputs(const std::vector<at::Tensor>& x, const at::Tensor& state,
                                     const char* state_name) {
   const auto& r = x[0];
   TORCH_CHECK(r.dim() == 4, "wkv7_cpu: r must be [B, T, H, N], got ", r.sizes());
@@ -483,7 +483,7 @@ std::array<int64_t, 4> check_inputs(const std::vector<torch::Tensor>& x, const t
   return {B, T, H, N};
 }
 
-void check_f32(const torch::Tensor& t, const char* name, at::IntArrayRef shape) {
+void check_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes() == shape,
               "wkv7_cpu: ", name, " must be a contiguous float32 CPU tensor of shape ", shape, ", got ",
               t.scalar_type(), " ", t.sizes());
@@ -491,7 +491,7 @@ void check_f32(const torch::Tensor& t, const char* name, at::IntArrayRef shape) 
 
 // fn(F*, FW*) called with null pointers of the kernel's types for (r, k, v, a, b) and w
 template <typename Fn>
-void dispatch(const torch::Tensor& r, const torch::Tensor& w, Fn&& fn) {
+void dispatch(const at::Tensor& r, const at::Tensor& w, Fn&& fn) {
   using wkv7cpu::bf16;
   if (r.scalar_type() == at::kFloat)
     fn(static_cast<float*>(nullptr), static_cast<float*>(nullptr));
@@ -502,19 +502,19 @@ void dispatch(const torch::Tensor& r, const torch::Tensor& w, Fn&& fn) {
 }
 
 template <typename T>
-T* ptr(const torch::Tensor& t) {
+T* ptr(const at::Tensor& t) {
   return static_cast<T*>(t.data_ptr());
 }
 
-std::vector<torch::Tensor> wkv7_forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
-                                        torch::Tensor a, torch::Tensor b, torch::Tensor state_in, bool save) {
+std::vector<at::Tensor> wkv7_forward(at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v,
+                                        at::Tensor a, at::Tensor b, at::Tensor state_in, bool save) {
   const auto [B, T, H, N] = check_inputs({r, w, k, v, a, b}, state_in, "state_in");
   const auto f32 = r.options().dtype(at::kFloat);
   const int64_t nck = (T + wkv7cpu::K - 1) / wkv7cpu::K;
-  auto y = torch::empty({B, T, H, N}, f32);
-  auto s_out = torch::empty({B, H, N, N}, f32);
-  auto ckpt = save ? torch::empty({B, H, nck, N, N}, f32) : torch::empty({0}, f32);
-  auto sa = save ? torch::empty({B, T, H, N}, f32) : torch::empty({0}, f32);
+  auto y = at::empty({B, T, H, N}, f32);
+  auto s_out = at::empty({B, H, N, N}, f32);
+  auto ckpt = save ? at::empty({B, H, nck, N, N}, f32) : at::empty({0}, f32);
+  auto sa = save ? at::empty({B, T, H, N}, f32) : at::empty({0}, f32);
   dispatch(r, w, [&](auto* F_, auto* FW_) {
     using F = std::remove_pointer_t<decltype(F_)>;
     using FW = std::remove_pointer_t<decltype(FW_)>;
@@ -525,17 +525,17 @@ std::vector<torch::Tensor> wkv7_forward(torch::Tensor r, torch::Tensor w, torch:
   return {y, s_out, ckpt, sa};
 }
 
-std::vector<torch::Tensor> wkv7_backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
-                                         torch::Tensor a, torch::Tensor b, torch::Tensor ckpt, torch::Tensor sa,
-                                         torch::Tensor gy, torch::Tensor gstate_out) {
+std::vector<at::Tensor> wkv7_backward(at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v,
+                                         at::Tensor a, at::Tensor b, at::Tensor ckpt, at::Tensor sa,
+                                         at::Tensor gy, at::Tensor gstate_out) {
   const auto [B, T, H, N] = check_inputs({r, w, k, v, a, b}, gstate_out, "gstate_out");
   const int64_t nck = (T + wkv7cpu::K - 1) / wkv7cpu::K;
   check_f32(ckpt, "ckpt", {B, H, nck, N, N});
   check_f32(sa, "sa", {B, T, H, N});
   check_f32(gy, "gy", {B, T, H, N});
-  auto gr = torch::empty_like(r), gw = torch::empty_like(w), gk = torch::empty_like(k), gv = torch::empty_like(v),
-       ga = torch::empty_like(a), gb = torch::empty_like(b);
-  auto gs_in = torch::empty({B, H, N, N}, r.options().dtype(at::kFloat));
+  auto gr = at::empty_like(r), gw = at::empty_like(w), gk = at::empty_like(k), gv = at::empty_like(v),
+       ga = at::empty_like(a), gb = at::empty_like(b);
+  auto gs_in = at::empty({B, H, N, N}, r.options().dtype(at::kFloat));
   dispatch(r, w, [&](auto* F_, auto* FW_) {
     using F = std::remove_pointer_t<decltype(F_)>;
     using FW = std::remove_pointer_t<decltype(FW_)>;

@@ -9,7 +9,7 @@
 // Set RWKV_LORA_WKV_POISON=1 to pre-fill every output (and the backward's scratch) with NaN: a debug check that the
 // kernel writes everything it returns and reads nothing it did not write.
 
-#include <torch/extension.h>
+#include "torch_ext.h"  // ATen and pybind11, not the whole C++ frontend
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 

@@ -17,7 +17,7 @@
 // accounts for (r = g_p - g_a*a - g_b*b) follows the path of the running max back, as the autograd of the
 // reference does (ties split in halves, like torch.maximum).
 
-#include <torch/extension.h>
+#include "torch_ext.h"  // ATen and pybind11, not the whole C++ frontend
 
 #include <algorithm>
 #include <bit>
@@ -238,8 +238,8 @@ void backward_tile(const float* __restrict w, const float* __restrict u, const s
 // A fresh output tensor, asked to be backed by transparent huge pages where the kernel offers them on request
 // (Linux, THP "madvise" mode): a big output is written once, and 4 KiB pages cost one page fault each (about half
 // the time of the write) and a TLB miss every row of the [B, T, C] layout.
-torch::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  auto t = torch::empty(sizes, options);
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  auto t = at::empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t huge = 2u << 20;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr()), end = begin + t.nbytes();
@@ -249,8 +249,8 @@ torch::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& optio
   return t;
 }
 
-void check_inputs(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& k, const torch::Tensor& v,
-                  const torch::Tensor& s) {
+void check_inputs(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& s) {
   TORCH_CHECK(k.dim() == 3, "wkv: k must be [B, T, C]");
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   for (const auto* x : {&w, &u, &k, &v, &s}) {
@@ -268,13 +268,13 @@ void check_inputs(const torch::Tensor& w, const torch::Tensor& u, const torch::T
   (void)T;
 }
 
-std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
-                                       torch::Tensor state_in) {
+std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v,
+                                       at::Tensor state_in) {
   check_inputs(w, u, k, v, state_in);
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   auto f32 = k.options().dtype(at::kFloat);
   auto y = empty_output({B, T, C}, f32);
-  auto state_out = torch::empty({B, 3, C}, f32);
+  auto state_out = at::empty({B, 3, C}, f32);
   const int64_t nblk = (C + CB - 1) / CB;
   const float* wp = w.data_ptr<float>();
   const float* up = u.data_ptr<float>();
@@ -295,8 +295,8 @@ std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::
   return {y, state_out};
 }
 
-std::vector<torch::Tensor> wkv_backward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
-                                        torch::Tensor state_in, torch::Tensor gy, torch::Tensor gstate_out) {
+std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v,
+                                        at::Tensor state_in, at::Tensor gy, at::Tensor gstate_out) {
   check_inputs(w, u, k, v, state_in);
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   TORCH_CHECK(gy.scalar_type() == at::kFloat && gy.is_contiguous() && gy.sizes() == k.sizes(),
@@ -305,11 +305,11 @@ std::vector<torch::Tensor> wkv_backward(torch::Tensor w, torch::Tensor u, torch:
                   gstate_out.sizes() == state_in.sizes(),
               "wkv_cpu: gstate_out must be a contiguous float32 [B, 3, C]");
   auto f32 = k.options().dtype(at::kFloat);
-  auto gw_part = torch::empty({B, C}, f32);
-  auto gu_part = torch::empty({B, C}, f32);
+  auto gw_part = at::empty({B, C}, f32);
+  auto gu_part = at::empty({B, C}, f32);
   auto gk = empty_output({B, T, C}, k.options());  // in the dtype of k and v
   auto gv = empty_output({B, T, C}, k.options());
-  auto gs_in = torch::empty({B, 3, C}, f32);
+  auto gs_in = at::empty({B, 3, C}, f32);
   const int64_t nblk = (C + CB - 1) / CB, nck = (T + K - 1) / K;
   const float* wp = w.data_ptr<float>();
   const float* up = u.data_ptr<float>();

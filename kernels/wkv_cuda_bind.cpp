@@ -5,7 +5,7 @@
 //       -> (gw[C], gu[C], gk[B,T,C] fp32, gv[B,T,C] fp32, gstate_in[B,3,C] fp32)
 // Set RWKV_LORA_WKV_POISON=1 to pre-fill every output with NaN (a debug check that the kernel writes everything).
 
-#include <torch/extension.h>
+#include "torch_ext.h"  // ATen and pybind11, not the whole C++ frontend
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
