@@ -40,10 +40,17 @@ def batch_loss(model: nn.Module, batch: Batch, cfg: TrainConfig) -> torch.Tensor
     return total / count.clamp(min=1.0)
 
 
+def finite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """Whether every element of every tensor is finite, as a bool tensor still on the device (not read: the caller
+    decides when to wait for it); None when there is nothing to check."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.numel()]
+    return torch.stack(flags).all() if flags else None
+
+
 def tensors_finite(tensors: list[torch.Tensor]) -> bool:
     """Every element of every tensor is finite (one device sync, not one per tensor)."""
-    flags = [torch.isfinite(t).all() for t in tensors if t.numel()]
-    return bool(torch.stack(flags).all()) if flags else True
+    flag = finite_flag(tensors)
+    return True if flag is None else bool(flag)
 
 
 @torch.no_grad()

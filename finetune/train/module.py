@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from finetune.train.config import TrainConfig
-from finetune.train.loss import Batch, batch_loss, window_totals
+from finetune.train.loss import Batch, batch_loss, finite_flag, window_totals
 from finetune.train.optim import build_optimizer
 
 
@@ -54,10 +54,10 @@ class LitRWKV(pl.LightningModule):
         device to finish the work queued so far."""
         pending, self.pending = self.pending, []
         grads = [p.grad for p in self.trainable() if p.grad is not None] if self.check_grads else []
-        flags = [torch.isfinite(g).all() for g in grads if g.numel()]
+        flag = finite_flag(grads)
         parts = [t.float().reshape(1) for t, _ in pending]
-        if flags:
-            parts.append(torch.stack(flags).all().float().reshape(1))
+        if flag is not None:
+            parts.append(flag.float().reshape(1))
         device = parts[0].device if parts else None
         values = torch.cat([x.to(device) for x in parts]).tolist() if parts else []
         for value, (_, batch) in zip(values, pending):
@@ -65,7 +65,7 @@ class LitRWKV(pl.LightningModule):
                 self.step_losses.append(value)
             elif self.nonfinite_loss is None:
                 self.nonfinite_loss, self.bad_batch = value, batch
-        return not flags or values[-1] == 1.0
+        return flag is None or values[-1] == 1.0
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         total, count = window_totals(self.model, batch, self.cfg)
