@@ -78,6 +78,15 @@ class RNNState:
         return {f: getattr(self, f) for f in self.FIELDS}
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, without a dispatch when it already is (the one-token paths count their operations).
+
+    Also where a trained tensor meets an activation in an operation that takes one dtype only (lerp; layer_norm on
+    the CPU with float32 input and bf16 weights): bf16-mixed training keeps the trained tensors (a `time` mix, the
+    embedding) float32 next to a bf16 base whose activations are bf16, and the tensor takes the activation's dtype."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def tall_weights_column_major_(model: nn.Module, *args: object) -> None:
     """Store every tall Linear weight [out, in] (out > in: the head and ffn.key) column-major, strides (1, out): the
     same tensor to every reader, but x @ weight.T then reads

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from finetune.errors import FinetuneError
-from finetune.models.family import Family, RNNState, RWKVModel
+from finetune.models.family import Family, RNNState, RWKVModel, as_dtype
 from finetune.ops.wkv4 import P_EMPTY, wkv, wkv_step
 
 # parameters that stay float32 whatever dtype the rest of the model is cast to: the decays feed exp(exp(.))
@@ -131,7 +131,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, att_shift: torch.Tensor, wkv_state: torch.Tensor, ffn_shift: torch.Tensor):
         """x [B, T, C] and this layer's state pieces -> (x, att_shift, wkv_state, ffn_shift) after the window."""
         if self.first:
-            x = self.ln0(x)
+            x = self.ln0(as_dtype(x, self.ln0.weight.dtype))  # see as_dtype: a trained fp32 emb, bf16 ln0
         dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state)
         x = x + dx
         dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)

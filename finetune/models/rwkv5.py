@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
-from finetune.models.family import Family, RWKVModel
+from finetune.models.family import Family, RWKVModel, as_dtype
 from finetune.ops.wkv6 import wkv6
 
 # Kept float32 whatever dtype the rest of the model is cast to. time_decay enters exp(-exp(.)) and the decay is raised
@@ -109,10 +109,10 @@ class TimeMix(nn.Module):
         H, N = self.n_head, self.head_size
         prev = token_shift(x, shift)
         # lerp(prev, x, mix) = x * mix + prev * (1 - mix) in one op (fewer ops per generated token)
-        xk = torch.lerp(prev, x, self.time_mix_k)
-        xv = torch.lerp(prev, x, self.time_mix_v)
-        xr = torch.lerp(prev, x, self.time_mix_r)
-        xg = torch.lerp(prev, x, self.time_mix_g)
+        xk = torch.lerp(prev, x, as_dtype(self.time_mix_k, x.dtype))
+        xv = torch.lerp(prev, x, as_dtype(self.time_mix_v, x.dtype))
+        xr = torch.lerp(prev, x, as_dtype(self.time_mix_r, x.dtype))
+        xg = torch.lerp(prev, x, as_dtype(self.time_mix_g, x.dtype))
         # r, k, v reach the WKV in the model's dtype (fp16 as fp32); it computes and keeps its state in fp32
         r = self.receptance(xr).view(B, T, H, N)  # (B, T, H, N)
         k = self.key(xk).view(B, T, H, N)
@@ -153,8 +153,8 @@ class ChannelMix(nn.Module):
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, C] (ln2 output), shift [B, C] -> (dx [B, T, C], new shift)."""
         prev = token_shift(x, shift)
-        xk = torch.lerp(prev, x, self.time_mix_k)  # x * mix + prev * (1 - mix)
-        xr = torch.lerp(prev, x, self.time_mix_r)
+        xk = torch.lerp(prev, x, as_dtype(self.time_mix_k, x.dtype))  # x * mix + prev * (1 - mix)
+        xr = torch.lerp(prev, x, as_dtype(self.time_mix_r, x.dtype))
         k = torch.square(torch.relu(self.key(xk)))
         return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1].clone()
 
@@ -176,7 +176,7 @@ class Block(nn.Module):
                 ffn_shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, C] and this layer's state -> (x, att_shift [B, C], wkv [B, H, N, N], ffn_shift [B, C])."""
         if self.first:
-            x = self.ln0(x)
+            x = self.ln0(as_dtype(x, self.ln0.weight.dtype))  # see as_dtype: a trained fp32 emb, bf16 ln0
         dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state)
         x = x + dx
         dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)

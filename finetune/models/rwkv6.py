@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
-from finetune.models.family import Family, RWKVModel
+from finetune.models.family import Family, RWKVModel, as_dtype
 from finetune.models.rwkv5 import LN_X_EPS, default_dim_ffn, init_matrices_, token_shift
 from finetune.ops.wkv6 import wkv6
 
@@ -182,7 +182,7 @@ class Block(nn.Module):
                 ffn_shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, C] and this layer's state -> (x, att_shift [B, C], wkv [B, H, N, N], ffn_shift [B, C])."""
         if self.first:
-            x = self.ln0(x)
+            x = self.ln0(as_dtype(x, self.ln0.weight.dtype))  # see as_dtype: a trained fp32 emb, bf16 ln0
         dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state)
         x = x + dx
         dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)

@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
-from finetune.models.family import Family, RNNState, RWKVModel
+from finetune.models.family import Family, RNNState, RWKVModel, as_dtype
 from finetune.ops.rwkv7_step import step_kernel
 from finetune.ops.wkv7 import wkv7
 
@@ -104,11 +104,6 @@ class RWKV7Config:
         return self.n_embd // self.head_size
 
 
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in dtype, without a dispatch when it already is (the one-token path counts its operations)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _plain_fp32(*ts: torch.Tensor | None) -> bool:
     """Whether every tensor is there, float32, on the CPU and contiguous: what the compiled one-token step reads."""
     return all(t is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in ts)
@@ -167,37 +162,39 @@ class TimeMix(nn.Module):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         heads = (B, T, H, N)  # how the WKV sees r, k, v, ...
-        prev = _as(shift, x.dtype).view(B, 1, C)
+        prev = as_dtype(shift, x.dtype).view(B, 1, C)
         if T > 1:
             prev = torch.cat([prev, x[:, :-1]], dim=1)  # (B, T, C): each position sees the token before it
         mixes = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])  # (6, 1, 1, C)
         # from here on rows of (B*T, C): every projection and low-rank product is a plain 2-D matmul (on 3-D inputs
         # each matmul adds three reshaping ops, a third of all ops of a one-token step)
         # x + xx * x_* for the six mixes at once, as one lerp (x + x_* * (prev - x): no separate subtraction)
-        xr, xw, xk, xv, xa, xg = torch.lerp(x, prev, _as(mixes, x.dtype)).view(6, B * T, C).unbind(0)
+        xr, xw, xk, xv, xa, xg = torch.lerp(x, prev, as_dtype(mixes, x.dtype)).view(6, B * T, C).unbind(0)
 
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         if k.dtype == torch.float16:  # fp16 cannot hold the L2 norm's eps (1e-12) nor the WKV's products
             r, k, v = r.float(), k.float(), v.float()
         # decay in fp32 (w0 is an fp32 parameter): the slow channels' decays sit within 1e-3 of 1
-        log_decay = -LOG_DECAY_SCALE * torch.sigmoid(self.w0 + _as(torch.tanh(xw @ self.w1) @ self.w2, self.w0.dtype))
+        log_decay = -LOG_DECAY_SCALE * torch.sigmoid(self.w0 + as_dtype(torch.tanh(xw @ self.w1) @ self.w2, self.w0.dtype))
         if self.makes_v_first:
             v_first = v
         else:  # value residual: move towards layer 0's value of the same token, per channel and token
-            v = torch.lerp(v, v_first, _as(torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2), v.dtype))
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate, in (0, 1)
+            v = torch.lerp(v, v_first, as_dtype(torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2), v.dtype))
+        # in-context learning rate, in (0, 1); in k's dtype (a float32 a0 trained next to a bf16 base would make it
+        # float32, and the lerp below takes one dtype)
+        a = as_dtype(torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2), k.dtype)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
 
         kk = F.normalize((k * self.k_k).view(heads), dim=-1, p=2.0)  # unit key per head
-        k = torch.lerp(k, k * a, _as(self.k_a, k.dtype))  # k * (1 + (a - 1) * k_a), in two operations instead of four
+        k = torch.lerp(k, k * a, as_dtype(self.k_a, k.dtype))  # k * (1 + (a - 1) * k_a), in two operations instead of four
         r, k, v, a = r.view(heads), k.view(heads), v.view(heads), a.view(heads)
         y, wkv_state = wkv7(r, log_decay.view(heads), k, v, -kk, kk * a, wkv_state)  # any T, one token included
 
         # GroupNorm over each head (in the model's dtype, as the `rwkv` package does), then the "bonus": the current
         # token's own value weighted by r.k per head (WKV-7 has no u term inside the recurrence)
-        y = self.ln_x(_as(y.reshape(B * T, C), x.dtype)).view(heads)
+        y = self.ln_x(as_dtype(y.reshape(B * T, C), x.dtype)).view(heads)
         y = torch.addcmul(y, (r * k * self.r_k).sum(dim=-1, keepdim=True), v)
-        return self.output(_as(y.view(B * T, C) * g, x.dtype)).view(B, T, C), v_first, wkv_state
+        return self.output(as_dtype(y.view(B * T, C) * g, x.dtype)).view(B, T, C), v_first, wkv_state
 
     def one_token(self, step: ModuleType, x: torch.Tensor, v_first: torch.Tensor | None, state: RNNState,
                   new: RNNState, layer: int, ln1: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,10 +224,10 @@ class ChannelMix(nn.Module):
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """x [B, T, C] (the ln2 output), shift [B, C] -> [B, T, C]."""
         B, T, C = x.shape
-        prev = _as(shift, x.dtype).view(B, 1, C)
+        prev = as_dtype(shift, x.dtype).view(B, 1, C)
         if T > 1:
             prev = torch.cat([prev, x[:, :-1]], dim=1)  # (B, T, C)
-        k = torch.relu(self.key(torch.lerp(x, prev, _as(self.x_k, x.dtype)).view(B * T, C))) ** 2  # 2-D: see TimeMix
+        k = torch.relu(self.key(torch.lerp(x, prev, as_dtype(self.x_k, x.dtype)).view(B * T, C))) ** 2  # 2-D: see TimeMix
         return self.value(k).view(B, T, C)
 
     def one_token(self, step: ModuleType, x: torch.Tensor, dx: torch.Tensor, state: RNNState, new: RNNState,
@@ -305,7 +302,8 @@ class RWKV7(RWKVModel):
         B, T = idx.shape
         if state is None:
             state = self.empty_state(B, idx.device)
-        x = self.blocks[0].ln0(self.emb(idx))
+        ln0 = self.blocks[0].ln0
+        x = ln0(as_dtype(self.emb(idx), ln0.weight.dtype))  # see as_dtype: a trained fp32 emb, bf16 ln0
         step = self._one_token_step(x, state)
         if step is not None:
             x, new_state = self._one_token(step, x, state)
