@@ -205,6 +205,14 @@ def test_missing_checkpoint(setup_dir):
         setup(config(tmp, tmp / "nope.pth", data), quiet=True)
 
 
+def test_fp16_mixed_on_the_cpu_is_refused_in_one_line(setup_dir):
+    """torch's CPU autocast in fp16 stops inside the first block (torch.cat on fp16 tensors): refused before the
+    model is loaded, naming the setting."""
+    tmp, ckpt, data, _ = setup_dir
+    with pytest.raises(FinetuneError, match="precision: 16-mixed is for GPUs"):
+        setup(config(tmp, ckpt, data, precision="16-mixed", accelerator="cpu"), quiet=True)
+
+
 def test_token_ids_beyond_the_vocab(setup_dir):
     tmp, ckpt, _, _ = setup_dir
     data = make_corpus(tmp / "big", np.arange(200) % 150, vocab=150)

@@ -101,6 +101,27 @@ def test_weight_decay_only_on_matrices(tmp_path):
     assert checked == {"decay", "no decay"} and any("time_decay" in n for n in start)
 
 
+@pytest.mark.parametrize("over, fused, foreach", [
+    ({"precision": "32"}, True, None),
+    ({"precision": "bf16-mixed", "grad_clip": None}, True, None),
+    # Lightning refuses gradient clipping under mixed precision for an optimizer that could unscale by itself
+    ({"precision": "bf16-mixed", "grad_clip": 1.0}, False, True),
+    ({"precision": "bf16-mixed", "strategy": "deepspeed_stage_2"}, False, None),  # DeepSpeed steps it itself
+])
+def test_adamw_runs_fused_where_lightning_takes_it(over, fused, foreach):
+    from finetune.train.config import TrainConfig
+    from finetune.train.optim import build_optimizer
+
+    params = [torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.ones(2))]
+    opt, _ = build_optimizer(params, TrainConfig(**over))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert bool(opt.defaults["fused"]) == fused and opt.defaults["foreach"] == foreach
+    params[0].grad, params[1].grad = torch.full((3, 2), 0.5), torch.full((2,), -0.5)
+    opt.step()  # the first AdamW step moves each weight by lr against its gradient's sign (bias-corrected moments)
+    torch.testing.assert_close(params[0].data, torch.full((3, 2), 1 - 1e-4), rtol=1e-6, atol=0)
+    torch.testing.assert_close(params[1].data, torch.full((2,), 1 + 1e-4), rtol=1e-6, atol=0)
+
+
 class GradRecorder(pl.Callback):
     """The gradients before clipping (on_before_optimizer_step comes before Lightning clips) and after it, as the
     update used them (a step post-hook, registered on the first step: Lightning runs the forward and backward passes

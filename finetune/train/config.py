@@ -110,8 +110,8 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     """Clip the gradient norm to this (null: no clipping)."""
     precision: str = "bf16-mixed"
-    """`32` (fp32), `bf16-mixed` or `16-mixed`, passed to Lightning. The frozen base is held in fp32
-    for `32`, else in bf16 (fp16 for 16-mixed); trained tensors are always fp32."""
+    """`32` (fp32), `bf16-mixed` or `16-mixed` (GPUs without bf16 only: V100, T4), passed to Lightning. The frozen
+    base is held in fp32 for `32`, else in bf16 (fp16 for 16-mixed); trained tensors are always fp32."""
     base_quant: str = "none"
     """Hold the frozen base's block projections narrower than the compute (QLoRA): `none`, `bf16` (half of fp32 with
     precision 32: for CPUs whose bf16 matmuls are emulated), `int8` (per-row int8, about half of bf16) or `nf4`

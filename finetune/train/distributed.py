@@ -57,6 +57,12 @@ def deepspeed_available() -> bool:
     return True
 
 
+def on_cuda(cfg: TrainConfig, cuda_available: bool | None = None) -> bool:
+    """Whether the run trains on CUDA GPUs (accelerator auto picks them when there are any)."""
+    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    return cuda_available and cfg.accelerator != "cpu"
+
+
 def lightning_strategy(cfg: TrainConfig, cuda_available: bool | None = None,
                        have_deepspeed: bool | None = None) -> Any:
     """What to pass as `pl.Trainer(strategy=...)` for cfg.strategy; one-line FinetuneError when it cannot run."""
@@ -67,8 +73,7 @@ def lightning_strategy(cfg: TrainConfig, cuda_available: bool | None = None,
     if not have_deepspeed:
         raise FinetuneError(f"strategy: {cfg.strategy} needs DeepSpeed (pip install 'rwkv-lora[deepspeed]'); or use "
                             f"strategy: ddp")
-    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
-    if not cuda_available or cfg.accelerator == "cpu":
+    if not on_cuda(cfg, cuda_available):
         raise FinetuneError(f"strategy: {cfg.strategy} needs CUDA GPUs (Lightning's DeepSpeed does not run on the "
                             f"CPU); use strategy: ddp with accelerator: cpu")
     from pytorch_lightning.strategies import DeepSpeedStrategy

@@ -38,7 +38,7 @@ from finetune.tokenizer import load_tokenizer
 from finetune.train.batches import StepBatchSampler
 from finetune.train.callbacks import ProgressBar, RunCallback
 from finetune.train.config import TrainConfig
-from finetune.train.distributed import env_rank_zero, lightning_strategy
+from finetune.train.distributed import env_rank_zero, lightning_strategy, on_cuda
 from finetune.train.loss import window_totals
 from finetune.train.memory import trim_between_blocks
 from finetune.train.layout import FINAL
@@ -130,6 +130,8 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
                                 "logger: csv") from None
     lightning_strategy(cfg)  # DeepSpeed without deepspeed or CUDA: one line now, not a traceback later
     optimizer_class(cfg)  # likewise adamw8bit without bitsandbytes
+    if cfg.precision == "16-mixed" and not on_cuda(cfg):  # torch's CPU autocast stops on fp16 in torch.cat
+        raise FinetuneError("precision: 16-mixed is for GPUs without bf16 (V100, T4); on the CPU use 32 or bf16-mixed")
     if cfg.val_data is None and cfg.val_every:
         raise FinetuneError("val_every: set, but val_data is null")
 
