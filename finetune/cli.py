@@ -32,7 +32,7 @@ EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rwkv-lora",
-        description="LoRA fine-tuning for RWKV-4 language models (BlinkDL .pth checkpoints).",
+        description="LoRA fine-tuning for RWKV language models: RWKV-4, 5.2, 6 and 7 (BlinkDL .pth checkpoints).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
