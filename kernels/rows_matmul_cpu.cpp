@@ -83,7 +83,7 @@ at::Tensor pack(at::Tensor w) {
               "rows_matmul.pack: a 2-D float32 CPU weight expected");
   w = w.contiguous();
   const int64_t N = w.size(0), K = w.size(1), P = (N + NR - 1) / NR;
-  auto out = at::zeros({P, K, NR}, w.options());
+  auto out = w.new_zeros({P, K, NR});
   const float* src = w.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
@@ -146,8 +146,10 @@ void check_panels(const at::Tensor& panels, int64_t K, int64_t N, const char* wh
 // under -ffast-math); a lone row costs no more, being memory-bound.
 at::Tensor whole_tiles(at::Tensor x) {
   const int64_t M = x.size(0), Mp = (M + MR - 1) / MR * MR;
-  if (Mp != M) x = at::cat({x, x.new_zeros({Mp - M, x.size(1)})});
-  return x.contiguous();
+  if (Mp == M) return x.contiguous();
+  auto padded = x.new_zeros({Mp, x.size(1)});
+  padded.narrow(0, 0, M).copy_(x);
+  return padded;
 }
 
 at::Tensor matmul(at::Tensor x, at::Tensor panels, int64_t N) {
@@ -155,7 +157,7 @@ at::Tensor matmul(at::Tensor x, at::Tensor panels, int64_t N) {
   check_panels(panels, x.size(1), N, "matmul");
   const int64_t M = x.size(0);
   x = whole_tiles(x);
-  auto y = at::empty({M, N}, x.options());
+  auto y = x.new_empty({M, N});
   gemm(x.data_ptr<float>(), M, x.size(0), x.size(1), panels.data_ptr<float>(), panels.size(0), N, y.data_ptr<float>(),
        false);
   return y;
@@ -176,7 +178,7 @@ void lora_add_(at::Tensor y, at::Tensor x, at::Tensor a_panels, int64_t R, at::T
   check_panels(b_panels, R, N, "lora_add_ (B)");
   x = whole_tiles(x);
   const int64_t Mp = x.size(0);
-  auto h = at::zeros({Mp, R}, x.options());
+  auto h = x.new_zeros({Mp, R});
   float* hp = h.data_ptr<float>();
   gemm(x.data_ptr<float>(), M, Mp, K, a_panels.data_ptr<float>(), a_panels.size(0), R, hp, false);
   if (mask) {

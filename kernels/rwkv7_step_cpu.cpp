@@ -119,7 +119,7 @@ std::vector<at::Tensor> time_mix_in(const at::Tensor& x, const at::Tensor& shift
   std::vector<at::Tensor> xs;
   for (const auto* m : mixes) {
     check(*m, C, "x_r..x_g");
-    xs.push_back(at::empty({B, C}, x.options()));
+    xs.push_back(x.new_empty({B, C}));
   }
   for (int64_t b = 0; b < B; ++b) {
     float* __restrict xa = out.at(b);  // ln1(x): this layer's new token-shift state
@@ -170,9 +170,9 @@ std::tuple<at::Tensor, at::Tensor> time_mix_out(
   const LayerRows s_in = layer_rows(wkv_in, B, layer, H * N * N, "wkv_in");
   const LayerRows s_out = layer_rows(wkv_out, B, layer, H * N * N, "wkv_out");
 
-  auto out = at::empty({B, C}, r.options());
+  auto out = r.new_empty({B, C});
   auto vf = residual ? *v_first : v;  // layer 0: v_first is this layer's value itself
-  auto v_mixed = residual ? at::empty({B, C}, r.options()) : v;
+  auto v_mixed = residual ? r.new_empty({B, C}) : v;
   // scratch: the low-rank hidden vector, then per channel: decay, a, g, kk, the updated k, the WKV output
   std::vector<float> scratch(std::max({Dw, Da, Dv, Dg}) + 7 * C);
   float* __restrict hid = scratch.data();
@@ -292,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor> channel_mix_in(const at::Tensor& x, const at:
   check(x_k, C, "x_k");
   const LayerRows in = layer_rows(shift_in, B, layer, C, "shift_in"), out = layer_rows(shift_out, B, layer, C,
                                                                                      "shift_out");
-  auto xn = at::empty({B, C}, x.options()), kin = at::empty({B, C}, x.options());
+  auto xn = x.new_empty({B, C}), kin = x.new_empty({B, C});
   for (int64_t b = 0; b < B; ++b) {
     const float *__restrict xb = fp(x) + b * C, *__restrict db = fp(dx) + b * C, *__restrict prev = in.at(b);
     float *__restrict sum = fp(xn) + b * C, *__restrict xf = out.at(b), *__restrict ko = fp(kin) + b * C;

@@ -504,8 +504,8 @@ std::vector<at::Tensor> wkv6_forward(at::Tensor r, at::Tensor w, at::Tensor k, a
   const Shape sh = check_inputs(r, w, k, v, u, state_in);
   const int64_t nb = pick_col_blocks(sh, col_blocks), J = sh.N / std::max<int64_t>(nb, 1);
   auto f32 = r.options().dtype(at::kFloat);
-  auto y = at::empty({sh.B, sh.T, sh.H, sh.N}, f32);
-  auto s_out = at::empty({sh.B, sh.H, sh.N, sh.N}, f32);
+  auto y = r.new_empty({sh.B, sh.T, sh.H, sh.N}, f32);
+  auto s_out = r.new_empty({sh.B, sh.H, sh.N, sh.N}, f32);
   const int64_t tiles = sh.B * sh.H * nb;
   const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>(), *sp = state_in.data_ptr<float>();
   float *yp = y.data_ptr<float>(), *sop = s_out.data_ptr<float>();
@@ -543,12 +543,12 @@ std::vector<at::Tensor> wkv6_backward(at::Tensor r, at::Tensor w, at::Tensor k, 
   auto f32 = r.options().dtype(at::kFloat);
   // the sums over value columns (gr, gk, gw, gu) are per column block, added up below; with one block the partial
   // is the result itself
-  auto gr = at::empty({nb, sh.B, sh.T, sh.H, sh.N}, f32);
-  auto gk = at::empty({nb, sh.B, sh.T, sh.H, sh.N}, f32);
-  auto gw = at::empty({nb, sh.B, sh.T, sh.H, sh.N}, f32);
-  auto gu = at::empty({nb, sh.B, sh.H, sh.N}, f32);
-  auto gv = at::empty({sh.B, sh.T, sh.H, sh.N}, f32);
-  auto gs_in = at::empty({sh.B, sh.H, sh.N, sh.N}, f32);
+  auto gr = r.new_empty({nb, sh.B, sh.T, sh.H, sh.N}, f32);
+  auto gk = r.new_empty({nb, sh.B, sh.T, sh.H, sh.N}, f32);
+  auto gw = r.new_empty({nb, sh.B, sh.T, sh.H, sh.N}, f32);
+  auto gu = r.new_empty({nb, sh.B, sh.H, sh.N}, f32);
+  auto gv = r.new_empty({sh.B, sh.T, sh.H, sh.N}, f32);
+  auto gs_in = r.new_empty({sh.B, sh.H, sh.N, sh.N}, f32);
   const int64_t tiles = sh.B * sh.H * nb, part = sh.B * sh.T * sh.H * sh.N;
   const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>(), *sp = state_in.data_ptr<float>();
   const float *gyp = gy.data_ptr<float>(), *gsop = gstate_out.data_ptr<float>();

@@ -33,7 +33,7 @@ bool poison() {
 }
 
 at::Tensor f32_empty(at::IntArrayRef shape, const at::Tensor& like) {
-    at::Tensor t = at::empty(shape, like.options().dtype(at::kFloat));
+    at::Tensor t = like.new_empty(shape, at::kFloat);
     if (poison()) t.fill_(std::numeric_limits<float>::quiet_NaN());
     return t;
 }
@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                      c10::cuda::getCurrentCUDAStream().stream()),
              "backward");
     // B == 0: the part is empty and the sum is zeros, as it should be
-    return {gr, gw, gk, gv, at::sum(gu_part, 0), gs_in};
+    return {gr, gw, gk, gv, gu_part.sum(0), gs_in};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

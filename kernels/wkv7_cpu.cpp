@@ -511,10 +511,10 @@ std::vector<at::Tensor> wkv7_forward(at::Tensor r, at::Tensor w, at::Tensor k, a
   const auto [B, T, H, N] = check_inputs({r, w, k, v, a, b}, state_in, "state_in");
   const auto f32 = r.options().dtype(at::kFloat);
   const int64_t nck = (T + wkv7cpu::K - 1) / wkv7cpu::K;
-  auto y = at::empty({B, T, H, N}, f32);
-  auto s_out = at::empty({B, H, N, N}, f32);
-  auto ckpt = save ? at::empty({B, H, nck, N, N}, f32) : at::empty({0}, f32);
-  auto sa = save ? at::empty({B, T, H, N}, f32) : at::empty({0}, f32);
+  auto y = r.new_empty({B, T, H, N}, f32);
+  auto s_out = r.new_empty({B, H, N, N}, f32);
+  auto ckpt = save ? r.new_empty({B, H, nck, N, N}, f32) : r.new_empty({0}, f32);
+  auto sa = save ? r.new_empty({B, T, H, N}, f32) : r.new_empty({0}, f32);
   dispatch(r, w, [&](auto* F_, auto* FW_) {
     using F = std::remove_pointer_t<decltype(F_)>;
     using FW = std::remove_pointer_t<decltype(FW_)>;
@@ -533,9 +533,9 @@ std::vector<at::Tensor> wkv7_backward(at::Tensor r, at::Tensor w, at::Tensor k, 
   check_f32(ckpt, "ckpt", {B, H, nck, N, N});
   check_f32(sa, "sa", {B, T, H, N});
   check_f32(gy, "gy", {B, T, H, N});
-  auto gr = at::empty_like(r), gw = at::empty_like(w), gk = at::empty_like(k), gv = at::empty_like(v),
-       ga = at::empty_like(a), gb = at::empty_like(b);
-  auto gs_in = at::empty({B, H, N, N}, r.options().dtype(at::kFloat));
+  auto gr = r.new_empty(r.sizes()), gw = w.new_empty(w.sizes()), gk = k.new_empty(k.sizes()), gv = v.new_empty(v.sizes()),
+       ga = a.new_empty(a.sizes()), gb = b.new_empty(b.sizes());
+  auto gs_in = r.new_empty({B, H, N, N}, at::kFloat);
   dispatch(r, w, [&](auto* F_, auto* FW_) {
     using F = std::remove_pointer_t<decltype(F_)>;
     using FW = std::remove_pointer_t<decltype(FW_)>;

@@ -36,8 +36,8 @@ bool poison() {
     return env != nullptr && env[0] != '\0' && env[0] != '0';
 }
 
-at::Tensor out_empty(at::IntArrayRef shape, const at::TensorOptions& options) {
-    at::Tensor t = at::empty(shape, options);
+at::Tensor out_empty(const at::Tensor& like, at::IntArrayRef shape, const at::TensorOptions& options) {
+    at::Tensor t = like.new_empty(shape, options);
     if (poison()) t.fill_(std::numeric_limits<float>::quiet_NaN());
     return t;
 }
@@ -95,10 +95,10 @@ std::vector<at::Tensor> wkv7_forward(const at::Tensor& r, const at::Tensor& w, c
     const c10::cuda::CUDAGuard guard(r.device());
     const int64_t K = rwkv_wkv7_cuda_checkpoint_interval(), nck = (d.T + K - 1) / K;
     const auto f32 = r.options().dtype(at::kFloat);
-    at::Tensor y = out_empty({d.B, d.T, d.H, d.N}, f32);
-    at::Tensor s_out = out_empty({d.B, d.H, d.N, d.N}, f32);
-    at::Tensor ckpt = save ? out_empty({d.B, d.H, nck, d.N, d.N}, f32) : at::empty({0}, f32);
-    at::Tensor sa = save ? out_empty({d.B, d.T, d.H, d.N}, f32) : at::empty({0}, f32);
+    at::Tensor y = out_empty(r, {d.B, d.T, d.H, d.N}, f32);
+    at::Tensor s_out = out_empty(r, {d.B, d.H, d.N, d.N}, f32);
+    at::Tensor ckpt = save ? out_empty(r, {d.B, d.H, nck, d.N, d.N}, f32) : r.new_empty({0}, f32);
+    at::Tensor sa = save ? out_empty(r, {d.B, d.T, d.H, d.N}, f32) : r.new_empty({0}, f32);
     raise_if(rwkv_wkv7_cuda_forward(d.B, d.T, d.H, d.N, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(),
                                     a.data_ptr(), b.data_ptr(), d.bf16, d.w_bf16, state_in.data_ptr<float>(),
                                     y.data_ptr<float>(), s_out.data_ptr<float>(),
@@ -120,11 +120,11 @@ std::vector<at::Tensor> wkv7_backward(const at::Tensor& r, const at::Tensor& w, 
     check_f32(gstate_out, "gstate_out", {d.B, d.H, d.N, d.N}, r);
     const c10::cuda::CUDAGuard guard(r.device());
     // the states of one block of K steps per (batch, head), recomputed by the kernel; freed on return
-    at::Tensor scratch = out_empty({d.B * d.H, K, d.N, d.N}, r.options().dtype(at::kFloat));
-    at::Tensor gr = out_empty(r.sizes(), r.options()), gw = out_empty(w.sizes(), w.options()),
-               gk = out_empty(k.sizes(), k.options()), gv = out_empty(v.sizes(), v.options()),
-               ga = out_empty(a.sizes(), a.options()), gb = out_empty(b.sizes(), b.options());
-    at::Tensor gs_in = out_empty({d.B, d.H, d.N, d.N}, r.options().dtype(at::kFloat));
+    at::Tensor scratch = out_empty(r, {d.B * d.H, K, d.N, d.N}, r.options().dtype(at::kFloat));
+    at::Tensor gr = out_empty(r, r.sizes(), r.options()), gw = out_empty(w, w.sizes(), w.options()),
+               gk = out_empty(k, k.sizes(), k.options()), gv = out_empty(v, v.sizes(), v.options()),
+               ga = out_empty(a, a.sizes(), a.options()), gb = out_empty(b, b.sizes(), b.options());
+    at::Tensor gs_in = out_empty(r, {d.B, d.H, d.N, d.N}, r.options().dtype(at::kFloat));
     raise_if(rwkv_wkv7_cuda_backward(d.B, d.T, d.H, d.N, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(),
                                      a.data_ptr(), b.data_ptr(), d.bf16, d.w_bf16, ckpt.data_ptr<float>(),
                                      sa.data_ptr<float>(), gy.data_ptr<float>(), gstate_out.data_ptr<float>(),

@@ -238,8 +238,8 @@ void backward_tile(const float* __restrict w, const float* __restrict u, const s
 // A fresh output tensor, asked to be backed by transparent huge pages where the kernel offers them on request
 // (Linux, THP "madvise" mode): a big output is written once, and 4 KiB pages cost one page fault each (about half
 // the time of the write) and a TLB miss every row of the [B, T, C] layout.
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  auto t = at::empty(sizes, options);
+at::Tensor empty_output(const at::Tensor& like, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  auto t = like.new_empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t huge = 2u << 20;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr()), end = begin + t.nbytes();
@@ -273,8 +273,8 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k, at
   check_inputs(w, u, k, v, state_in);
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   auto f32 = k.options().dtype(at::kFloat);
-  auto y = empty_output({B, T, C}, f32);
-  auto state_out = at::empty({B, 3, C}, f32);
+  auto y = empty_output(k, {B, T, C}, f32);
+  auto state_out = k.new_empty({B, 3, C}, f32);
   const int64_t nblk = (C + CB - 1) / CB;
   const float* wp = w.data_ptr<float>();
   const float* up = u.data_ptr<float>();
@@ -305,11 +305,11 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k, a
                   gstate_out.sizes() == state_in.sizes(),
               "wkv_cpu: gstate_out must be a contiguous float32 [B, 3, C]");
   auto f32 = k.options().dtype(at::kFloat);
-  auto gw_part = at::empty({B, C}, f32);
-  auto gu_part = at::empty({B, C}, f32);
-  auto gk = empty_output({B, T, C}, k.options());  // in the dtype of k and v
-  auto gv = empty_output({B, T, C}, k.options());
-  auto gs_in = at::empty({B, 3, C}, f32);
+  auto gw_part = k.new_empty({B, C}, f32);
+  auto gu_part = k.new_empty({B, C}, f32);
+  auto gk = empty_output(k, {B, T, C}, k.options());  // in the dtype of k and v
+  auto gv = empty_output(k, {B, T, C}, k.options());
+  auto gs_in = k.new_empty({B, 3, C}, f32);
   const int64_t nblk = (C + CB - 1) / CB, nck = (T + K - 1) / K;
   const float* wp = w.data_ptr<float>();
   const float* up = u.data_ptr<float>();

@@ -28,7 +28,7 @@ bool poison() {
 }
 
 at::Tensor out_empty(at::IntArrayRef shape, const at::Tensor& like) {
-    at::Tensor t = at::empty(shape, like.options().dtype(at::kFloat));
+    at::Tensor t = like.new_empty(shape, at::kFloat);
     if (poison()) t.fill_(std::numeric_limits<float>::quiet_NaN());
     return t;
 }
@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv_backw
     check_f32(gstate_out, "gstate_out", {B, 3, C}, k);
     const c10::cuda::CUDAGuard guard(k.device());
     // the state before every step, recomputed by the kernel: [B, T, 3, C] fp32, freed on return
-    at::Tensor scratch = at::empty({B, T, 3, C}, k.options().dtype(at::kFloat));
+    at::Tensor scratch = k.new_empty({B, T, 3, C}, at::kFloat);
     at::Tensor gk = out_empty({B, T, C}, k);
     at::Tensor gv = out_empty({B, T, C}, k);
     at::Tensor gs_in = out_empty({B, 3, C}, k);
@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv_backw
                                     gu_part.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()),
              "backward");
     // B == 0: the parts are empty and the sums are zeros, as they should be
-    return {at::sum(gw_part, 0), at::sum(gu_part, 0), gk, gv, gs_in};
+    return {gw_part.sum(0), gu_part.sum(0), gk, gv, gs_in};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
