@@ -175,7 +175,8 @@ class TimeMix(nn.Module):
         if k.dtype == torch.float16:  # fp16 cannot hold the L2 norm's eps (1e-12) nor the WKV's products
             r, k, v = r.float(), k.float(), v.float()
         # decay in fp32 (w0 is an fp32 parameter): the slow channels' decays sit within 1e-3 of 1
-        log_decay = -LOG_DECAY_SCALE * torch.sigmoid(self.w0 + as_dtype(torch.tanh(xw @ self.w1) @ self.w2, self.w0.dtype))
+        log_decay = -LOG_DECAY_SCALE * torch.sigmoid(
+            self.w0 + as_dtype(torch.tanh(xw @ self.w1) @ self.w2, self.w0.dtype))
         if self.makes_v_first:
             v_first = v
         else:  # value residual: move towards layer 0's value of the same token, per channel and token
@@ -186,7 +187,7 @@ class TimeMix(nn.Module):
         g = torch.sigmoid(xg @ self.g1) @ self.g2
 
         kk = F.normalize((k * self.k_k).view(heads), dim=-1, p=2.0)  # unit key per head
-        k = torch.lerp(k, k * a, as_dtype(self.k_a, k.dtype))  # k * (1 + (a - 1) * k_a), in two operations instead of four
+        k = torch.lerp(k, k * a, as_dtype(self.k_a, k.dtype))  # k * (1 + (a - 1) * k_a): two operations, not four
         r, k, v, a = r.view(heads), k.view(heads), v.view(heads), a.view(heads)
         y, wkv_state = wkv7(r, log_decay.view(heads), k, v, -kk, kk * a, wkv_state)  # any T, one token included
 
@@ -227,7 +228,8 @@ class ChannelMix(nn.Module):
         prev = as_dtype(shift, x.dtype).view(B, 1, C)
         if T > 1:
             prev = torch.cat([prev, x[:, :-1]], dim=1)  # (B, T, C)
-        k = torch.relu(self.key(torch.lerp(x, prev, as_dtype(self.x_k, x.dtype)).view(B * T, C))) ** 2  # 2-D: see TimeMix
+        # 2-D rows (see TimeMix), in one expression: no name keeps the mixed input alive beside the [B*T, F] hidden
+        k = torch.relu(self.key(torch.lerp(x, prev, as_dtype(self.x_k, x.dtype)).view(B * T, C))) ** 2
         return self.value(k).view(B, T, C)
 
     def one_token(self, step: ModuleType, x: torch.Tensor, dx: torch.Tensor, state: RNNState, new: RNNState,
