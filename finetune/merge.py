@@ -50,6 +50,8 @@ from finetune.tensorfiles import (ST_DTYPES, Plan, Producer, archive_name, save_
 from finetune.tokenizer import WORLD_VOCAB_SIZE, WorldTokenizer, read_world_vocab
 
 FORMATS = ("pth", "safetensors", "hf")
+# the families the hf format can write, and as what
+HF_FAMILIES = {"rwkv4": "transformers' RwkvForCausalLM (RWKV-4)", "rwkv7": "rwkv7-hf's RWKV-7 directory"}
 HF_MARKER = "rwkv_lora_merge.json"  # provenance written into HF output directories; marks them as ours to replace
 
 
@@ -122,7 +124,7 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
     """Merge adapters (paths, `PATH:W` strings, or (path, weight) pairs) into `base`, writing `out`.
 
     fmt: "pth" (BlinkDL, default unless `out` ends in .safetensors), "safetensors", or "hf" (a Hugging Face
-    RwkvForCausalLM directory). `force`: accept adapters made for another base (shapes must still fit); `force` or
+    directory: RwkvForCausalLM for RWKV-4, rwkv7-hf's conversion for RWKV-7; refused for RWKV-5/6). `force`: accept adapters made for another base (shapes must still fit); `force` or
     `overwrite`: replace an existing output (an existing directory only if it is an HF directory merge wrote).
     `tokenizer` (world or a tokenizer.json path): what an hf directory gets, instead of the adapters' record.
     Returns a summary dict (tensors changed, dtype, format, seconds).
@@ -145,6 +147,9 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
     if fmt != "hf" and out.is_dir():
         raise FinetuneError(f"{out}: is a directory; give a file name for the {fmt} format")
     b = LazyBase(base)
+    if fmt == "hf" and b.family.name not in HF_FAMILIES:
+        raise FinetuneError(f"{b.path}: --format hf writes {' or '.join(HF_FAMILIES.values())}; transformers has no "
+                            f"{b.family.title} architecture to load it into: use --format pth or safetensors")
     loaded = [(read_adapter(p), w) for p, w in specs]
     for a, _ in loaded:
         if a.state is not None:
@@ -389,7 +394,8 @@ def export_rwkv_lm_lora(adapter: str | Path, out: str | Path, force: bool = Fals
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "merge", help="merge adapters into a base checkpoint",
-        description="Merge one or more adapters into a base RWKV-4 checkpoint: W + weight * scaling * B @ A for every "
+        description="Merge one or more adapters into a base checkpoint (RWKV-4, 5.2, 6 or 7): W + weight * scaling * "
+                    "B @ A for every "
                     "adapted matrix, fully trained tensors replaced (weighted), computed in fp32 and cast once. The "
                     "output has exactly the base's keys and shapes (BlinkDL layout), streamed tensor by tensor.")
     p.add_argument("--base", required=True, help="base checkpoint (.pth or .safetensors)")
@@ -398,7 +404,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output path (.pth / .safetensors file, or a directory for hf)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="output dtype (default: the base's)")
     p.add_argument("--format", choices=FORMATS, dest="fmt",
-                   help="pth (BlinkDL), safetensors, or hf (RwkvForCausalLM directory); default from --out's suffix")
+                   help="pth (BlinkDL), safetensors, or hf (a transformers directory: RwkvForCausalLM for RWKV-4, "
+                        "rwkv7-hf's conversion for RWKV-7); default from --out's suffix")
     p.add_argument("--force", action="store_true", help="merge even if an adapter was made for another base "
                                                         "(fingerprint mismatch; shapes must still fit); also "
                                                         "replaces an existing output like --overwrite")

@@ -380,3 +380,28 @@ def test_tall_weights_are_column_major_however_loaded(version):
     assert fresh.head.weight.stride() == (1, 211)
     assert all(torch.equal(v, sd[k]) for k, v in fresh.state_dict().items())
     assert all(v.is_contiguous() for v in model_state_dict(fresh).values())
+
+
+@pytest.mark.parametrize("version", ["5.2", "6"])
+def test_merge_to_hf_format_is_refused_in_one_line(tmp_path, version, capsys):
+    """transformers has RWKV-4 (RwkvForCausalLM) and, through rwkv7-hf, RWKV-7, but no RWKV-5/6: `merge --format hf`
+    wrote an RWKV-4 config around RWKV-5/6 tensors, a directory transformers refused to load. Now one line, nothing
+    written; the pth format still merges."""
+    import dataclasses
+
+    from finetune.adapters import add_lora, save_adapter
+    from finetune.checkpoint import fingerprint
+
+    family = FAMILIES[version]
+    sd = MAKERS[version](2, 64, 211, 16, seed=1)
+    base = write_checkpoint(tmp_path / "base.pth", sd)
+    config = family.config_from_state_dict(sd, base)
+    meta = {"family": family.name, "base": {"fingerprint": fingerprint(sd), **dataclasses.asdict(config)},
+            "r": 4, "alpha": 8, "dropout": 0.0, "parts": ["att", "ffn"], "train": [], "recipe": {}}
+    adapter = save_adapter(add_lora(load_model(base), r=4, alpha=8), tmp_path / "adapter", meta)
+    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "hf"),
+                 "--format", "hf"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"transformers has no {family.title} architecture" in err, err
+    assert not (tmp_path / "hf").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base.pth"]
+    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "m.pth")]) == 0
