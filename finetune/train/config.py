@@ -168,6 +168,11 @@ class TrainConfig:
     lora: LoRASettings = field(default_factory=LoRASettings)
     """LoRA settings (ignored when method is `full`)."""
 
+    @property
+    def deepspeed(self) -> bool:
+        """Whether `strategy` is one of DeepSpeed's (its engine then owns the optimizer step and the gradients)."""
+        return self.strategy.startswith("deepspeed")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -363,7 +368,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     _require(cfg.schedule in SCHEDULES, f"schedule: {cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
     # a non-finite rate or epsilon turns every weight into NaN at the first step: refuse it here, not 1000 steps in
     _require(cfg.optimizer in OPTIMIZERS, f"optimizer: {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    _require(cfg.optimizer == "adamw" or not cfg.strategy.startswith("deepspeed"),
+    _require(cfg.optimizer == "adamw" or not cfg.deepspeed,
              f"optimizer: {cfg.optimizer} is not for DeepSpeed strategies (DeepSpeed runs its own optimizer); use "
              f"optimizer: adamw")
     cfg.lr = _require_real("lr", cfg.lr, minimum=0.0, inclusive=False)
@@ -395,7 +400,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.compile:  # combinations the compiled blocks are not tested with
         _require(cfg.base_quant in ("none", "bf16"), f"compile: not with base_quant {cfg.base_quant} (quantized "
                                                      f"projections are not tested compiled); set compile: false")
-        _require(not cfg.strategy.startswith("deepspeed"), f"compile: not with strategy {cfg.strategy}; set "
+        _require(not cfg.deepspeed, f"compile: not with strategy {cfg.strategy}; set "
                                                            f"compile: false")
     lo = cfg.lora
     _require_int("lora.r", lo.r, minimum=1)

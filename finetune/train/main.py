@@ -313,7 +313,7 @@ def fit(run: Run, quiet: bool = False, callbacks: Sequence[pl.Callback] = ()) ->
         check_val_every_n_epoch=None, num_sanity_val_steps=0, limit_val_batches=None if run.val_data else 0,
         use_distributed_sampler=False, deterministic="warn", default_root_dir=str(run.out_dir),
         enable_model_summary=False,
-        plugins=[] if cfg.strategy.startswith("deepspeed") else [DirectCheckpointIO()],
+        plugins=[] if cfg.deepspeed else [DirectCheckpointIO()],
     )
     run.trainer, run.lit = trainer, lit
     num_batches = cfg.max_steps * cfg.grad_accum

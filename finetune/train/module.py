@@ -89,7 +89,7 @@ class LitRWKV(pl.LightningModule):
         they would sit through it (LoRA r=64 on a 1.5B RWKV-7: 0.23 GB of the peak). DeepSpeed's engine keeps its
         own gradient buffers and zeroes them itself."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if not self.cfg.strategy.startswith("deepspeed"):
+        if not self.cfg.deepspeed:
             optimizer.zero_grad(set_to_none=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -77,7 +77,7 @@ def adamw_kernel(cfg: TrainConfig) -> dict[str, bool]:
     for any optimizer that could unscale gradients itself, and not under DeepSpeed, whose engine steps the optimizer
     on its own partitions. Otherwise `foreach` (a few kernels over lists of tensors: torch's default on CUDA; 7 ms
     on the CPU in the example above)."""
-    if cfg.strategy.startswith("deepspeed"):
+    if cfg.deepspeed:
         return {}
     if cfg.precision == "32" or cfg.grad_clip is None:
         return {"fused": True}
