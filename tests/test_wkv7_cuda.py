@@ -1,6 +1,7 @@
 """The CUDA WKV-7 kernel without a GPU: it compiles with nvcc for sm_80 and sm_90, its per-thread phases (the same
-__host__ __device__ code the kernels run, threads in turn between the barriers) match the float64 reference when run
-on the CPU, and the binding passes a host-compiler syntax check.
+__host__ __device__ code the kernels run, threads in turn between the barriers and the warp-shuffle sums, those
+summed in the shuffles' order) match the float64 reference when run on the CPU, and the binding passes a
+host-compiler syntax check.
 
 Skipped, with the reason, only when nvcc (or for the binding check, a C++ compiler / the CUDA headers) is absent.
 Running the kernel itself on a GPU is bench/gpu_check.py's job.

@@ -29,7 +29,7 @@ from finetune.ops.build import eager_under_compile, load_extension
 
 Backend = Literal["auto", "reference", "kernel"]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-CUDA_HEAD_SIZES = (64,)  # the CUDA kernel runs one thread per row of the state, N fixed at compile time
+CUDA_HEAD_SIZES = (64,)  # the CUDA kernel splits each row of the state over 4 threads, N fixed at compile time
 
 
 def empty_wkv7_state(batch: int, heads: int, head_size: int, device: torch.device | str = "cpu",
