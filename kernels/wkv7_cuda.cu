@@ -71,14 +71,12 @@ WKV7_HD int col(int q, int m, int e) { return 4 * (m * P + q) + e; }
 // offset of (b, t, h, 0) in a [B, T, H, N] tensor, bh = b * H + h
 WKV7_HD int64_t seq_offset(int64_t bh, int64_t t, int64_t T, int64_t H) { return ((bh / H * T + t) * H + bh % H) * NH; }
 
-#ifdef __CUDA_ARCH__
 // the sum over the P lanes of a row, the same value in each (lane l adds lane l ^ o's value, o = 1, 2, .., P / 2)
 __device__ __forceinline__ float group_sum(float x) {
 #pragma unroll
     for (int o = 1; o < P; o *= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;
 }
-#endif
 
 // the same butterfly on the CPU, for the self-test: parts[q] is lane q's value
 inline float group_sum_host(const float* parts) {
@@ -400,11 +398,8 @@ WKV7_HD void bwd_end(const BwdArgs<F, FW>& p, int64_t bh, int t, const BwdRegs& 
 // ---------------------------------------------------------------------------------------------------------------------
 // Kernels: the phases with the barriers and the group sums between them
 
-#define WKV7_GLOBAL __global__ void __launch_bounds__(THREADS)
-
 template <typename F, typename FW>
-WKV7_GLOBAL forward_kernel(const FwdArgs<F, FW> p) {
-#ifdef __CUDA_ARCH__
+__global__ void __launch_bounds__(THREADS) forward_kernel(const FwdArgs<F, FW> p) {
     __shared__ FwdShared sh;
     const int t = threadIdx.x;
     const int64_t bh = blockIdx.x;
@@ -425,12 +420,10 @@ WKV7_GLOBAL forward_kernel(const FwdArgs<F, FW> p) {
         __syncthreads();  // before the next block's staging overwrites shared memory
     }
     fwd_end(p, bh, t, s);
-#endif
 }
 
 template <typename F, typename FW>
-WKV7_GLOBAL backward_kernel(const BwdArgs<F, FW> p) {
-#ifdef __CUDA_ARCH__
+__global__ void __launch_bounds__(THREADS) backward_kernel(const BwdArgs<F, FW> p) {
     __shared__ BwdShared sh;
     const int t = threadIdx.x;
     const int64_t bh = blockIdx.x;
@@ -456,7 +449,6 @@ WKV7_GLOBAL backward_kernel(const BwdArgs<F, FW> p) {
         __syncthreads();  // before the next block's staging overwrites shared memory
     }
     bwd_end(p, bh, t, rg);
-#endif
 }
 
 inline const char* last_error() {
