@@ -1,7 +1,8 @@
 """One-shot GPU check of the CUDA WKV kernels: build, correctness against a float64 reference, kernel throughput
 against the memory-bandwidth floor (RWKV-4), timings (WKV-5/6), and a LoRA training step of a 169M- and a 1.5B-shaped
 RWKV-4 in bf16; then the same for the RWKV-7 WKV kernel (build, float64 comparison at several T including T not a
-multiple of 16, timing).
+multiple of 16, timing, and on a GPU the same kernel built with 2, 4 and 8 threads per row of the state, each checked
+and timed).
 
     python bench/gpu_check.py                 # on a CUDA machine (a few minutes; prints Markdown tables)
     python bench/gpu_check.py --wkv7-only     # only the WKV-7 sections (a minute or two)
@@ -624,9 +625,13 @@ def make_inputs7(B, T, H, dtype, w_dtype, device, seed, N=64):
     return [x.to(device) for x in (*xs, state, gy, gstate)]
 
 
-def run_wkv7(xs, state, gy, gstate, backend):
+def run_wkv7(xs, state, gy, gstate, backend, ext=None):
+    """y, state and the seven gradients through wkv7(backend), or through the extension `ext` when given."""
     leaves = [x.detach().clone().requires_grad_() for x in (*xs, state)]
-    y, s = wkv7_mod.wkv7(*leaves, backend=backend)
+    if ext is None:
+        y, s = wkv7_mod.wkv7(*leaves, backend=backend)
+    else:
+        y, s = wkv7_mod.WKV7Kernel.apply(ext, True, *leaves)
     loss = (y.double() * gy.double()).sum() + (s.double() * gstate.double()).sum()
     return [y.detach(), s.detach(), *torch.autograd.grad(loss, leaves)]
 
@@ -707,6 +712,48 @@ def throughput7(device, ext, shapes, reps) -> list[list]:
     return rows
 
 
+def lanes7(device, default_ext, reps) -> tuple[list[list], bool]:
+    """The row split of the CUDA kernel (WKV7_LANES in kernels/wkv7_cuda.cu: threads per row of the state, 4 in the
+    shipped build) at 2, 4 and 8: each build checked against the float64 reference on one case (bf16, T = 1000,
+    NaN-poisoned outputs), then timed at a 0.1B layer's shape (B=8 T=1024 H=12) and a 1.5B one (B=4 T=1024 H=32),
+    bf16 with fp32 decays as bf16-mixed training runs it. Tells the next change of the default what it gains."""
+    from torch.utils import cpp_extension
+
+    rows, ok_all = [], True
+    for lanes in (2, 4, 8):
+        t0 = time.perf_counter()
+        if lanes == 4:
+            ext = default_ext
+        else:
+            ext = cpp_extension.load(name=f"rwkv_lora_gpu_check_wkv7_lanes{lanes}",
+                                     sources=[str(kernel_build.KERNEL_DIR / f) for f in
+                                              ("wkv7_cuda_bind.cpp", "wkv7_cuda.cu")],
+                                     extra_cuda_cflags=[*kernel_build.cuda_compile_flags(), f"-DWKV7_LANES={lanes}"],
+                                     verbose=False)
+        build_s = time.perf_counter() - t0
+        os.environ[POISON_ENV] = "1"
+        try:
+            *xs, state, gy, gstate = make_inputs7(2, 1000, 3, torch.bfloat16, torch.float32, device, seed=5)
+            got = run_wkv7(xs, state, gy, gstate, "kernel", ext=ext)
+            want = reference64_7(xs, state, gy, gstate)
+        finally:
+            os.environ.pop(POISON_ENV, None)
+        worst = max(rel_err(a, b) / (1e-5 if a.dtype == torch.float32 else 1e-2) for a, b in zip(got, want))
+        ok = worst < 1 and all(torch.isfinite(x).all() for x in got)
+        ok_all &= ok
+        times = []
+        for B, T, H in ((8, 1024, 12), (4, 1024, 32)):
+            *xs, state, gy, gstate = make_inputs7(B, T, H, torch.bfloat16, torch.float32, device, seed=1)
+            _, _, ckpt, sa = ext.forward(*xs, state, True)
+            times += [timeit(lambda: ext.forward(*xs, state, True), device, reps),
+                      timeit(lambda: ext.backward(*xs, ckpt, sa, gy, gstate), device, reps)]
+            del xs, state, gy, gstate, ckpt, sa
+        rows.append([str(lanes) + (" (shipped)" if lanes == 4 else ""), f"{build_s:.0f}",
+                     f"{worst:.2f}", "PASS" if ok else "FAIL", *[f"{t * 1e3:.3f}" for t in times]])
+        log(f"  WKV-7 with {lanes} lanes per row: {rows[-1]}")
+    return rows, ok_all
+
+
 def wkv7_sections(device, big, report, reps) -> bool:
     """Build, correctness and timing of the WKV-7 kernel; appends to `report`, returns whether it is correct."""
     log(f"\nbuilding the {device.type} WKV-7 kernel ...")
@@ -741,6 +788,18 @@ def wkv7_sections(device, big, report, reps) -> bool:
     except Exception:
         report.append("## WKV-7: kernel time\n\nFAILED:\n```\n" + traceback.format_exc() + "```")
     log(report[-1])
+    if device.type == "cuda":
+        log("\nWKV-7 threads per row of the state ...")
+        try:
+            rows, lanes_ok = lanes7(device, ext, reps)
+            ok &= lanes_ok
+            report.append("## WKV-7: threads per row of the state (bf16, w fp32; ms; error as a fraction of the "
+                          "tolerance)\n\n" + table(
+                              ["lanes", "build s", "worst error / tol", "result", "fwd+save 8x1024x12",
+                               "bwd 8x1024x12", "fwd+save 4x1024x32", "bwd 4x1024x32"], rows))
+        except Exception:
+            report.append("## WKV-7: threads per row\n\nFAILED:\n```\n" + traceback.format_exc() + "```")
+        log(report[-1])
     return ok
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -40,12 +40,16 @@ def test_nvcc_compiles_kernel(nvcc, tmp_path, arch):
 # The per-thread phases on the CPU
 
 
+def _selftest_build(nvcc, tmp_path_factory, *defines: str) -> ctypes.CDLL:
+    so = tmp_path_factory.mktemp("wkv7_cuda") / "wkv7_cuda_selftest.so"
+    run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-O2", "-std=c++17", "-DWKV7_HOST_SELFTEST", *defines,
+         "-gencode=arch=compute_80,code=sm_80", str(CU), "-o", str(so)])
+    return ctypes.CDLL(str(so))
+
+
 @pytest.fixture(scope="module")
 def selftest_lib(nvcc, tmp_path_factory):
-    so = tmp_path_factory.mktemp("wkv7_cuda") / "wkv7_cuda_selftest.so"
-    run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-O2", "-std=c++17", "-DWKV7_HOST_SELFTEST",
-          "-gencode=arch=compute_80,code=sm_80", str(CU), "-o", str(so)])
-    return ctypes.CDLL(str(so))
+    return _selftest_build(nvcc, tmp_path_factory)
 
 
 def _raw(x: torch.Tensor) -> torch.Tensor:
@@ -89,11 +93,23 @@ CASES = [  # B, T, H, dtype of r/k/v/a/b, dtype of w
 @pytest.mark.parametrize("B,T,H,dtype,w_dtype", CASES, ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-{str(c[3])[6:]}-w{str(c[4])[6:]}"
                                                             for c in CASES])
 def test_phases_match_reference(selftest_lib, B, T, H, dtype, w_dtype):
+    _check_against_reference(selftest_lib, B, T, H, dtype, w_dtype)
+
+
+@pytest.mark.parametrize("lanes", [1, 8])
+def test_phases_match_reference_with_other_lane_counts(nvcc, tmp_path_factory, lanes):
+    """The row split is a build-time constant (WKV7_LANES, 4 by default) that bench/gpu_check.py times at other
+    values: the code is right for one thread per row and for eight (three shuffle rounds) too."""
+    lib = _selftest_build(nvcc, tmp_path_factory, f"-DWKV7_LANES={lanes}")
+    _check_against_reference(lib, 2, 37, 2, torch.float32, torch.float32)
+    _check_against_reference(lib, 1, 21, 1, torch.bfloat16, torch.float32)
+
+
+def _check_against_reference(lib, B, T, H, dtype, w_dtype):
     leaves, gy, gstate = make_inputs(B, T, H, N, seed=20)
     xs = [x.to(w_dtype if i == 1 else dtype) for i, x in enumerate(leaves[:6])]
     state = leaves[6].float().contiguous()
-    y, s_out, ckpt, grads = _host_kernel(selftest_lib, xs, state, gy.float().contiguous(),
-                                         gstate.float().contiguous())
+    y, s_out, ckpt, grads = _host_kernel(lib, xs, state, gy.float().contiguous(), gstate.float().contiguous())
     # the reference on the values the kernel saw (bf16 inputs rounded once)
     rounded = [x.double() for x in xs] + [leaves[6]]
     y_ref, s_ref, g_ref = reference_run(rounded, gy, gstate)
