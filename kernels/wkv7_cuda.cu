@@ -53,7 +53,7 @@ namespace rwkv_wkv7 {
 constexpr int K = 16;       // steps between two saved states; also the steps staged in shared memory at a time
 constexpr int NH = 64;      // head size this file is built for (every published RWKV-7 model)
 // threads per row of the state: a power of two dividing 32 and N / 4. A build-time constant; bench/gpu_check.py
-// builds and times 2 and 8 beside the default, tests/test_wkv7_cuda.py checks 1 and 8 on the CPU.
+// builds and times 2 and 8 beside the default, tests/test_wkv7_cuda.py checks 8 on the CPU too.
 #ifndef WKV7_LANES
 #define WKV7_LANES 4
 #endif
