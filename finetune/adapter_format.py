@@ -100,6 +100,10 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _str_list(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
 @dataclass
 class AdapterMeta:
     """What an adapter says about itself (rwkv_lora.json). `scaling` is derived from r, alpha and use_rslora; it is
@@ -154,10 +158,13 @@ class AdapterMeta:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "format"}
         known = {k: v for k, v in d.items() if k in names}
         meta = cls(**known, extra={k: v for k, v in d.items() if k not in names})
+        # null is "not recorded" for these (older files); any other value is type-checked by check()
         meta.family = meta.family or LEGACY_FAMILY
-        meta.base = dict(meta.base or {})
-        meta.recipe = dict(meta.recipe or {})
-        meta.parts, meta.train = list(meta.parts or []), list(meta.train or [])
+        meta.base = {} if meta.base is None else meta.base
+        meta.recipe = {} if meta.recipe is None else meta.recipe
+        meta.parts, meta.train, meta.trained_tensors = (
+            [] if x is None else list(x) if isinstance(x, tuple) else x
+            for x in (meta.parts, meta.train, meta.trained_tensors))
         if meta.use_rslora is None:
             meta.use_rslora = False
         meta.check(where)
@@ -173,11 +180,31 @@ class AdapterMeta:
         return meta
 
     def check(self, where: Any = "<adapter>") -> None:
-        if self.kind not in KINDS:
+        """Every field's type (adapters come from strangers: a wrong type is a one-line refusal here, not a
+        TypeError wherever the field is first used), then the LoRA settings' ranges."""
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise FinetuneError(f"{where}: unknown adapter kind {self.kind!r} ({' or '.join(KINDS)})")
-        if not isinstance(self.version, int) or self.version > FORMAT_VERSION:
+        if not isinstance(self.version, int) or isinstance(self.version, bool) or self.version > FORMAT_VERSION:
             raise FinetuneError(f"{where}: adapter format version {self.version!r}; this rwkv-lora reads up to "
                                 f"{FORMAT_VERSION} (upgrade rwkv-lora)")
+        for name, ok, what in (
+                ("family", isinstance(self.family, str), "a string"),
+                ("tokenizer", self.tokenizer is None or isinstance(self.tokenizer, str), "a string or null"),
+                ("template", self.template is None or isinstance(self.template, str), "a string or null"),
+                ("base", isinstance(self.base, dict), "a JSON object"),
+                ("recipe", isinstance(self.recipe, dict), "a JSON object"),
+                ("parts", _str_list(self.parts), "a list of strings"),
+                ("train", _str_list(self.train), "a list of strings"),
+                ("trained_tensors", _str_list(self.trained_tensors), "a list of strings"),
+                ("dropout", self.dropout is None or _is_number(self.dropout), "a number or null"),
+                ("state_shapes", self.state_shapes is None or (
+                    isinstance(self.state_shapes, dict) and all(
+                        isinstance(v, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in v)
+                        for v in self.state_shapes.values())), "a JSON object of integer lists")):
+            if not ok:
+                value = repr(getattr(self, name))
+                raise FinetuneError(f"{where}: adapter metadata field {name!r} must be {what}, got "
+                                    f"{value[:60]}{'...' if len(value) > 60 else ''}")
         if self.kind == "lora":
             if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
                 raise FinetuneError(f"{where}: r must be a positive integer, got {self.r!r}")
@@ -471,7 +498,8 @@ def is_packed(path: str | Path) -> bool:
     if not path.is_file():
         return False
     header = _safetensors_header(path)
-    return bool(header) and (header.get("__metadata__") or {}).get("format") == FORMAT
+    md = header.get("__metadata__") if header else None
+    return isinstance(md, dict) and md.get("format") == FORMAT
 
 
 def _read_packed(path: Path) -> Adapter:
@@ -479,13 +507,15 @@ def _read_packed(path: Path) -> Adapter:
     if header is None:
         raise FinetuneError(f"{path}: not an rwkv-lora adapter (not a safetensors file, or truncated)")
     md = header.get("__metadata__") or {}
-    if md.get("format") != FORMAT:
+    if not isinstance(md, dict) or md.get("format") != FORMAT:
         raise FinetuneError(f"{path}: not an rwkv-lora adapter (a safetensors file without rwkv-lora metadata; "
                             f"is it a model checkpoint?)")
     try:
         raw = json.loads(md["rwkv_lora"])
-    except (KeyError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise FinetuneError(f"{path}: unreadable adapter metadata ({first_line(e)})") from None
+    if not isinstance(md.get(TOKENIZER_FILE, ""), str):
+        raise FinetuneError(f"{path}: unreadable adapter metadata ({TOKENIZER_FILE} is not text)")
     meta = AdapterMeta.from_dict(raw, path)
     lora: dict[str, list] = {}
     full: dict[str, torch.Tensor] = {}

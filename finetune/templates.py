@@ -28,6 +28,9 @@ class ChatTemplate:
     system: str = "{text}\n\n"
 
     def __post_init__(self):
+        for key in ("name", "user", "assistant", "system"):
+            if not isinstance(getattr(self, key), str):
+                raise FinetuneError(f"template: its {key} must be text, got {type(getattr(self, key)).__name__}")
         for key in ("user", "assistant", "system"):
             fmt = getattr(self, key).replace("{question}", "{text}").replace("{answer}", "{text}")
             if fmt.count("{text}") != 1:
@@ -76,9 +79,11 @@ def resolve_template(spec, tokenizer: Tokenizer | None = None) -> ChatTemplate |
         return None
     if spec == "auto":
         return TEMPLATES["world" if tokenizer is not None and tokenizer.name == "world" else "raven"]
-    if spec in TEMPLATES:
+    if isinstance(spec, str) and spec in TEMPLATES:
         return TEMPLATES[spec]
-    raise FinetuneError(f"unknown template {spec!r} (choose {', '.join(TEMPLATE_CHOICES)})")
+    shown = repr(spec)
+    raise FinetuneError(f"unknown template {shown[:60]}{'...' if len(shown) > 60 else ''} "
+                        f"(choose {', '.join(TEMPLATE_CHOICES)})")
 
 
 _BLANK_LINES = re.compile(r"\n\s*\n")

@@ -4,8 +4,10 @@ in alone (`attach_adapters`), never from the server itself."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
+import json
 import socket
 import subprocess
 import sys
@@ -24,7 +26,9 @@ from finetune.adapter_format import pack_adapter, write_adapter as write_adapter
 from finetune.plugin import attach_adapters, load_model
 from finetune.generate import generate_text
 from finetune.models import RNNState
+from finetune.errors import FinetuneError
 from finetune.serve.app import create_app
+from finetune.serve.command import add_parser as add_serve_parser, config_from_args
 from finetune.serve.config import ServeConfig
 from finetune.serve.engine import Engine, GenerationRequest
 from finetune.tokenizer import load_tokenizer
@@ -287,6 +291,103 @@ def test_upload_refusals(env, tmp_path):
     assert r.status_code == 400 and "in full" in r.json()["error"]["message"]
     names = {p.name for p in Path(env["config"].adapters_dir).iterdir()}
     assert names <= {"shared-a3.safetensors"}, names
+
+
+def _with_header(data: bytes, edit) -> bytes:
+    """A safetensors file's bytes with its JSON header changed by edit(header) (the tensors' bytes untouched)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n:]
+
+
+def _with_meta(data: bytes, **fields) -> bytes:
+    """A packed adapter whose rwkv_lora metadata has `fields` set to (JSON) values of any type."""
+    def edit(header):
+        meta = json.loads(header["__metadata__"]["rwkv_lora"])
+        meta.update(fields)
+        header["__metadata__"]["rwkv_lora"] = json.dumps(meta)
+    return _with_header(data, edit)
+
+
+def test_adapters_with_malformed_metadata_are_refused_and_never_break_the_server(env, client, tmp_path):
+    """Adapters come from strangers: metadata of the wrong types (a template that is a list, a base that is a
+    list, ...) is a 400 at upload that leaves nothing behind; a file dropped into the adapters directory is listed
+    as skipped, never an error for every later request; a server restarted on that directory starts."""
+    good = pack_adapter(env["adapters"]["a3"], tmp_path / "good.safetensors").read_bytes()
+    bad = {"tmpl-list": _with_meta(good, template=["raven"]),
+           "tmpl-dict": _with_meta(good, template={"user": 5, "assistant": "A: {text}"}),
+           "base-list": _with_meta(good, base=[1, 2]), "parts-int": _with_meta(good, parts=5),
+           "recipe-str": _with_meta(good, recipe="abc"), "kind-list": _with_meta(good, kind=["lora"]),
+           "meta-list": _with_header(good, lambda h: h.__setitem__("__metadata__", [1])),
+           "meta-not-text": _with_header(good, lambda h: h["__metadata__"].__setitem__("rwkv_lora", 5))}
+    h = {"Authorization": f"Bearer {KEY}"}
+    for name, data in bad.items():
+        r = upload(env, name, data)
+        assert r.status_code == 400, (name, r.status_code, r.text)
+        assert r.json()["error"]["param"] == "file", name
+    assert not {p.name for p in Path(env["config"].adapters_dir).iterdir()} & {f"{n}.safetensors" for n in bad}
+    assert httpx.get(env["url"] + "/v1/models", headers=h).status_code == 200
+    # dropped straight into a directory the server scans: skipped with its reason, the rest keeps working
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    for name, data in bad.items():
+        (drop / f"{name}.safetensors").write_bytes(data)
+    (drop / "fine.safetensors").write_bytes(good)
+    config = ServeConfig(model=str(env["base"]), adapters_dir=str(drop), tokenizer=str(env["tok_path"]),
+                         dtype="fp32", port=free_port())
+    with live_server(config) as url:
+        assert "fine" in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+        r = httpx.post(url + "/v1/completions", json={"model": "tmpl-list", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 404
+        skipped = {s["name"]: s["reason"] for s in httpx.get(url + "/v1/adapters").json()["skipped"]}
+        assert set(skipped) == set(bad) - {"meta-list"}, skipped  # metadata not an object: not an adapter
+        assert "template" in skipped["tmpl-list"] and "'base'" in skipped["base-list"], skipped
+
+
+def test_request_guards(env):
+    """Seeds beyond what torch's generator takes, broken JSON, cross-site browser posts, the upload cap reserved
+    for requests with the key, an upload directory that does not exist, a NaN cache size."""
+    url, h = env["url"], {"Authorization": f"Bearer {KEY}"}
+    for seed in (2 ** 64, -(2 ** 63) - 1, 10 ** 30):
+        for stream in (False, True):
+            r = httpx.post(url + "/v1/completions", headers=h, json={"model": "a1", "prompt": "hi", "max_tokens": 2,
+                                                                     "seed": seed, "stream": stream})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "seed", (seed, r.text)
+    r = httpx.post(url + "/v1/completions", headers=h, json={"model": "a1", "prompt": "hi", "max_tokens": 2,
+                                                             "seed": 2 ** 64 - 1, "temperature": 1})
+    assert r.status_code == 200, r.text
+    r = httpx.post(url + "/v1/completions", headers={**h, "content-type": "application/json"}, content=b"{bad")
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("body: not valid JSON")
+    assert r.json()["error"]["param"] is None
+    # a page of another site posting a form (no preflight) or a bodiless POST: refused before anything runs
+    host = url.split("://")[1]
+    for origin in ("http://evil.example", "null", f"http://{host}.evil.example"):
+        r = httpx.post(url + "/v1/adapters?name=x", headers={**h, "Origin": origin, "content-type": "text/plain"},
+                       content=b"x")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "cross_site", origin
+    r = httpx.post(url + "/v1/adapters?name=x", headers={**h, "Origin": f"http://{host}"}, content=b"x")
+    assert r.status_code == 400  # same origin: checked as an upload (and refused as one: not an adapter)
+    # the upload cap (4 MiB here) only for uploads carrying the key; anyone else gets the 64 KiB body cap
+    big = b"x" * (1 << 20)
+    assert httpx.post(url + "/v1/adapters?name=x", content=big).status_code == 413
+    assert httpx.post(url + "/v1/adapters?name=x", headers=h, content=big).status_code == 400
+    with pytest.raises(FinetuneError, match="not a directory"):
+        create_app(ServeConfig(model=str(env["base"]), adapters_dir=str(env["dir"] / "missing"), allow_upload=True))
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    for size in ("nan", "inf", "-1"):
+        with pytest.raises(FinetuneError, match="state-cache-mb"):
+            config_from_args(parser.parse_args(["serve", "--model", "x", "--state-cache-mb", size]))
+
+
+def test_a_non_ascii_key_sent_as_utf8_is_accepted(env):
+    config = ServeConfig(model=str(env["base"]), tokenizer=str(env["tok_path"]), dtype="fp32", port=free_port(),
+                         api_key="clé-ü")
+    with live_server(config) as url:
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer clé-ü".encode()}).status_code == 200
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer cle-u"}).status_code == 401
 
 
 def test_batched_rows_equal_each_row_alone(env):

@@ -79,6 +79,22 @@ def test_statuses_of_runs_started_elsewhere(trained, tmp_path):
     assert got["running"]["step"] == 2 and got["running"]["eta_s"] == pytest.approx(16.0)
 
 
+def test_a_damaged_metrics_file_costs_only_its_bad_lines(trained, tmp_path):
+    runs = tmp_path / "runs"
+    for name in ("damaged", "fine"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "config.json").write_text(json.dumps({"max_steps": 10}))
+        (runs / name / "metrics.csv").write_text("step,train_loss,val_loss,lr,tokens_per_s,tokens\n"
+                                                 "1,3.0,,0.01,100.0,200\n")
+    with open(runs / "damaged" / "metrics.csv", "a") as f:  # a field past csv's 128 KiB limit, then a good row
+        f.write('2,"' + "9" * 200_000 + '",,0.01,100.0,400\n3,2.0,,0.01,100.0,600\n')
+    c = TestClient(make_app(trained["tmp"], runs_dir=runs))
+    got = {r["name"]: r for r in c.get("/api/runs").json()}
+    assert set(got) == {"damaged", "fine"} and got["fine"]["step"] == 1
+    rows = c.get("/api/runs/damaged").json()["rows"]
+    assert [r["step"] for r in rows][0] == 1 and rows[-1]["step"] == 3 and rows[-1]["train_loss"] == 2.0
+
+
 def test_traversal_and_links_out_are_refused(trained, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -122,8 +138,11 @@ def test_bad_start_requests_are_refused(trained):
         ({"name": "x", "recipe": "demo", "overrides": ["no_such_key=1"]}, 400, "not a config key"),
         ({"name": "x", "recipe": "demo", "overrides": ["max_steps"]}, 400, "key=value"),
         ({"name": "x", "recipe": "demo", "overrides": ["max_steps=1"] * 65}, 400, "overrides"),
+        ({"name": "x", "recipe": "demo", "overrides": ["\ud800=1"]}, 400, "not valid text"),  # JSON's lone surrogate
+        ({"name": "x", "recipe": "demo", "overrides": ["max_steps=\ud800"]}, 400, "not valid text"),
     ]:
-        r = c.post("/api/runs", json=body)
+        # json.dumps escapes a lone surrogate as \ud800, as a browser's JSON.stringify does
+        r = c.post("/api/runs", content=json.dumps(body), headers={"content-type": "application/json"})
         assert r.status_code == code and words in r.text, (body, r.status_code, r.text)
     assert c.post("/api/runs/done/stop").status_code == 409  # not started by this server: never signalled
     assert not (trained["runs"] / "x").exists()

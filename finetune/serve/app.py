@@ -61,32 +61,56 @@ STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
 # Safety: the key and the body cap
 
 
-def require_key(request: Request) -> None:
-    """FastAPI dependency: when the server has an API key, the request must carry `Authorization: Bearer KEY`
-    (compared in constant time). The web page's routes use it too."""
-    key = request.app.state.config.api_key
+def key_matches(key: str | None, authorization: bytes) -> bool:
+    """Whether an Authorization header's raw bytes carry `Bearer KEY` (compared in constant time; true when the
+    server has no key). Compared as bytes: a key with non-ASCII characters is sent in UTF-8 and HTTP headers are
+    bytes (Starlette decodes them as latin-1, which would garble it)."""
     if not key:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        return True
+    scheme, _, given = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), key.encode())
+
+
+def require_key(request: Request) -> None:
+    """FastAPI dependency: when the server has an API key, the request must carry `Authorization: Bearer KEY`.
+    The web page's routes use it too."""
+    header = request.headers.get("authorization", "").encode("latin-1")  # the header's own bytes back
+    if not key_matches(request.app.state.config.api_key, header):
         raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", "authentication_error",
                        code="invalid_api_key")
 
 
-class BodyLimit:
-    """ASGI middleware capping request bodies: Content-Length is checked first, then the bytes are counted as they
-    arrive (a chunked body has no Content-Length), and the request is answered 413 as soon as the cap is passed.
-    Written here because neither Starlette nor uvicorn has a body-size limit; `upload_paths` get the upload cap."""
+def cross_site(headers: dict[bytes, bytes]) -> bool:
+    """A browser request sent by another site's page (its Origin is not this server's host). Such a page may send
+    a form post or a bodiless POST without the browser asking first, so any state-changing request of this kind is
+    refused (uploads, starting and stopping runs); clients that are not browsers send no Origin."""
+    origin = headers.get(b"origin")
+    if origin is None:
+        return False
+    return origin.split(b"://", 1)[-1].lower() != headers.get(b"host", b"").lower()
 
-    def __init__(self, app, max_bytes: int, upload_bytes: int, upload_paths: tuple[str, ...]) -> None:
-        self.app, self.max_bytes, self.upload_bytes, self.upload_paths = app, max_bytes, upload_bytes, upload_paths
+
+class BodyLimit:
+    """ASGI middleware guarding every request with a body: a cross-site browser request is refused (403, see
+    `cross_site`), then the body is capped: Content-Length is checked first, then the bytes are counted as they
+    arrive (a chunked body has no Content-Length), and the request is answered 413 as soon as the cap is passed.
+    Written here because neither Starlette nor uvicorn has a body-size limit. `upload_paths` get the upload cap only
+    when uploads are on and the request carries the key: nobody else makes the server hold 256 MiB."""
+
+    def __init__(self, app, config: ServeConfig, upload_paths: tuple[str, ...]) -> None:
+        self.app, self.config, self.upload_paths = app, config, upload_paths
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        limit = self.upload_bytes if scope["path"] in self.upload_paths else self.max_bytes
         headers = dict(scope.get("headers") or [])
+        if cross_site(headers):
+            response = error_response(403, "cross-site request refused (its Origin is not this server)",
+                                      "permission_error", code="cross_site")
+            return await response(scope, receive, send)
+        upload = (scope["path"] in self.upload_paths and self.config.allow_upload
+                  and key_matches(self.config.api_key, headers.get(b"authorization", b"")))
+        limit = self.config.max_upload_bytes if upload else self.config.max_body_bytes
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return await self._too_large(scope, receive, send, limit)
@@ -137,7 +161,7 @@ class _Sampling(BaseModel):
     top_k: int = Field(0, ge=0)
     presence_penalty: float = Field(0.0, ge=0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=0, allow_inf_nan=False)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)  # what torch's generator takes
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -208,6 +232,9 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> FastAPI:
     it built at shutdown)."""
     if config.allow_upload and not config.adapters_dir:
         raise FinetuneError("--allow-upload needs --adapters-dir (uploaded adapters are written there)")
+    if config.allow_upload and not Path(config.adapters_dir).is_dir():
+        raise FinetuneError(f"--adapters-dir {config.adapters_dir}: not a directory (uploaded adapters are written "
+                            f"there; create it first)")
     own = engine is None
     engine = Engine(config) if engine is None else engine
 
@@ -220,8 +247,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> FastAPI:
     app = FastAPI(title="rwkv-lora", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.config = config
     app.state.engine = engine
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, upload_bytes=config.max_upload_bytes,
-                       upload_paths=("/v1/adapters",))
+    app.add_middleware(BodyLimit, config=config, upload_paths=("/v1/adapters",))
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -235,6 +261,10 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # its loc holds the character offset, not a field
+            loc = first.get("loc", ())
+            at = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+            return error_response(400, f"body: not valid JSON{at}")
         param = _param_from_loc(first.get("loc", ()))
         return error_response(400, f"{param or 'body'}: {first.get('msg')}", param=param)
 
@@ -474,7 +504,9 @@ async def _upload(request: Request) -> dict[str, Any]:
             os.replace(path, out)
     try:
         served = engine.add_adapter(name, str(target))
-    except FinetuneError as e:
+    except BaseException as e:  # whatever went wrong, nothing refused stays in adapters_dir
         target.unlink(missing_ok=True)
-        raise APIError(400, f"upload refused: {e}", param="file") from None
+        if isinstance(e, FinetuneError):
+            raise APIError(400, f"upload refused: {e}", param="file") from None
+        raise
     return served.describe()

@@ -87,6 +87,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                         ("--max-batch", args.max_batch), ("--port", args.port + 1)):
         if value < 1:
             raise FinetuneError(f"{flag} {value}: must be positive")
+    if not 0 <= args.state_cache_mb < 2 ** 40:  # NaN fails this too
+        raise FinetuneError(f"--state-cache-mb {args.state_cache_mb}: must be a size in MiB, 0 or more")
     return ServeConfig(model=args.model, adapters=dict(args.adapter), adapters_dir=args.adapters_dir,
                        runs_dir=args.runs_dir, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
                        quant=args.quant, pack_weights=not args.no_pack,

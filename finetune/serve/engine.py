@@ -482,8 +482,8 @@ class Engine:
             try:
                 self.add_adapter(name, str(path))
                 self.skipped.pop(name, None)
-            except FinetuneError as e:
-                self.skipped[name] = str(e)
+            except Exception as e:  # anyone may drop a file here: one that cannot be served is listed, never fatal
+                self.skipped[name] = str(e) if isinstance(e, FinetuneError) else f"{path}: {first_line(e)}"
 
     def _shared_tokenizer(self, tokenizer: Tokenizer) -> Tokenizer:
         """The instance already serving `tokenizer`'s spec, else `tokenizer`, made ready to decode.

@@ -132,7 +132,14 @@ def read_metrics(path: Path | None) -> list[dict[str, float | None]]:
         body = body.split(b"\n", 1)[-1]  # from the first whole row
     text = (header + body).decode("utf-8", errors="replace")
     rows = []
-    for row in csv.DictReader(io.StringIO(text)):
+    reader = csv.DictReader(io.StringIO(text))
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:  # a damaged line (an overlong field, a NUL): skip it, show the rest
+            continue
         step = _number(row.get("step"))
         if step is None:
             continue
@@ -350,6 +357,10 @@ class Runs:
 def override_arg(line: str) -> str:
     """`key=value` (a dotted key for the lora section) -> `--key=value` for the trainer, which parses the value as
     YAML. The key must be a config key; the value stays one argument whatever it holds."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from JSON's \ud800: not text a trainer argument can carry
+        raise HTTPException(400, f"{line.strip()[:80]!r}: not valid text (a lone surrogate)") from None
     key, sep, value = line.strip().partition("=")
     key = key.strip().replace("-", "_")
     if not sep or not key:
@@ -357,7 +368,7 @@ def override_arg(line: str) -> str:
     if key in FIXED_KEYS:
         raise HTTPException(400, f"{key}: set by the server for a run started here; it cannot be overridden")
     if key not in valid_keys():
-        raise HTTPException(400, f"{key[:80]}: not a config key; valid keys: {', '.join(valid_keys())}")
+        raise HTTPException(400, f"{key[:80]!r}: not a config key; valid keys: {', '.join(valid_keys())}")
     return f"--{key}={value.strip()}"
 
 
