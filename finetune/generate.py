@@ -55,9 +55,12 @@ def _finite(x) -> bool:
     return isinstance(x, numbers.Real) and math.isfinite(x)
 
 
+SEED_RANGE = (-(2 ** 63), 2 ** 64)  # what torch's generator takes: [lo, hi)
+
+
 def check_sampling(temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, presence_penalty: float = 0.0,
                    frequency_penalty: float = 0.0, penalty_decay: float = PENALTY_DECAY,
-                   max_tokens: int = 1) -> None:
+                   max_tokens: int = 1, seed: int | None = None) -> None:
     """Refuse, in one line naming the option, a setting that would crash mid-generation or silently mean nothing
     (a NaN temperature, top-p 0, a negative penalty, ...)."""
     if not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
@@ -73,6 +76,8 @@ def check_sampling(temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
             raise FinetuneError(f"{flag} {value}: must be a finite number >= 0 (0 = off)")
     if not _finite(penalty_decay) or not 0 <= penalty_decay <= 1:
         raise FinetuneError(f"--penalty-decay {penalty_decay}: must be in [0, 1] (1 = no decay)")
+    if seed is not None and not (isinstance(seed, numbers.Integral) and SEED_RANGE[0] <= seed < SEED_RANGE[1]):
+        raise FinetuneError(f"--seed {seed}: must be an integer from -2^63 to 2^64 - 1")
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
@@ -318,7 +323,7 @@ def _sampling(args: argparse.Namespace) -> dict:
 def _check_args(args: argparse.Namespace) -> None:
     """Every setting checked before the model is loaded (which can take a while)."""
     check_sampling(args.temperature, args.top_p, args.top_k, args.presence_penalty, args.frequency_penalty,
-                   args.penalty_decay, args.max_tokens)
+                   args.penalty_decay, args.max_tokens, args.seed)
 
 
 def _stdin_lines() -> Iterator[str]:

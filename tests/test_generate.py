@@ -189,6 +189,7 @@ def test_directory_as_model_is_named(tmp_path, capsys):
     (["--frequency-penalty", "inf"], "--frequency-penalty inf"),
     (["--frequency-penalty", "nan"], "--frequency-penalty nan"),
     (["--penalty-decay", "1.5"], "--penalty-decay 1.5: must be in [0, 1]"),
+    (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: must be an integer"),  # beyond torch's generator
 ])
 def test_bad_settings_are_refused_in_one_line(tmp_path, capsys, args, named):
     # the checkpoint does not even exist: the settings are checked first, in a second, not after loading a model

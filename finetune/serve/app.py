@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from finetune.adapter_format import is_packed, read_adapter
 from finetune.atomic import atomic_file
 from finetune.errors import FinetuneError, first_line
-from finetune.generate import check_utf8
+from finetune.generate import SEED_RANGE, check_utf8
 from finetune.templates import ChatTemplate, clean_message
 from finetune.serve.config import ServeConfig
 from finetune.serve.engine import NAME_RE, Engine, Event, GenerationRequest, ServedAdapter, Usage
@@ -161,7 +161,7 @@ class _Sampling(BaseModel):
     top_k: int = Field(0, ge=0)
     presence_penalty: float = Field(0.0, ge=0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=0, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)  # what torch's generator takes
+    seed: int | None = Field(None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
