@@ -79,6 +79,8 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor
 
 def add_lora_delta_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """W += lora_delta(A, B, scaling), in place and without the [out, in] temporary (float32 W)."""
+    if abs(scaling) > torch.finfo(W.dtype).max:  # addmm_ refuses such an alpha: let it overflow to inf in W,
+        return W.add_(lora_delta(A, B, scaling))  # where the callers' finiteness check names the tensor
     return W.addmm_(B.float(), A.float(), alpha=scaling)
 
 
@@ -89,6 +91,8 @@ def lora_factors(A: torch.Tensor, B: torch.Tensor, scaling: float) -> tuple[torc
 
 def blend_full_(W: torch.Tensor, T: torch.Tensor, weight: float) -> torch.Tensor:
     """W += weight * (T - W) in place (float32 W): a tensor trained in full, applied with a weight (1 replaces W)."""
+    if abs(weight) > torch.finfo(W.dtype).max:  # as in add_lora_delta_
+        return W.add_((T.to(W.device, W.dtype) - W) * weight)
     return W.add_(T.to(W.device, W.dtype) - W, alpha=weight)
 
 
@@ -208,8 +212,9 @@ class AdapterMeta:
         if self.kind == "lora":
             if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
                 raise FinetuneError(f"{where}: r must be a positive integer, got {self.r!r}")
-            if not _is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
-                raise FinetuneError(f"{where}: alpha must be a positive number, got {self.alpha!r}")
+            if not _is_number(self.alpha) or not 0 < self.alpha <= torch.finfo(torch.float32).max:
+                raise FinetuneError(f"{where}: alpha must be a positive number within float32's range, got "
+                                    f"{self.alpha!r}")
             if not isinstance(self.use_rslora, bool):
                 raise FinetuneError(f"{where}: use_rslora must be true or false, got {self.use_rslora!r}")
         if not isinstance(self.base, dict):

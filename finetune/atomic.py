@@ -73,7 +73,7 @@ def _is_write_failure(e: BaseException) -> bool:
 def check_output(path: str | Path, *, force: bool = False, inputs: Iterable[str | Path] = (),
                  marker: str | None = None, flag: str = "--force") -> Path:
     """Refuse, before any work, an output that would destroy data: one of the command's own inputs (or a directory
-    holding one), the current directory, an existing file without `force`, or an existing directory that is not
+    holding one, or a path inside an input directory), the current directory, an existing file without `force`, or an existing directory that is not
     this toolkit's output (it lacks `marker`) even with `force`. Returns the path."""
     path = Path(path)
     if str(path) in ("", ".", "..") or path.name in ("", ".", ".."):
@@ -81,9 +81,10 @@ def check_output(path: str | Path, *, force: bool = False, inputs: Iterable[str 
     target = path.resolve()
     for inp in inputs:
         inp = Path(inp).resolve()
-        if target == inp or target in inp.parents or (target.exists() and inp.exists() and
-                                                      os.path.samefile(target, inp)):
-            raise FinetuneError(f"{path}: is also an input of this command ({inp}); choose another output")
+        if target == inp or target in inp.parents or (inp.is_dir() and inp in target.parents) or (
+                target.exists() and inp.exists() and os.path.samefile(target, inp)):
+            raise FinetuneError(f"{path}: is also an input of this command, or inside one ({inp}); choose another "
+                                f"output")
     if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
         raise FinetuneError(f"{path}: is the current directory (or holds it); choose a new output name")
     if path.is_symlink() or path.exists():
@@ -94,6 +95,17 @@ def check_output(path: str | Path, *, force: bool = False, inputs: Iterable[str 
                 raise FinetuneError(f"{path}: an existing directory that rwkv-lora did not write; it is never "
                                     f"replaced or emptied (choose a new output name)")
     return path
+
+
+def check_inputs_outside(out_dir: Path, inputs: dict[str, str | None]) -> None:
+    """For a command that keeps writing inside out_dir (a training run: config.json, last.ckpt, step-N/, final/):
+    none of its inputs may live there, or a save would replace the very file being read (resuming with
+    `--model out/final/model.pth`, say). `inputs`: setting name -> path (None or "" for a setting not given)."""
+    root = out_dir.resolve()
+    for name, value in inputs.items():
+        if value and root in Path(value).resolve().parents:
+            raise FinetuneError(f"{name}: {value} is inside out_dir {out_dir}, which this run writes; copy it out "
+                                f"of there first, or choose another out_dir")
 
 
 def _finish_file(tmp: Path, mode: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Container, Mapping
 
@@ -42,7 +43,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise FinetuneError(f"{path}: cannot read safetensors file ({first_line(e)})") from None
     else:
         try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_zipfile(path))
+            with warnings.catch_warnings():  # torch's note on a legacy pickle's protocol: the error line says it all
+                warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+                sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_zipfile(path))
         except Exception as e:
             reason = first_line(e)
             if "weights_only" in str(e) or "Unsupported global" in str(e):

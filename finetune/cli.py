@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, Terminated, raise_terminated
 
 # modules that register subcommands, in the order --help lists them
 COMMANDS = [
@@ -59,10 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra  # `train` takes --key value config overrides
+    # SIGTERM's default action kills at once and leaves every temporary file behind: unwind as on Ctrl-C instead
+    # (prepare, train and serve install their own handlers for their runs, and restore this one)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         result = args.func(args)
         # output still in the buffer meets a closed pipe here, inside the handler below, not at interpreter exit
         sys.stdout.flush()
+    except Terminated:
+        print(f"rwkv-lora {args.command}: terminated (SIGTERM); no partial output was kept", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
         # `rwkv-lora info x.pth | head`: the reader has all it wanted; stop quietly, as well-behaved tools do
         _silence_stdout()
@@ -73,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rwkv-lora {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return int(result or 0)
 
 

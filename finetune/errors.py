@@ -14,3 +14,14 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     errors that wrap a library's exception."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     return (lines[0] if lines else type(e).__name__)[:limit]
+
+
+class Terminated(BaseException):
+    """SIGTERM (from `kill`, `timeout`, a scheduler), raised in the main thread by `raise_terminated` so that the
+    command unwinds as on Ctrl-C: every temporary file is removed on the way out. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+
+def raise_terminated(signum, frame) -> None:
+    """A SIGTERM handler: `signal.signal(signal.SIGTERM, raise_terminated)`."""
+    raise Terminated()

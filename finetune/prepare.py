@@ -39,7 +39,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -48,7 +48,7 @@ import numpy as np
 
 from finetune.atomic import atomic_file, check_output, write_error
 from finetune.binidx import BinidxWriter, token_dtype
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, Terminated, raise_terminated
 from finetune.templates import ASSISTANT_ROLES, TEMPLATE_CHOICES, USER_ROLES, ChatTemplate, clean_message, resolve_template
 from finetune.tokenizer import PIECE_CHARS, HFTokenizer, Tokenizer, load_tokenizer
 
@@ -226,19 +226,27 @@ def _read_parquet(path: str) -> Iterator[tuple[Any, str]]:
             row += 1
 
 
+@contextmanager
+def _quiet_datasets(datasets: Any) -> Iterator[None]:
+    """datasets' own progress bars and log lines ("Generating train split", "Failed to load JSON from file ...")
+    off while it opens an input: prepare reports progress and errors itself, in one line."""
+    verbosity, bars_off = datasets.logging.get_verbosity(), datasets.are_progress_bars_disabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if not bars_off:
+            datasets.enable_progress_bars()
+
+
 def _read_datasets(path: str) -> Iterator[tuple[Any, str]]:
     import datasets
 
     try:
-        if os.path.isdir(path):
-            ds = datasets.load_from_disk(path)
-            if isinstance(ds, datasets.DatasetDict):
-                if "train" not in ds:
-                    raise FinetuneError(f"{path}: a DatasetDict without a 'train' split (has {', '.join(ds)})")
-                ds = ds["train"]
-        else:
-            builder = DATASETS_EXT[os.path.splitext(path)[1].lower()]
-            ds = datasets.load_dataset(builder, data_files=path, split="train")
+        with _quiet_datasets(datasets):
+            ds = _open_datasets(datasets, path)
     except FinetuneError:
         raise
     except Exception as e:
@@ -248,6 +256,18 @@ def _read_datasets(path: str) -> Iterator[tuple[Any, str]]:
         for record in _rows(batch):
             yield record, f"{path}:row {row}"
             row += 1
+
+
+def _open_datasets(datasets: Any, path: str) -> Any:
+    if os.path.isdir(path):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise FinetuneError(f"{path}: a DatasetDict without a 'train' split (has {', '.join(ds)})")
+            ds = ds["train"]
+        return ds
+    builder = DATASETS_EXT[os.path.splitext(path)[1].lower()]
+    return datasets.load_dataset(builder, data_files=path, split="train")
 
 
 def iter_records(path: str) -> Iterator[tuple[Any, str]]:
@@ -978,15 +998,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-class Terminated(BaseException):
-    """SIGTERM during `rwkv-lora prepare`, raised in the main process so that the temporaries are removed on the
-    way out. A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
-
-
 def run(args: argparse.Namespace) -> int:
     sep = args.doc_separator
     if sep is not None:
@@ -994,7 +1005,7 @@ def run(args: argparse.Namespace) -> int:
         if not sep:
             raise FinetuneError("--doc-separator must not be empty")
     # `timeout`, schedulers and `kill` send SIGTERM, whose default action would leave the temporaries behind
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         manifest = prepare(
             args.inputs, args.tokenizer, args.out, template=args.template, doc_separator=sep, workers=args.workers,

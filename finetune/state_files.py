@@ -30,6 +30,7 @@ from finetune.errors import FinetuneError
 from finetune.adapter_format import ADAPTER_META, read_adapter, save_state_adapter
 from finetune.checkpoint import check_keys, fingerprint, read_state_dict
 from finetune.models import Family, RNNState, detect, get_family
+from finetune.tensorfiles import archive_name, save_pth
 
 TIME_STATE = "blocks.{}.att.time_state"
 
@@ -120,8 +121,8 @@ def export_state(adapter: str | Path, out: str | Path, drop_shifts: bool = False
     if first.shape[0] * first.shape[1] != a.state.att_shift.shape[-1]:
         raise FinetuneError(f"{adapter}: WKV state {tuple(first.shape)} per layer does not match the width "
                             f"{a.state.att_shift.shape[-1]} of its token shifts")
-    with atomic_file(out) as tmp:
-        torch.save(tensors, tmp)  # a plain dict of tensors: what RWKV-Runner's torch.load expects
+    with atomic_file(out) as tmp:  # a plain dict of tensors, as torch.save writes it: what RWKV-Runner loads
+        save_pth(tensors, tmp, archive=archive_name(out))
     return {"out": str(out), "layers": len(tensors), "shape": tuple(first.shape), "family": family.title,
             "dropped_shifts": shift > 0}
 

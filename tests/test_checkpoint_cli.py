@@ -88,6 +88,13 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, capsys):
     # and once through the real console entry point: exit status 1, one line, no traceback
     r = run_cli("info", tmp_path / "truncated.pth")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    # a legacy pickle (protocol 4): torch warns about the protocol on stderr; the error line alone is shown
+    import pickle
+
+    with open(tmp_path / "pickled.pth", "wb") as f:
+        pickle.dump({"a": 1}, f, protocol=4)
+    r = run_cli("info", tmp_path / "pickled.pth")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "pickled.pth" in r.stderr, r.stderr
 
 
 def test_a_shape_mismatch_names_the_key(tmp_path):

@@ -15,7 +15,7 @@ import torch
 
 from conftest import random_rwkv4_state_dict, write_checkpoint
 from finetune import cli
-from finetune.adapter_format import pack_adapter, read_adapter, write_adapter
+from finetune.adapter_format import AdapterMeta, pack_adapter, read_adapter, write_adapter
 from finetune.adapters import add_lora, save_adapter
 from finetune.checkpoint import fingerprint
 from finetune.models.rwkv4 import config_from_state_dict
@@ -558,6 +558,35 @@ def test_merge_pth_on_a_full_disk_keeps_the_previous_file(env, tmp_path):
     assert out.read_bytes() == before and no_temp_files(tmp_path)
 
 
+def test_sigterm_during_a_merge_keeps_no_temporary_and_the_previous_output(env, tmp_path, monkeypatch, capsys):
+    """`kill` (SIGTERM) mid-write: the command unwinds as on Ctrl-C (exit 143, one line), its temporary file is
+    removed and the previous output stays. The signal is sent by the process itself from inside the write loop."""
+    import signal
+
+    import finetune.merge as merge_mod
+    from finetune.cli import main as cli_main
+
+    d, base, a1, _ = env
+    out = tmp_path / "merged.pth"
+    merge_adapters(base, [a1], out)
+    before = out.read_bytes()
+    calls = []
+    real = merge_mod.all_finite
+
+    def all_finite_then_sigterm(t):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(t)
+    monkeypatch.setattr(merge_mod, "all_finite", all_finite_then_sigterm)
+    rc = cli_main(["merge", "--base", str(base), "--adapter", f"{a1}:0.5", "--out", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert rc == 143 and err == "rwkv-lora merge: terminated (SIGTERM); no partial output was kept\n", err
+    assert len(calls) == 3  # stopped at the signal, not after the whole file
+    assert out.read_bytes() == before and no_temp_files(tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI's handler is put back
+
+
 FULL_DISK_DRIVER = """
 import contextlib, io, json, resource, signal, sys
 from finetune import cli
@@ -693,6 +722,16 @@ def test_a_merge_that_overflows_writes_nothing(env, tmp_path, capsys):
     assert cli.main(["merge", "--base", str(base), "--adapter", f"{huge}:2", "--out", str(out)]) == 1
     one_line_error(capsys, "overflow")
     assert not out.exists() and no_temp_files(tmp_path)
+    # a weight whose product with the LoRA scaling (or with a full tensor's change) is beyond float32 itself
+    for weight in ("1e39", "-1e300"):
+        assert cli.main(["merge", "--base", str(base), "--adapter", f"{a1}:{weight}", "--out", str(out)]) == 1
+        one_line_error(capsys, "overflow")
+        assert not out.exists() and no_temp_files(tmp_path)
+    # and an alpha beyond float32 is refused when the adapter is read
+    meta = {**A.meta.to_dict(), "alpha": 1e308}
+    meta.pop("scaling")
+    with pytest.raises(FinetuneError, match="alpha must be a positive number within float32's range"):
+        AdapterMeta.from_dict(meta, "x")
 
 
 def test_an_adapter_with_only_a_pickle_is_refused(env, tmp_path, capsys):

@@ -227,6 +227,11 @@ def test_cli_success_and_one_line_errors(tmp_path):
     missing = run_cli(str(tmp_path / "nope.jsonl"), "--tokenizer", "world", "--out", str(tmp_path / "o"))
     assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
     assert "nope.jsonl" in missing.stderr
+    # a malformed .json goes through Hugging Face datasets, whose progress bar and log lines stay quiet
+    (tmp_path / "b.json").write_text('{"text": "a"')
+    broken = run_cli(str(tmp_path / "b.json"), "--tokenizer", "world", "--out", str(tmp_path / "o"), "--no-progress")
+    assert broken.returncode == 1 and len(broken.stderr.strip().splitlines()) == 1, broken.stderr
+    assert "b.json: datasets cannot open it" in broken.stderr
     helptext = run_cli("--help").stdout
     assert "int32" in helptext and "--shard-tokens" in helptext and "Bob:" in helptext
 
@@ -278,6 +283,16 @@ def test_output_over_an_input_is_refused(tmp_path, small_tokenizer):
         prepare([str(data)], small_tokenizer, str(tmp_path / "d"), progress=False)
     assert data.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]
+    # nor inside an input directory (a datasets save_to_disk folder holds state.json, which PREFIX state would
+    # replace), even with --force
+    import datasets
+
+    ds = tmp_path / "ds"
+    datasets.Dataset.from_dict({"text": ["a b " * 9]}).save_to_disk(str(ds))
+    files = {p.name: p.read_bytes() for p in ds.iterdir()}
+    with pytest.raises(FinetuneError, match="inside one"):
+        prepare([str(ds)], small_tokenizer, str(ds / "state"), progress=False, force=True)
+    assert {p.name: p.read_bytes() for p in ds.iterdir()} == files
 
 
 def test_existing_outputs_are_replaced_only_with_force(tmp_path, small_tokenizer):

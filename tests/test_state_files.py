@@ -216,6 +216,10 @@ def test_bad_inputs(env, exported, tmp_path, capsys):
     # outputs: never over an input, never over an existing file without --force, never over a foreign directory
     one_line_error(capsys, ["export-state", str(adapter), "--out", str(files["random"])], "exists", "--force")
     one_line_error(capsys, ["export-state", str(adapter), "--out", str(adapter)], "input")
+    before = {p.name: p.read_bytes() for p in Path(adapter).iterdir()}
+    one_line_error(capsys, ["export-state", str(adapter), "--out", str(Path(adapter) / "state.safetensors"),
+                            "--force"], "inside one")  # not even with --force: a file inside the adapter it reads
+    assert {p.name: p.read_bytes() for p in Path(adapter).iterdir()} == before
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "cat.jpg").write_bytes(b"meow")
@@ -226,3 +230,26 @@ def test_bad_inputs(env, exported, tmp_path, capsys):
     assert cli.main(["import-state", str(files["random"]), "--base", str(base), "--out", str(out)]) == 0
     one_line_error(capsys, ["import-state", str(files["random"]), "--base", str(base), "--out", str(out)], "exists")
     assert cli.main(["import-state", str(files["random"]), "--base", str(base), "--out", str(out), "--force"]) == 0
+
+
+def test_export_state_on_a_full_disk_is_one_line(env, exported, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_merge import FULL_DISK_DRIVER, ROOT
+
+    _, _, _, adapter = env
+    files, _ = exported
+    assert files["random"].stat().st_size > 4096  # beyond the driver's file-size limit
+    out = tmp_path / "out"
+    out.mkdir()
+    commands = [["export-state", str(adapter), "--out", str(out / "s.pth")]]
+    env_vars = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", FULL_DISK_DRIVER, json.dumps(commands)], capture_output=True,
+                       text=True, env=env_vars)
+    assert r.returncode == 0, r.stderr
+    [(rc, err)] = json.loads(r.stdout)
+    assert rc == 1 and err.count("\n") == 1 and "File too large" in err and "s.pth" in err, err
+    assert list(out.iterdir()) == []

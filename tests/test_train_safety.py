@@ -194,6 +194,24 @@ def test_a_finished_run_continues_to_a_larger_max_steps(setup_dir, capsys):
         assert resumed[s] == pytest.approx(ref[s], rel=1e-5), s
 
 
+def test_inputs_inside_out_dir_are_refused(setup_dir, capsys):
+    """A run writes in out_dir: resuming with `--model out/final/model.pth` would have the final save replace the
+    model being read, and a recipe inside out_dir (its own config.json) would be rewritten. Refused before any work."""
+    tmp, ckpt, data, _ = setup_dir
+    out = tmp / "run"
+    (out / "final").mkdir(parents=True)
+    inside = out / "final" / "model.pth"
+    inside.write_bytes(ckpt.read_bytes())
+    (out / "last.ckpt").write_bytes(b"")  # a run to resume (never read: the refusal comes first)
+    with pytest.raises(FinetuneError, match=r"model: .*model\.pth is inside out_dir .*run, which this run writes"):
+        setup(config(tmp, inside, data, resume=True), quiet=True)
+    assert inside.read_bytes() == ckpt.read_bytes()
+    recipe = write_recipe(out / "config.yaml", tmp, ckpt, data, out_dir=str(out))
+    assert cli(["train", "--config", str(recipe), "--resume", "true"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config: " in err and "is inside out_dir" in err, err
+
+
 def test_out_dirs_holding_other_data_are_refused(setup_dir):
     tmp, ckpt, data, _ = setup_dir
     out = tmp / "run"

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
-from finetune.train.config import LoRASettings, TrainConfig, field_docs, load_config
+from finetune.atomic import check_inputs_outside
+from finetune.train.config import LoRASettings, TrainConfig, field_docs, load_config, parse_overrides
 from finetune.train.distributed import env_rank_zero
 from finetune.train.signals import RunStopped
 
@@ -42,6 +44,7 @@ def run_cli(argv: list[str]) -> int:
         print(HELP + "\n" + keys_help())
         return 0
     cfg = load_config(None, argv)
+    check_inputs_outside(Path(cfg.out_dir), {"config": parse_overrides(argv)[0]})  # the recipe file, if any
     from finetune.train.main import main  # Lightning: seconds to import, so only when a run starts
 
     try:

@@ -27,7 +27,7 @@ import torch.nn as nn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from finetune.adapters import add_lora, full_tensor_names, unwrap
-from finetune.atomic import atomic_file, remove_stale_temps
+from finetune.atomic import atomic_file, check_inputs_outside, remove_stale_temps
 from finetune.checkpoint import fingerprint, read_state_dict
 from finetune.data import Corpus, WindowDataset, open_corpus
 from finetune.errors import FinetuneError, first_line
@@ -118,6 +118,8 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     if not cfg.data:
         raise FinetuneError("data: required (a binidx prefix or the PREFIX.json manifest from rwkv-lora prepare)")
     out_dir = Path(cfg.out_dir)
+    check_inputs_outside(out_dir, {"model": cfg.model, "data": cfg.data, "val_data": cfg.val_data,
+                                   "tokenizer": cfg.tokenizer})
     if env_rank_zero():  # the other ranks start once rank 0 has begun writing there
         resume_from = check_out_dir(out_dir, cfg.resume)
     else:
