@@ -117,6 +117,7 @@ struct BwdArgs {
     float* gs_in;
 };
 
+// the inputs of K steps, as both passes stage them (d = e^w)
 struct FwdShared {
     alignas(16) float r[K][NH];
     alignas(16) float d[K][NH];
@@ -126,13 +127,7 @@ struct FwdShared {
     alignas(16) float v[K][NH];
 };
 
-struct BwdShared {
-    alignas(16) float r[K][NH];
-    alignas(16) float d[K][NH];
-    alignas(16) float k[K][NH];
-    alignas(16) float a[K][NH];
-    alignas(16) float b[K][NH];
-    alignas(16) float v[K][NH];
+struct BwdShared : FwdShared {
     alignas(16) float sa[K][NH];
     alignas(16) float gy[K][NH];
     alignas(16) float dsa[2][NH];  // double-buffered by step parity: one barrier per step is enough
@@ -165,9 +160,10 @@ WKV7_HD void fwd_init(const FwdArgs<F, FW>& p, int64_t bh, int t, float* s) {
         for (int e = 0; e < 4; ++e) s[4 * m + e] = src[col(q, m, e)];
 }
 
-// the n steps from t0 into shared memory, by all the block's threads (consecutive threads, consecutive elements)
-template <typename F, typename FW>
-WKV7_HD void fwd_stage(const FwdArgs<F, FW>& p, int64_t bh, int64_t t0, int n, int t, FwdShared& sh) {
+// the n steps from t0 into shared memory, by all the block's threads (consecutive threads, consecutive elements);
+// Args: FwdArgs or BwdArgs
+template <typename Args>
+WKV7_HD void stage_inputs(const Args& p, int64_t bh, int64_t t0, int n, int t, FwdShared& sh) {
     for (int x = t; x < n * NH; x += THREADS) {
         const int tt = x / NH, e = x % NH;
         const int64_t o = seq_offset(bh, t0 + tt, p.T, p.H) + e;
@@ -261,15 +257,10 @@ WKV7_HD void bwd_init(const BwdArgs<F, FW>& p, int64_t bh, int t, BwdRegs& rg) {
 
 template <typename F, typename FW>
 WKV7_HD void bwd_stage(const BwdArgs<F, FW>& p, int64_t bh, int64_t t0, int n, int t, BwdShared& sh) {
+    stage_inputs(p, bh, t0, n, t, sh);
     for (int x = t; x < n * NH; x += THREADS) {
         const int tt = x / NH, e = x % NH;
         const int64_t o = seq_offset(bh, t0 + tt, p.T, p.H) + e;
-        sh.r[tt][e] = load(p.r, o);
-        sh.d[tt][e] = expf(load(p.w, o));
-        sh.k[tt][e] = load(p.k, o);
-        sh.a[tt][e] = load(p.a, o);
-        sh.b[tt][e] = load(p.b, o);
-        sh.v[tt][e] = load(p.v, o);
         sh.sa[tt][e] = p.sa[o];
         sh.gy[tt][e] = p.gy[o];
     }
@@ -414,7 +405,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(const FwdArgs<F, FW> p
     for (int64_t c = 0; c < nck; ++c) {
         const int64_t t0 = c * K;
         const int n = static_cast<int>(p.T - t0 < K ? p.T - t0 : K);
-        fwd_stage(p, bh, t0, n, t, sh);
+        stage_inputs(p, bh, t0, n, t, sh);
         fwd_ckpt(p, bh, c, t, s);
         __syncthreads();
         for (int tt = 0; tt < n; ++tt) {
@@ -549,7 +540,7 @@ extern "C" void rwkv_wkv7_host_forward(int64_t B, int64_t T, int64_t H, const vo
                 const int64_t t0 = c * K;
                 const int n = static_cast<int>(T - t0 < K ? T - t0 : K);
                 for (int t = 0; t < THREADS; ++t) {
-                    fwd_stage(p, bh, t0, n, t, *sh);
+                    stage_inputs(p, bh, t0, n, t, *sh);
                     fwd_ckpt(p, bh, c, t, &s[t * J]);
                 }
                 for (int tt = 0; tt < n; ++tt) {
