@@ -128,13 +128,17 @@ def open_corpus(path: str) -> Corpus:
         raise FinetuneError(f"{manifest_path}: not a prepare manifest (no 'shards' list)")
     base = os.path.dirname(os.path.abspath(manifest_path))
     shards = []
-    for shard in meta["shards"]:
+    for n, shard in enumerate(meta["shards"]):
+        if not (isinstance(shard, dict) and isinstance(shard.get("prefix"), str) and
+                isinstance(shard.get("mask_prefix") or "", str)):
+            raise FinetuneError(f"{manifest_path}: shard {n} is damaged (no 'prefix' file name); prepare the data "
+                                f"again")
         prefix = os.path.join(base, shard["prefix"])
         mask_prefix = os.path.join(base, shard["mask_prefix"]) if shard.get("mask_prefix") else None
         tok, mask = _open_shard(prefix, mask_prefix)
         if "tokens" in shard and tok.num_tokens != shard["tokens"]:
             raise FinetuneError(f"{tok.bin_path}: {tok.num_tokens} tokens, the manifest {manifest_path} says "
-                                f"{shard['tokens']}")
+                                f"{shard['tokens']!r}")
         shards.append((tok, mask))
     return Corpus(manifest_path, shards, meta)
 

@@ -73,6 +73,21 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     (["--compile", "yes please"], "compile: must be true or false"),
     (["--compile", "true", "--base_quant", "nf4"], "compile: not with base_quant nf4"),
     (["--compile", "true", "--strategy", "deepspeed_stage_2"], "compile: not with strategy deepspeed_stage_2"),
+    # a scalar where a list belongs, a list where a word does: one line, not a TypeError
+    (["--betas", "0.9"], r"betas: must be a list, got 0.9"),
+    (["--lora.parts", "5"], r"lora.parts: must be a list, got 5"),
+    (["--lora.train", "true"], r"lora.train: must be a list, got True"),
+    (["--lora.init", "[x]"], r"lora.init: \['x'\] is not one of"),
+    (["--seed", "100000000000000000000"], r"seed: 100000000000000000000 is beyond torch's generator"),
+    (["--max_steps", "10000000000000000000"], r"max_steps: 10000000000000000000 is beyond any run"),
+    (["--devices", "0"], r"devices: 0 is not a count"),
+    (["--devices", "1.5"], r"devices: 1.5 is not a count"),
+    (["--devices", "[-2]"], r"devices: \[-2\] is not a count"),
+    (["--devices", "two"], r"devices: 'two' is not a count"),
+    (["--accelerator", "nope"], r"accelerator: 'nope' is not one of auto, cpu, gpu, cuda"),
+    (["--out_dir", "null"], r"out_dir: must be a path string, got None"),
+    (["--out_dir", "[a]"], r"out_dir: must be a path string, got \['a'\]"),
+    (["--out_dir", "''"], r"out_dir: must be a path string, got ''"),
 ])
 def test_bad_values(args, msg):
     with pytest.raises(FinetuneError, match=msg):
@@ -102,3 +117,8 @@ def test_every_recipe_parses(recipe):
 def test_recipes_exist():
     names = {r.name for r in RECIPES}
     assert {"demo.yaml", "demo-pretrain.yaml", "novel.yaml", "raven-instruct.yaml", "world-instruct.yaml"} <= names
+
+
+@pytest.mark.parametrize("devices", ["1", "auto", "-1", "[0, 1]", "0,1", "2"])
+def test_device_settings_lightning_takes(devices):
+    assert load_config(None, ["--devices", devices]).devices is not None

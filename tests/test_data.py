@@ -135,6 +135,11 @@ def test_errors(tmp_path, chat_corpus):
     (tmp_path / "bad.bin").write_bytes(b"")
     with pytest.raises(FinetuneError, match=r"bad\.idx.*magic"):
         open_corpus(str(tmp_path / "bad"))
+    # a damaged manifest: shards that are not objects naming their files
+    for shards in ([{}], [5], [{"prefix": 3}]):
+        (tmp_path / "m.json").write_text(json.dumps({"shards": shards}))
+        with pytest.raises(FinetuneError, match=r"m\.json: shard 0 is damaged"):
+            open_corpus(str(tmp_path / "m.json"))
 
 
 def test_dataloader_workers(chat_corpus):

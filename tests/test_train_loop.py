@@ -302,14 +302,16 @@ def test_a_step_reads_its_losses_and_gradient_check_once_after_the_backward_pass
             losses.append(loss.detach())
     assert mode.reads == 0
     assert lit.check_step() is True
-    assert lit.step_losses == [x.item() for x in losses] and lit.nonfinite_loss is None and not lit.pending
+    counts = [b["loss_mask"].sum().item() for b in batches]
+    assert lit.step_losses == [(x.item(), c) for x, c in zip(losses, counts)]
+    assert lit.nonfinite_loss is None and not lit.pending
 
     lit.step_losses = []
     for i, b in enumerate(batches):
         loss = lit.training_step(b, 0)
         (loss * (float("nan") if i == 1 else 1.0)).backward()
         if i == 1:  # what training_step queued for this micro-batch, made non-finite as a broken forward would
-            lit.pending[-1] = (lit.pending[-1][0] * float("nan"), b)
+            lit.pending[-1] = (lit.pending[-1][0] * float("nan"), lit.pending[-1][1], b)
     assert lit.check_step() is False  # the NaN reached the gradients
     assert math.isnan(lit.nonfinite_loss) and lit.bad_batch is batches[1] and len(lit.step_losses) == 2
 

@@ -175,6 +175,15 @@ def test_a_finished_run_continues_to_a_larger_max_steps(setup_dir, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("written by a run with other settings (blocks.0.att.key.lora_A.default.weight: "
                                       "[4, 32] in the checkpoint, [8, 32] now; lora.r, lora.parts") in err
+    # another base of the same shape, or another lora.init: shapes cannot tell, the checkpoint's record does
+    other = write_checkpoint(tmp / "other.pth", random_rwkv4_state_dict(2, 32, VOCAB, seed=7))
+    args = base + ["--max_steps", "6"]
+    args[args.index("--model") + 1] = str(other)
+    assert cli(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "last.ckpt: written by a run with another base model" in err, err
+    assert cli(base + ["--max_steps", "6", "--lora.init", "pissa"]) == 1
+    assert "written by a run with lora.init 'default' (now 'pissa')" in capsys.readouterr().err
     for damage in (b"", b"PK\x03\x04 not really a zip"):
         broken = tmp / f"broken{len(damage)}"
         shutil.copytree(out, broken)
@@ -210,6 +219,44 @@ def test_inputs_inside_out_dir_are_refused(setup_dir, capsys):
     assert cli(["train", "--config", str(recipe), "--resume", "true"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config: " in err and "is inside out_dir" in err, err
+
+
+def test_devices_and_nodes_this_machine_cannot_run_are_refused_before_loading(setup_dir, monkeypatch):
+    from finetune.train.main import LAUNCHER_VARS
+
+    tmp, ckpt, data, _ = setup_dir
+    if torch.cuda.is_available():
+        pytest.skip("checks what a machine without a GPU refuses")
+    for over, msg in (({"accelerator": "gpu"}, "accelerator: gpu, but torch sees no CUDA GPU"),
+                      ({"devices": -1}, "devices: -1 names GPUs"), ({"devices": [0]}, r"devices: \[0\] names GPUs")):
+        with pytest.raises(FinetuneError, match=msg):
+            setup(config(tmp, ckpt, data, **over), quiet=True)
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(FinetuneError, match="num_nodes: 2 needs a launcher on each node"):
+        setup(config(tmp, ckpt, data, num_nodes=2), quiet=True)
+
+
+def test_the_final_weights_are_validated_whatever_val_every(setup_dir):
+    """Lightning validates at multiples of val_every: with max_steps 3 and val_every 2, the last validation would
+    be step 2's, reported as the run's; the final weights get their own."""
+    tmp, ckpt, data, val = setup_dir
+    res = main(config(tmp, ckpt, data, max_steps=3, val_data=str(val), val_every=2), quiet=True)
+    rows = [(int(r["step"]), float(r["val_loss"])) for r in metric_rows(tmp / "run") if r["val_loss"]]
+    assert [s for s, _ in rows] == [0, 2, 3] and res["val_loss"] == pytest.approx(rows[-1][1])
+    assert rows[-1][1] != rows[-2][1]
+
+
+def test_the_step_loss_counts_trained_tokens_only():
+    """A micro-batch with no trained token (all prompt, in an instruction corpus) adds nothing to the step's loss;
+    a step made only of such batches has no loss at all (not 0.0, which would read as a perfect model)."""
+    from finetune.train.module import LitRWKV
+
+    lit = LitRWKV(torch.nn.Linear(1, 1), config(Path("/tmp"), Path("m"), Path("d")))
+    lit.step_losses = [(2.0, 3.0), (0.0, 0.0), (4.0, 1.0)]
+    assert lit.step_loss() == pytest.approx((2.0 * 3 + 4.0) / 4)
+    lit.step_losses = [(0.0, 0.0), (0.0, 0.0)]
+    assert lit.step_loss() is None
 
 
 def test_out_dirs_holding_other_data_are_refused(setup_dir):

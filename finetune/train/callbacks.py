@@ -67,18 +67,21 @@ class RunCallback(pl.Callback):
             return  # still accumulating (no optimizer step since the last one logged)
         self.run.last_logged = step
         cfg = self.run.cfg
-        loss = sum(pl_module.step_losses) / len(pl_module.step_losses)
+        loss = pl_module.step_loss()
         pl_module.step_losses = []
-        self.history[step] = loss
+        if loss is not None:
+            self.history[step] = loss
         dt = time.perf_counter() - (self.t_step or 0.0)
         self.t_step = None
         tok = cfg.micro_bsz * cfg.ctx_len * cfg.grad_accum * trainer.world_size
         rate = tok / max(dt, 1e-9)
         self.tok_s = rate if self.tok_s is None else 0.8 * self.tok_s + 0.2 * rate
         lr = self.step_lr
-        pl_module.log_dict({"loss": loss, "tok/s": self.tok_s, "lr": lr}, prog_bar=True, logger=False)
+        trained = {} if loss is None else {"loss": loss}  # a step without a trained token has no loss to show
+        pl_module.log_dict({**trained, "tok/s": self.tok_s, "lr": lr}, prog_bar=True, logger=False)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            self.run.log_metrics({"train_loss": loss, "lr": lr, "tokens_per_s": rate, "tokens": step * tok}, step)
+            row = {"lr": lr, "tokens_per_s": rate, "tokens": step * tok}
+            self.run.log_metrics(row if loss is None else {"train_loss": loss, **row}, step)
         signals = self.run.signals
         received = signals.received if signals is not None else None
         stop = trainer.strategy.reduce_boolean_decision(received is not None, all=False)  # any rank's signal

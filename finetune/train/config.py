@@ -342,12 +342,33 @@ def _require_real(name: str, v: Any, minimum: float, inclusive: bool = True, bel
     return float(v)
 
 
-def _as_list(v: Any) -> list:
+def _as_list(name: str, v: Any) -> list:
+    """A list from YAML's list, a comma-separated string, or null (empty); anything else is refused by name."""
     if v is None:
         return []
     if isinstance(v, str):
         return [s.strip() for s in v.split(",") if s.strip()]
+    _require(isinstance(v, (list, tuple)), f"{name}: must be a list, got {v!r}")
     return list(v)
+
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+MAX_STEPS = 10 ** 12  # beyond any real run; keeps steps x batch within the sampler's 64-bit indices
+
+
+def _check_devices(cfg: "TrainConfig") -> None:
+    """accelerator and devices as Lightning takes them, refused here in one line rather than by Lightning's Trainer
+    after the model is built: a count >= 1, -1 (every GPU), "auto", or GPU ids (a list, or "0,1")."""
+    _require(isinstance(cfg.accelerator, str) and cfg.accelerator in ACCELERATORS,
+             f"accelerator: {cfg.accelerator!r} is not one of {', '.join(ACCELERATORS)}")
+    d = cfg.devices
+    if isinstance(d, str) and d != "auto":
+        ids = [x.strip() for x in d.split(",")]
+        _require(all(x.isdigit() for x in ids) and ids, f"devices: {d!r} is not a count, GPU ids or auto")
+        d = int(ids[0]) if len(ids) == 1 else [int(x) for x in ids]
+    ok = (d == "auto" or (isinstance(d, int) and not isinstance(d, bool) and (d >= 1 or d == -1)) or
+          (isinstance(d, list) and d and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in d)))
+    _require(ok, f"devices: {cfg.devices!r} is not a count (>= 1, or -1 for every GPU), a list of GPU ids or auto")
 
 
 def check_config(cfg: TrainConfig) -> TrainConfig:
@@ -365,6 +386,9 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
              "train_type: state trains only the start state; it cannot be combined with method: full")
     for name in ("warmup_steps", "save_every", "val_every", "num_workers", "seed"):
         _require_int(name, getattr(cfg, name), minimum=0)
+    _require(cfg.seed < 2 ** 63, f"seed: {cfg.seed} is beyond torch's generator (at most 2^63 - 1)")
+    _require(cfg.max_steps <= MAX_STEPS, f"max_steps: {cfg.max_steps} is beyond any run (at most {MAX_STEPS:.0e})")
+    _check_devices(cfg)
     _require(cfg.schedule in SCHEDULES, f"schedule: {cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
     # a non-finite rate or epsilon turns every weight into NaN at the first step: refuse it here, not 1000 steps in
     _require(cfg.optimizer in OPTIMIZERS, f"optimizer: {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
@@ -377,7 +401,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     cfg.eps = _require_real("eps", cfg.eps, minimum=0.0, inclusive=False)
     if cfg.grad_clip is not None:
         cfg.grad_clip = _require_real("grad_clip", cfg.grad_clip, minimum=0.0, inclusive=False, null_ok=True)
-    betas = _as_list(cfg.betas)
+    betas = _as_list("betas", cfg.betas)
     _require(len(betas) == 2, f"betas: must be two numbers in [0, 1), got {cfg.betas!r}")
     cfg.betas = [_require_real("betas", b, minimum=0.0, below=1.0) for b in betas]
     _require(cfg.logger in LOGGERS, f"logger: {cfg.logger!r} is not one of {', '.join(LOGGERS)}")
@@ -406,18 +430,20 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     _require_int("lora.r", lo.r, minimum=1)
     lo.alpha = _require_real("lora.alpha", lo.alpha, minimum=0.0, inclusive=False)
     lo.dropout = _require_real("lora.dropout", lo.dropout, minimum=0.0, below=1.0)
-    lo.parts = _as_list(lo.parts)
-    lo.train = _as_list(lo.train)
+    lo.parts = _as_list("lora.parts", lo.parts)
+    lo.train = _as_list("lora.train", lo.train)
     parts, groups, inits = ", ".join(LORA_PART_CHOICES), ", ".join(FULL_GROUP_CHOICES), ", ".join(LORA_INITS)
     bad = [p for p in lo.parts if p not in LORA_PART_CHOICES]
     _require(not bad, f"lora.parts: unknown part {bad[0] if bad else ''!r}; choose from {parts}")
     _require(cfg.method == "full" or lo.parts, f"lora.parts: name at least one of {parts}")
     bad = [g for g in lo.train if g not in FULL_GROUP_CHOICES]
     _require(not bad, f"lora.train: unknown group {bad[0] if bad else ''!r}; choose from {groups}")
-    _require(lo.init in LORA_INITS, f"lora.init: {lo.init!r} is not one of {inits}")
+    _require(isinstance(lo.init, str) and lo.init in LORA_INITS, f"lora.init: {lo.init!r} is not one of {inits}")
     _require(isinstance(lo.use_rslora, bool), "lora.use_rslora: must be true or false")
     for name in ("model", "data", "val_data", "tokenizer"):
         v = getattr(cfg, name)
         _require(v is None or isinstance(v, str), f"{name}: must be a path string, got {v!r}")
+    _require(isinstance(cfg.out_dir, (str, Path)) and str(cfg.out_dir).strip() != "",
+             f"out_dir: must be a path string, got {cfg.out_dir!r}")
     cfg.out_dir = str(cfg.out_dir)
     return cfg

@@ -34,10 +34,16 @@ def window_totals(model: nn.Module, batch: Batch, cfg: TrainConfig) -> tuple[tor
     return lm_totals(model, ids, targets, mask)
 
 
+def batch_loss_and_count(model: nn.Module, batch: Batch, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of a batch (what the optimizer minimises: 0 for a batch without a trained token), and the
+    number of trained tokens it is the mean over."""
+    total, count = window_totals(model, batch, cfg)
+    return total / count.clamp(min=1.0), count
+
+
 def batch_loss(model: nn.Module, batch: Batch, cfg: TrainConfig) -> torch.Tensor:
     """The training loss of a batch (what the optimizer minimises)."""
-    total, count = window_totals(model, batch, cfg)
-    return total / count.clamp(min=1.0)
+    return batch_loss_and_count(model, batch, cfg)[0]
 
 
 def finite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:

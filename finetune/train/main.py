@@ -42,7 +42,7 @@ from finetune.train.distributed import env_rank_zero, lightning_strategy, on_cud
 from finetune.train.loss import window_totals
 from finetune.train.memory import trim_between_blocks
 from finetune.train.layout import FINAL
-from finetune.train.module import LitRWKV
+from finetune.train.module import LitRWKV, run_record
 from finetune.train.optim import optimizer_class
 from finetune.train.report import METRICS_CSV, MetricsLog, plot_losses, summary_line
 from finetune.train.run import (CONFIG_JSON, LAST_CKPT, DirectCheckpointIO, OutDirLock, Run, check_out_dir,
@@ -111,6 +111,9 @@ def _build_model(cfg: TrainConfig, base: nn.Module) -> tuple[nn.Module, nn.Modul
     return model, unwrap(model), None
 
 
+LAUNCHER_VARS = ("NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_NODEID", "TORCHELASTIC_RUN_ID")  # set per node
+
+
 def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     """Check all inputs and build model and data. Raises FinetuneError (one line) before any training."""
     if not cfg.model:
@@ -132,6 +135,18 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
                                 "logger: csv") from None
     lightning_strategy(cfg)  # DeepSpeed without deepspeed or CUDA: one line now, not a traceback later
     optimizer_class(cfg)  # likewise adamw8bit without bitsandbytes
+    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise FinetuneError(f"accelerator: {cfg.accelerator}, but torch sees no CUDA GPU here (accelerator: auto "
+                            f"uses one when there is one)")
+    if not on_cuda(cfg) and (cfg.devices == -1 or isinstance(cfg.devices, list) or
+                             (isinstance(cfg.devices, str) and "," in cfg.devices)):
+        raise FinetuneError(f"devices: {cfg.devices!r} names GPUs, and this run is on the CPU; give a count of "
+                            f"processes (devices: 1)")
+    if cfg.num_nodes > 1 and not any(os.environ.get(k) for k in LAUNCHER_VARS):
+        # without them every node believes it is node 0 and waits for the others for ever (signals included:
+        # the wait is in C++, where Python's handlers do not run)
+        raise FinetuneError(f"num_nodes: {cfg.num_nodes} needs a launcher on each node (torchrun, srun, ...; they "
+                            f"set {', '.join(LAUNCHER_VARS[:3])}); started by hand, use num_nodes: 1")
     if cfg.precision == "16-mixed" and not on_cuda(cfg):  # torch's CPU autocast stops on fp16 in torch.cat
         raise FinetuneError("precision: 16-mixed is for GPUs without bf16 (V100, T4); on the CPU use 32 or bf16-mixed")
     if cfg.val_data is None and cfg.val_every:
@@ -192,7 +207,7 @@ def setup(cfg: TrainConfig, quiet: bool = False) -> Run:
     resume_step = 0
     if resume_from is not None:  # the checkpoint must fit this model: checked now, with a one-line error
         expected = {f"model.{n}": tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
-        resume_step = read_resumable(resume_from, expected, cfg)
+        resume_step = read_resumable(resume_from, expected, cfg, run_record(base_info["fingerprint"], cfg))
     # the run's windows: micro_bsz * grad_accum * devices per step (devices: upper bound before Lightning says)
     n_windows = cfg.max_steps * cfg.grad_accum * cfg.micro_bsz * _device_count(cfg.devices) * cfg.num_nodes
     train_ds = WindowDataset(train_corpus, cfg.ctx_len, schedule=cfg.sampling, seed=cfg.seed, epoch_steps=n_windows)
@@ -244,7 +259,7 @@ def main(cfg: TrainConfig, quiet: bool = False, callbacks: Sequence[pl.Callback]
         _stop_if_signalled(run)  # last.ckpt is at the final step: resuming writes final/
         final = run.save_weights(FINAL)
         run.results.update(losses=dict(callback.history), final=str(final), seconds=seconds,
-                           out_dir=str(run.out_dir))
+                           out_dir=str(run.out_dir), steps=run.trainer.global_step - max(run.resume_step, 0))
         if run.is_zero and cfg.logger == "csv":
             png = plot_losses(run.out_dir / METRICS_CSV, run.out_dir / "loss.png")
             run.results["plot"] = str(png) if png else None
@@ -300,7 +315,7 @@ def fit(run: Run, quiet: bool = False, callbacks: Sequence[pl.Callback] = ()) ->
     # cuBLAS starts; without it torch raises a Python warning at every matrix product (~1000 per step of a 0.1B
     # RWKV-7), each costing host time the GPU waits for
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    lit = LitRWKV(run.model, cfg)
+    lit = LitRWKV(run.model, cfg, run_record(run.meta["base"]["fingerprint"], cfg))
     callback = RunCallback(run)
     val_interval = (cfg.val_every if cfg.val_every else cfg.max_steps) * cfg.grad_accum
     trainer = pl.Trainer(
@@ -342,6 +357,12 @@ def fit(run: Run, quiet: bool = False, callbacks: Sequence[pl.Callback] = ()) ->
     trainer.fit(lit, train_dataloaders=train_loader, val_dataloaders=val_loader,
                 ckpt_path=str(run.resume_from) if run.resume_from else None, weights_only=True)
     run.results["val_loss"] = lit.last_val_loss
+    if (val_loader is not None and cfg.val_every and cfg.max_steps % cfg.val_every
+            and trainer.global_step == cfg.max_steps):
+        # Lightning validates at multiples of val_every only: the final weights get their own figure, so that the
+        # summary's last val loss is theirs
+        run.results["val_loss"] = evaluate(run.model, val_loader, cfg)
+        run.log_metrics({"val_loss": run.results["val_loss"]}, cfg.max_steps)
     return callback
 
 

@@ -11,8 +11,18 @@ import torch
 import torch.nn as nn
 
 from finetune.train.config import TrainConfig
-from finetune.train.loss import Batch, batch_loss, finite_flag, window_totals
+from finetune.train.loss import Batch, batch_loss_and_count, finite_flag, window_totals
 from finetune.train.optim import build_optimizer
+
+
+RUN_RECORD = "rwkv_lora_run"  # a resumable checkpoint's record: {"base_fingerprint", "lora.init"}
+
+
+def run_record(base_fingerprint: str, cfg: TrainConfig) -> dict[str, Any]:
+    """What a resumed run must share with the run that saved the checkpoint, beyond its tensors' names and shapes:
+    the base (a resumed LoRA on another base of the same shape trains on silently) and how LoRA was initialised
+    (pissa rewrites the base under the factors)."""
+    return {"base_fingerprint": base_fingerprint, "lora.init": cfg.lora.init}
 
 
 class LitRWKV(pl.LightningModule):
@@ -20,13 +30,15 @@ class LitRWKV(pl.LightningModule):
     RunCallback stops the run before the optimizer step, on every rank at once, so that no rank waits forever in a
     collective."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, record: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.record = dict(record or {})  # saved in every resumable checkpoint: what its tensors' shapes cannot say
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.check_grads = cfg.precision != "16-mixed"  # the fp16 grad scaler skips inf steps by itself
-        self.step_losses: list[float] = []  # the finite losses of the step's micro-batches, read by `check_step`
+        # (loss, trained tokens) of the step's micro-batches with a finite loss, read by `check_step`
+        self.step_losses: list[tuple[float, float]] = []
         self.pending: list[tuple[torch.Tensor, Batch]] = []  # (loss, micro-batch) since the last check
         self.nonfinite_loss: float | None = None
         self.bad_batch: Batch | None = None  # the micro-batch that gave the non-finite loss
@@ -41,10 +53,10 @@ class LitRWKV(pl.LightningModule):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = batch_loss(self.model, batch, self.cfg)
+        loss, count = batch_loss_and_count(self.model, batch, self.cfg)
         self.last_batch = batch
         # not read here: on a GPU, reading it would wait for the forward pass before the backward pass is queued
-        self.pending.append((loss.detach(), batch))
+        self.pending.append((loss.detach(), count.detach(), batch))
         return loss
 
     def check_step(self) -> bool:
@@ -55,17 +67,23 @@ class LitRWKV(pl.LightningModule):
         pending, self.pending = self.pending, []
         grads = [p.grad for p in self.trainable() if p.grad is not None] if self.check_grads else []
         flag = finite_flag(grads)
-        parts = [t.float().reshape(1) for t, _ in pending]
+        parts = [t.float().reshape(1) for loss, count, _ in pending for t in (loss, count)]
         if flag is not None:
             parts.append(flag.float().reshape(1))
         device = parts[0].device if parts else None
         values = torch.cat([x.to(device) for x in parts]).tolist() if parts else []
-        for value, (_, batch) in zip(values, pending):
+        for value, count, (_, _, batch) in zip(values[0::2], values[1::2], pending):
             if math.isfinite(value):
-                self.step_losses.append(value)
+                self.step_losses.append((value, count))
             elif self.nonfinite_loss is None:
                 self.nonfinite_loss, self.bad_batch = value, batch
         return flag is None or values[-1] == 1.0
+
+    def step_loss(self) -> float | None:
+        """The step's training loss per trained token (micro-batches weighted by their trained tokens; one without
+        any, all prompt in an instruction corpus, adds nothing), or None when the step had no trained token."""
+        tokens = sum(count for _, count in self.step_losses)
+        return sum(loss * count for loss, count in self.step_losses) / tokens if tokens else None
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         total, count = window_totals(self.model, batch, self.cfg)
@@ -95,3 +113,4 @@ class LitRWKV(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[RUN_RECORD] = self.record

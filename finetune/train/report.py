@@ -99,16 +99,17 @@ def plot_losses(metrics_csv: Path, out_png: Path) -> Path | None:
 
 def summary_line(results: dict[str, Any]) -> str:
     """'done: N steps in Xs; train loss a -> b (mean of k); val loss c -> d'."""
-    h = results["losses"]
+    h = results["losses"]  # steps without a trained token have no loss
     steps = sorted(h)
+    done = results.get("steps", len(steps))
     if steps:
         k = max(1, min(10, len(steps) // 5))
         first = sum(h[s] for s in steps[:k]) / k
         last = sum(h[s] for s in steps[-k:]) / k
-        line = (f"done: {len(steps)} steps in {results['seconds']:.1f}s; train loss {first:.3f} -> {last:.3f} "
+        line = (f"done: {done} steps in {results['seconds']:.1f}s; train loss {first:.3f} -> {last:.3f} "
                 f"(mean of {k})")
     else:
-        line = f"done in {results['seconds']:.1f}s"
+        line = f"done: {done} steps in {results['seconds']:.1f}s"
     if results.get("val_loss") is not None:
         start = results.get("val_loss_start")
         line += f"; val loss {'' if start is None else f'{start:.3f} -> '}{results['val_loss']:.3f}"

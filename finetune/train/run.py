@@ -30,7 +30,7 @@ from finetune.infctx import StateTune
 from finetune.train.config import TrainConfig
 from finetune.train.distributed import env_rank_zero, gathered
 from finetune.train.loss import Batch, outputs_finite, tensors_finite
-from finetune.train.module import LitRWKV
+from finetune.train.module import RUN_RECORD, LitRWKV
 from finetune.train.layout import CONFIG_JSON, LAST_CKPT, LOCK_FILE  # noqa: F401  (re-exported)
 from finetune.train.report import METRICS_CSV, MetricsLog
 from finetune.train.signals import StopSignals
@@ -286,15 +286,26 @@ def checkpoint_step(path: Path) -> int:
     return ckpt["global_step"]
 
 
-def read_resumable(path: Path, expected: dict[str, tuple[int, ...]], cfg: TrainConfig) -> int:
-    """Check a resumable checkpoint against this run's trained tensors (names and shapes) and return its step.
-    An unreadable file or a run with other settings (lora.r, parts, train groups, method) is one line here, not a
-    traceback from inside Lightning. DeepSpeed's sharded directories are checked by DeepSpeed when it loads them."""
+def read_resumable(path: Path, expected: dict[str, tuple[int, ...]], cfg: TrainConfig,
+                   record: dict[str, Any] | None = None) -> int:
+    """Check a resumable checkpoint against this run's trained tensors (names and shapes) and its `run_record`
+    (base, lora.init), and return its step. An unreadable file or a run with other settings (lora.r, parts, train
+    groups, method, the base model, lora.init) is one line here, not a traceback from inside Lightning nor a run
+    that silently continues on another base. DeepSpeed's sharded directories are checked by DeepSpeed when it loads
+    them."""
     step = checkpoint_step(path)
     if not path.is_dir():
-        state = _load_safely(path).get("state_dict")
+        ckpt = _load_safely(path)
+        state = ckpt.get("state_dict")
         if not isinstance(state, dict):
             raise FinetuneError(f"{path}: not a resumable checkpoint of rwkv-lora train (no state_dict)")
+        saved_record = ckpt.get(RUN_RECORD)
+        for key, value in (record or {}).items():
+            was = saved_record.get(key) if isinstance(saved_record, dict) else None
+            if was is not None and was != value:  # checkpoints from before the record: shapes only
+                what = "another base model" if key == "base_fingerprint" else f"{key} {was!r} (now {value!r})"
+                raise FinetuneError(f"{path}: written by a run with {what}; resume with the run's settings "
+                                    f"({path.parent / CONFIG_JSON})")
         saved = {k: tuple(v.shape) for k, v in state.items()}
         for k in sorted(set(saved) | set(expected)):
             if saved.get(k) != expected.get(k):
