@@ -73,8 +73,9 @@ def _is_write_failure(e: BaseException) -> bool:
 def check_output(path: str | Path, *, force: bool = False, inputs: Iterable[str | Path] = (),
                  marker: str | None = None, flag: str = "--force") -> Path:
     """Refuse, before any work, an output that would destroy data: one of the command's own inputs (or a directory
-    holding one, or a path inside an input directory), the current directory, an existing file without `force`, or an existing directory that is not
-    this toolkit's output (it lacks `marker`) even with `force`. Returns the path."""
+    holding one, or a path inside an input directory), the current directory, an existing file without `force`,
+    or an existing directory that is not this toolkit's output (it lacks `marker`) even with `force`. Returns the
+    path."""
     path = Path(path)
     if str(path) in ("", ".", "..") or path.name in ("", ".", ".."):
         raise FinetuneError(f"{path}: not a valid output name (give a file or a new directory name)")
