@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra  # `train` takes --key value config overrides
     # SIGTERM's default action kills at once and leaves every temporary file behind: unwind as on Ctrl-C instead
-    # (prepare, train and serve install their own handlers for their runs, and restore this one)
+    # (train and serve install their own handlers for their runs, and restore this one)
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         result = args.func(args)

@@ -48,7 +48,7 @@ import numpy as np
 
 from finetune.atomic import atomic_file, check_output, write_error
 from finetune.binidx import BinidxWriter, token_dtype
-from finetune.errors import FinetuneError, Terminated, raise_terminated
+from finetune.errors import FinetuneError, Terminated
 from finetune.templates import ASSISTANT_ROLES, TEMPLATE_CHOICES, USER_ROLES, ChatTemplate, clean_message, resolve_template
 from finetune.tokenizer import PIECE_CHARS, HFTokenizer, Tokenizer, load_tokenizer
 
@@ -1004,9 +1004,7 @@ def run(args: argparse.Namespace) -> int:
         sep = sep.replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r")
         if not sep:
             raise FinetuneError("--doc-separator must not be empty")
-    # `timeout`, schedulers and `kill` send SIGTERM, whose default action would leave the temporaries behind
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
+    try:  # SIGTERM raises Terminated here: the CLI's handler (finetune.cli.main), so the temporaries are removed
         manifest = prepare(
             args.inputs, args.tokenizer, args.out, template=args.template, doc_separator=sep, workers=args.workers,
             shard_tokens=args.shard_tokens, strict=args.strict, progress=False if args.no_progress else None,
@@ -1015,8 +1013,6 @@ def run(args: argparse.Namespace) -> int:
     except Terminated:
         print("rwkv-lora prepare: terminated (SIGTERM); nothing written", file=sys.stderr)
         return 128 + signal.SIGTERM
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     out = args.out[:-4] if args.out.endswith((".bin", ".idx")) else args.out
     print(summary_line(manifest, out))
     return 0
