@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         # output still in the buffer meets a closed pipe here, inside the handler below, not at interpreter exit
         sys.stdout.flush()
     except Terminated:
-        print(f"rwkv-lora {args.command}: terminated (SIGTERM); no partial output was kept", file=sys.stderr)
+        # every command that writes a file names it with --out; the others (generate, chat, info) stream to stdout
+        kept = "; no partial output was kept" if getattr(args, "out", None) is not None else ""
+        print(f"rwkv-lora {args.command}: terminated (SIGTERM){kept}", file=sys.stderr)
         return 128 + signal.SIGTERM
     except BrokenPipeError:
         # `rwkv-lora info x.pth | head`: the reader has all it wanted; stop quietly, as well-behaved tools do

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -181,7 +182,17 @@ def generate_tokens(model, prompt: Sequence[int], max_tokens: int = 100, tempera
         yield token, state
         penalties.update(token)
         out, state = model.step([token], state)
-        logits = out[0]
+        logits = out[0].float()  # penalties subtract in fp32 (as ChatRWKV does), whatever the compute dtype
+
+
+_ESCAPES = {"\\": "\\", "n": "\n", "t": "\t"}
+ESCAPES_HELP = r"\n is a newline, \t a tab, \\ a backslash"
+
+
+def unescape(text: str) -> str:
+    """`text` typed on a command line with the escapes of ESCAPES_HELP replaced (a shell cannot easily pass a
+    newline); any other backslash stays as typed."""
+    return re.sub(r"\\([\\nt])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 def check_utf8(text: str, what: str) -> str:
@@ -294,9 +305,7 @@ def resolve_tokenizer(arg: str | None, adapters: Sequence, vocab_size: int):
             else:
                 raise FinetuneError(f"no tokenizer given and the model's vocabulary ({vocab_size}) is not World's; "
                                     f"pass --tokenizer PATH/tokenizer.json")
-        if spec.startswith("world"):
-            spec = "world"
-        elif not spec.endswith(".json") or not Path(spec).is_file():
+        if spec != "world" and (not spec.endswith(".json") or not Path(spec).is_file()):
             raise FinetuneError(f"tokenizer {spec!r} is not 'world' nor a tokenizer.json file here")
         tok = load_tokenizer(spec)
     if tok.vocab_size > vocab_size:
@@ -367,8 +376,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text (RNN mode), with adapters plugged in",
                        description="Generate a continuation of --prompt, streamed to stdout.")
     common(p, 1.0, 0.85, 200)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop strings (not printed)")
+    p.add_argument("--prompt", required=True, help=f"the text to continue; {ESCAPES_HELP}")
+    p.add_argument("--stop", nargs="+", default=[], metavar="STR",
+                   help=f"stop strings (not printed); {ESCAPES_HELP}")
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser("chat", help="chat on stdin lines, keeping the state across turns",
@@ -382,11 +392,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     _check_args(args)
-    text = check_utf8(args.prompt, "--prompt").replace("\\n", "\n")
-    for stop in args.stop:
-        check_utf8(stop, "--stop")
+    text = unescape(check_utf8(args.prompt, "--prompt"))
+    stops = [unescape(check_utf8(stop, "--stop")) for stop in args.stop]
     model, tok = load_for_generation(args)
-    generate_text(model, tok, text, max_tokens=args.max_tokens, stop=args.stop, on_text=_write, **_sampling(args))
+    generate_text(model, tok, text, max_tokens=args.max_tokens, stop=stops, on_text=_write, **_sampling(args))
     _write("\n")
     return 0
 

@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, first_line
 
 WORLD_VOCAB_SIZE = 65536  # the embedding size of World models (the vocabulary file itself ends at id 65529)
 EOD_ID = 0
@@ -200,12 +200,21 @@ class HFTokenizer(Tokenizer):
         self.cuttable = _cuttable(json.loads(self._tok.to_str()))
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # e.g. a WordLevel model without [UNK] meeting an unknown word
+            raise self._cannot_encode(e) from None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we do not need
         fast = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [e.ids for e in fast(list(texts), add_special_tokens=False)]
+        try:
+            return [e.ids for e in fast(list(texts), add_special_tokens=False)]
+        except Exception as e:
+            raise self._cannot_encode(e) from None
+
+    def _cannot_encode(self, e: Exception) -> FinetuneError:
+        return FinetuneError(f"{self.path}: this tokenizer cannot encode the text ({first_line(e)})")
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)

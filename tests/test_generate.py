@@ -15,8 +15,9 @@ import torch
 
 from conftest import random_rwkv4_state_dict, write_checkpoint
 from finetune import cli
-from finetune.errors import FinetuneError
-from finetune.generate import Penalties, generate_text, generate_tokens, sample_logits, sampling_probs
+from finetune.errors import FinetuneError, Terminated
+from finetune.generate import (Penalties, generate_text, generate_tokens, sample_logits, sampling_probs,
+                               unescape)
 from finetune.merge import merge_adapters
 from finetune import load_model
 from finetune.tokenizer import load_tokenizer
@@ -126,7 +127,8 @@ def test_stop_strings_and_streaming(env):
 
 def test_generate_cli(env, capsys):
     _, base, adapter, merged, tok_path = env
-    args = ["generate", "--prompt", "Hi there", "--max-tokens", "12", "--temperature", "0"]
+    # fp32 whatever the CPU: `auto` is bf16 on CPUs with native bf16, where plugged and merged may round apart
+    args = ["generate", "--prompt", "Hi there", "--max-tokens", "12", "--temperature", "0", "--dtype", "fp32"]
     assert cli.main([*args, "--model", str(base), "--adapter", str(adapter)]) == 0  # tokenizer from the adapter
     out_plugged = capsys.readouterr().out
     assert cli.main([*args, "--model", str(merged), "--tokenizer", str(tok_path)]) == 0
@@ -143,7 +145,7 @@ def test_chat_keeps_state(env, capsys, monkeypatch):
     _, base, adapter, _, tok_path = env
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hi\nhow are you\n"), encoding="utf-8"))
     assert cli.main(["chat", "--model", str(base), "--adapter", str(adapter), "--temperature", "0",
-                     "--max-tokens", "15", "--format", "world"]) == 0
+                     "--max-tokens", "15", "--format", "world", "--dtype", "fp32"]) == 0  # as the fp32 reference
     out = capsys.readouterr().out
     turns = [t for t in out.split("\n\n") if t]
     assert len(turns) == 2 and all(t.startswith("Assistant:") for t in turns)
@@ -217,6 +219,93 @@ def test_invalid_utf8_on_chat_stdin_is_one_line(env, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert rc == 1 and captured.out.startswith("Alice:") and captured.out.count("Alice:") == 1  # line 1 answered
     assert captured.err.strip() == "rwkv-lora chat: error: stdin line 2 is not valid UTF-8 (byte 0xef at byte 2)"
+
+
+def newline_model(path: Path, tok_path: Path) -> Path:
+    """A 1-layer RWKV-4 that always says "\n" greedily: ln_out gives its bias (ones) whatever the input, and only
+    the newline's head row is non-zero (logit 16, every other 0)."""
+    tok = load_tokenizer(str(tok_path))
+    sd = random_rwkv4_state_dict(1, 16, tok.vocab_size, seed=1)
+    sd["ln_out.weight"].zero_()
+    sd["ln_out.bias"] = torch.ones(16)
+    sd["head.weight"].zero_()
+    sd["head.weight"][tok.encode("\n")[0]] = 1.0
+    return write_checkpoint(path, sd)
+
+
+def test_escapes_in_prompt_and_stop(tmp_path, capsys):
+    # typed on a command line: backslash-n is a newline, backslash-t a tab, a doubled backslash one backslash
+    assert unescape(r"a\nb\tc\\nd\q") == "a\nb\tc\\nd\\q"
+    tok_path = make_char_tokenizer(tmp_path / "tok.json")
+    model = newline_model(tmp_path / "nl.pth", tok_path)
+    args = ["generate", "--model", str(model), "--tokenizer", str(tok_path), "--temperature", "0", "--max-tokens",
+            "5", "--dtype", "fp32", "--prompt", r"ab\ncd"]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out == "\n" * 5 + "\n"
+    assert cli.main([*args, "--stop", r"\n"]) == 0  # --stop takes the escapes too: it stops at once
+    assert capsys.readouterr().out == "\n"
+
+
+def test_tokenizer_file_named_world_something_is_that_file(env, tmp_path, capsys, monkeypatch):
+    # only the word `world` means the World tokenizer (65536 tokens: refused for this model); any other name is a file
+    _, base, _, _, tok_path = env
+    monkeypatch.chdir(tmp_path)
+    Path("worldtok.json").write_bytes(tok_path.read_bytes())
+    args = ["generate", "--model", str(base), "--prompt", "hi", "--max-tokens", "2", "--dtype", "fp32"]
+    assert cli.main([*args, "--tokenizer", "worldtok.json"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert cli.main([*args, "--tokenizer", "world"]) == 1
+    assert "tokenizer world has 65536 tokens" in capsys.readouterr().err
+
+
+def test_a_prompt_the_tokenizer_cannot_encode_is_one_line(env, tmp_path, capsys, monkeypatch):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    _, base, _, _, _ = env
+    words = Tokenizer(models.WordLevel(vocab={"<|endoftext|>": 0, "hello": 1, "the": 2}))  # no [UNK]
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(tmp_path / "words.json"))
+    args = ["--model", str(base), "--tokenizer", str(tmp_path / "words.json"), "--max-tokens", "2"]
+    assert cli.main(["generate", *args, "--prompt", "hello the"]) == 0
+    capsys.readouterr()
+    assert cli.main(["generate", *args, "--prompt", "zzz"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"rwkv-lora generate: error: {tmp_path / 'words.json'}: this tokenizer cannot encode")
+    assert len(err.splitlines()) == 1
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"zzz\n")))
+    assert cli.main(["chat", *args]) == 1
+    assert "this tokenizer cannot encode" in capsys.readouterr().err
+
+
+def test_sigterm_in_a_streaming_command_claims_nothing_about_files(monkeypatch, capsys):
+    def terminated(args):
+        raise Terminated
+
+    monkeypatch.setattr("finetune.generate.run_generate", terminated)
+    assert cli.main(["generate", "--model", "m.pth", "--prompt", "x"]) == 143
+    assert capsys.readouterr().err == "rwkv-lora generate: terminated (SIGTERM)\n"
+
+
+class Bf16Logits:
+    """A stand-in model that always gives the same bf16 logits: 4.4375 for token 1, 4.40625 for token 2."""
+
+    def __init__(self):
+        self.logits = torch.zeros(1, 8, dtype=torch.bfloat16)
+        self.logits[0, 1], self.logits[0, 2] = 4.4375, 4.40625
+
+    def prefill(self, tokens, state=None, chunk_len=1024):
+        return self.logits.clone(), state
+
+    def step(self, tokens, state=None):
+        return self.logits.clone(), state
+
+
+def test_penalties_subtract_in_fp32_whatever_the_compute_dtype():
+    # token 1 comes first; with a 0.04 presence penalty it is 4.3975 in fp32 (ChatRWKV's logits are fp32), below
+    # token 2. Subtracted in bf16 it would round to 4.40625, a tie that argmax gives back to token 1.
+    toks = [t for t, _ in generate_tokens(Bf16Logits(), [3], max_tokens=2, temperature=0, presence_penalty=0.04,
+                                          stop_token=None)]
+    assert toks == [1, 2]
 
 
 # ---- ChatRWKV's sampling and penalties, against the rwkv package's PIPELINE
