@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
-import re
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -39,7 +38,7 @@ from finetune.adapter_format import adapter_tokenizer, parse_adapter_spec, read_
 from finetune.models import DTYPE_NAMES, RNNState
 from finetune.plugin import attach_adapters, load_model
 from finetune.quant import MODES as QUANT_MODES, MODES_HELP as QUANT_HELP, default_dtype
-from finetune.templates import TEMPLATES, resolve_template
+from finetune.templates import ESCAPES_HELP, TEMPLATES, resolve_template, unescape
 from finetune.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -183,16 +182,6 @@ def generate_tokens(model, prompt: Sequence[int], max_tokens: int = 100, tempera
         penalties.update(token)
         out, state = model.step([token], state)
         logits = out[0].float()  # penalties subtract in fp32 (as ChatRWKV does), whatever the compute dtype
-
-
-_ESCAPES = {"\\": "\\", "n": "\n", "t": "\t"}
-ESCAPES_HELP = r"\n is a newline, \t a tab, \\ a backslash"
-
-
-def unescape(text: str) -> str:
-    """`text` typed on a command line with the escapes of ESCAPES_HELP replaced (a shell cannot easily pass a
-    newline); any other backslash stays as typed."""
-    return re.sub(r"\\([\\nt])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 def check_utf8(text: str, what: str) -> str:

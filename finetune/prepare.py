@@ -48,8 +48,9 @@ import numpy as np
 
 from finetune.atomic import atomic_file, check_output, write_error
 from finetune.binidx import BinidxWriter, token_dtype
-from finetune.errors import FinetuneError, Terminated
-from finetune.templates import ASSISTANT_ROLES, TEMPLATE_CHOICES, USER_ROLES, ChatTemplate, clean_message, resolve_template
+from finetune.errors import FinetuneError, Terminated, first_line
+from finetune.templates import (ASSISTANT_ROLES, TEMPLATE_CHOICES, USER_ROLES, ChatTemplate, clean_message,
+                                ESCAPES_HELP, resolve_template, unescape)
 from finetune.tokenizer import PIECE_CHARS, HFTokenizer, Tokenizer, load_tokenizer
 
 MANIFEST_FORMAT = "rwkv-lora-binidx"
@@ -64,6 +65,8 @@ def record_segments(record: Any, template: ChatTemplate | None) -> list[tuple[st
         return [(record, True)] if record.strip() else "empty"
     if not isinstance(record, dict):
         return "not_an_object"
+    if None in record.values():  # datasets and parquet give every row every column, None where a record has none
+        record = {k: v for k, v in record.items() if v is not None}
     turns: list[tuple[str, str]]
     if "messages" in record or "conversations" in record:
         msgs = record.get("messages", record.get("conversations"))
@@ -84,7 +87,7 @@ def record_segments(record: Any, template: ChatTemplate | None) -> list[tuple[st
         if not any(k == "assistant" and c for k, c in turns):
             return "no_answer"
     elif "instruction" in record or "output" in record:
-        inst, inp, out = record.get("instruction"), record.get("input") or "", record.get("output")
+        inst, inp, out = record.get("instruction"), record.get("input", ""), record.get("output")
         if not isinstance(inst, str) or not isinstance(out, str) or not isinstance(inp, str):
             return "missing_fields"
         question = clean_message(inst) + ("\n" + clean_message(inp) if inp.strip() else "")
@@ -170,11 +173,23 @@ def _scrub(obj):
 
 
 TEXT_EXT = (".txt", ".text", ".md")
+UTF8_BOM = b"\xef\xbb\xbf"
 JSONL_EXT = (".jsonl", ".ndjson")
 DATASETS_EXT = {".json": "json", ".csv": "csv", ".arrow": "arrow"}
 
 
+def output_prefix(out: str) -> str:
+    """--out as the prefix of the files prepare writes: `data/novel`, whether given so or as one of them
+    (`data/novel.bin`, `.idx`, `.json`)."""
+    for ext in (".bin", ".idx", ".json"):
+        if out.endswith(ext):
+            return out[: -len(ext)]
+    return out
+
+
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    """Files and directories named or matched by globs, in order; one given twice (`a.txt ./a.txt`, or matched by
+    two globs) is read once."""
     paths: list[str] = []
     for item in inputs:
         if any(c in item for c in "*?["):
@@ -186,10 +201,12 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
             paths.append(item)
         else:
             raise FinetuneError(f"{item}: input not found")
+    seen: set[str] = set()
+    paths = [p for p in paths if not (os.path.realpath(p) in seen or seen.add(os.path.realpath(p)))]
     for p in paths:
         if not os.path.isdir(p) and not p.lower().endswith(TEXT_EXT + JSONL_EXT + (".parquet",) + tuple(DATASETS_EXT)):
-            raise FinetuneError(f"{p}: unknown input type (expected .txt, .jsonl, .json, .csv, .parquet, .arrow "
-                                "or a datasets save_to_disk directory)")
+            raise FinetuneError(f"{p}: unknown input type (expected .txt, .md, .jsonl, .ndjson, .json, .csv, "
+                                ".parquet, .arrow or a datasets save_to_disk directory)")
     return paths
 
 
@@ -220,10 +237,23 @@ def _read_parquet(path: str) -> Iterator[tuple[Any, str]]:
     except Exception as e:
         raise FinetuneError(f"{path}: cannot read parquet ({str(e).splitlines()[0]})") from None
     row = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for record in _rows(batch.to_pydict()):
+    for columns in _reading(path, "parquet", (b.to_pydict() for b in pf.iter_batches(batch_size=1024))):
+        for record in _rows(columns):
             yield record, f"{path}:row {row}"
             row += 1
+
+
+def _reading(path: str, what: str, batches: Iterator) -> Iterator:
+    """`batches` as they come, with a damaged file (found only when its data is read, after it opened well) turned
+    into one line naming it."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise FinetuneError(f"{path}: cannot read {what} ({first_line(e)})") from None
+        yield batch
 
 
 @contextmanager
@@ -252,7 +282,7 @@ def _read_datasets(path: str) -> Iterator[tuple[Any, str]]:
     except Exception as e:
         raise FinetuneError(f"{path}: datasets cannot open it ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     row = 0
-    for batch in ds.iter(batch_size=1024):
+    for batch in _reading(path, "this datasets input", ds.iter(batch_size=1024)):
         for record in _rows(batch):
             yield record, f"{path}:row {row}"
             row += 1
@@ -306,6 +336,11 @@ def raw_chunks(path: str, separator: str | None, chunk_bytes: int, chunk_records
         return
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        head = f.read(len(UTF8_BOM))
+        if head == UTF8_BOM:  # written by Windows editors: a mark, not text (datasets drops it too in .json/.csv)
+            h.update(head)
+        else:
+            f.seek(0)
         if low.endswith(JSONL_EXT):
             line = 1
             while True:
@@ -328,8 +363,11 @@ def raw_chunks(path: str, separator: str | None, chunk_bytes: int, chunk_records
 
 
 def _separated_chunks(f, path: str, separator: str, chunk_bytes: int, h) -> Iterator[tuple]:
-    """Documents split on `separator`, read `chunk_bytes` at a time; `h` hashes every byte read."""
-    sep = separator.encode("utf-8")
+    """Documents split on `separator`, read `chunk_bytes` at a time; `h` hashes every byte read. A separator with
+    newlines also matches its Windows form (\\r\\n line ends), so one command splits files from either system."""
+    seps = {separator.encode("utf-8"), separator.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")}
+    sep = re.compile(b"|".join(re.escape(s) for s in sorted(seps, key=len, reverse=True)))
+    longest = max(map(len, seps))
     nl = separator.count("\n")
     buf, line = b"", 1
     while True:
@@ -339,9 +377,9 @@ def _separated_chunks(f, path: str, separator: str, chunk_bytes: int, h) -> Iter
             yield ("text", path, line, [buf], nl)  # the rest, even empty (it counts as an empty document)
             return
         buf += block
-        if sep not in buf[-len(block) - len(sep):]:
+        if not sep.search(buf, max(0, len(buf) - len(block) - longest)):
             continue  # inside a long document: wait for its end
-        docs = buf.split(sep)
+        docs = sep.split(buf)
         rest = docs.pop()
         consumed = len(buf) - len(rest)
         yield ("text", path, line, docs, nl)
@@ -834,7 +872,7 @@ def prepare(
     input never. Raises FinetuneError on bad input; on any failure no output file (nor temporary) is left."""
     tok = load_tokenizer(tokenizer)
     tmpl = resolve_template(template, tok)
-    out = out[:-4] if out.endswith((".bin", ".idx")) else out
+    out = output_prefix(out)
     if shard_tokens is not None and shard_tokens < 1:
         raise FinetuneError(f"--shard-tokens must be positive (got {shard_tokens})")
     if workers < 1:
@@ -942,7 +980,7 @@ Tokenize text, instruction or chat data into binidx files (PREFIX.bin + PREFIX.i
 
 Inputs (several at once; globs are expanded):
   .txt/.md        one document per file, or several split on --doc-separator
-  .jsonl          one record per line: {"text": ...}
+  .jsonl          one record per line: {"text": ...} (or just a JSON string)
                   | {"instruction": ..., "input": ... (optional), "output": ...}
                   | {"messages": [{"role": "system|user|assistant", "content": ...}, ...]}
   .parquet        the same records as columns
@@ -986,8 +1024,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
                    help="chat format for instruction/chat records (default: auto)")
     p.add_argument("--doc-separator", metavar="STR", default=None,
-                   help=r'split .txt files into documents on STR (escapes allowed, e.g. "\n\n\n"); '
-                        "default: one document per file")
+                   help=f"split .txt files into documents on STR ({ESCAPES_HELP}; a newline also matches a Windows "
+                        f"line end); default: one document per file")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizer processes (default 1)")
     p.add_argument("--shard-tokens", type=int, default=None, metavar="N",
                    help="start a new numbered shard once a shard holds N tokens")
@@ -1001,7 +1039,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     sep = args.doc_separator
     if sep is not None:
-        sep = sep.replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r")
+        sep = unescape(sep)
         if not sep:
             raise FinetuneError("--doc-separator must not be empty")
     try:  # SIGTERM raises Terminated here: the CLI's handler (finetune.cli.main), so the temporaries are removed
@@ -1013,6 +1051,6 @@ def run(args: argparse.Namespace) -> int:
     except Terminated:
         print("rwkv-lora prepare: terminated (SIGTERM); nothing written", file=sys.stderr)
         return 128 + signal.SIGTERM
-    out = args.out[:-4] if args.out.endswith((".bin", ".idx")) else args.out
+    out = output_prefix(args.out)
     print(summary_line(manifest, out))
     return 0

@@ -11,6 +11,14 @@ from dataclasses import dataclass
 from finetune.errors import FinetuneError
 from finetune.tokenizer import Tokenizer
 
+_ESCAPES = {"\\": "\\", "n": "\n", "t": "\t", "r": "\r"}
+ESCAPES_HELP = r"\n is a newline, \t a tab, \r a carriage return, \\ a backslash"
+
+
+def unescape(text: str) -> str:
+    """`text` typed on a command line (a prompt, a stop string, a document separator) with the escapes of
+    ESCAPES_HELP replaced: a shell cannot easily pass a newline. Any other backslash stays as typed."""
+    return re.sub(r"\\([\\ntr])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 @dataclass(frozen=True)

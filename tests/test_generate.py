@@ -16,10 +16,10 @@ import torch
 from conftest import random_rwkv4_state_dict, write_checkpoint
 from finetune import cli
 from finetune.errors import FinetuneError, Terminated
-from finetune.generate import (Penalties, generate_text, generate_tokens, sample_logits, sampling_probs,
-                               unescape)
+from finetune.generate import Penalties, generate_text, generate_tokens, sample_logits, sampling_probs
 from finetune.merge import merge_adapters
 from finetune import load_model
+from finetune.templates import unescape
 from finetune.tokenizer import load_tokenizer
 from test_merge import make_adapter, make_char_tokenizer
 
@@ -235,7 +235,7 @@ def newline_model(path: Path, tok_path: Path) -> Path:
 
 def test_escapes_in_prompt_and_stop(tmp_path, capsys):
     # typed on a command line: backslash-n is a newline, backslash-t a tab, a doubled backslash one backslash
-    assert unescape(r"a\nb\tc\\nd\q") == "a\nb\tc\\nd\\q"
+    assert unescape(r"a\nb\tc\\nd\q\r") == "a\nb\tc\\nd\\q\r"
     tok_path = make_char_tokenizer(tmp_path / "tok.json")
     model = newline_model(tmp_path / "nl.pth", tok_path)
     args = ["generate", "--model", str(model), "--tokenizer", str(tok_path), "--temperature", "0", "--max-tokens",

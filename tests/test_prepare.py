@@ -1,5 +1,6 @@
 """`rwkv-lora prepare`: outputs decoded with an independent binidx reader and compared with direct tokenization."""
 
+import hashlib
 import json
 import os
 import signal
@@ -504,3 +505,77 @@ def test_bad_output_prefixes_are_refused_before_work(tmp_path, small_tokenizer, 
     finally:
         os.chdir(cwd)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["in.txt", "sub"]
+
+
+def test_rows_with_every_column_keep_their_own_kind(tmp_path, small_tokenizer):
+    """datasets and parquet give every row every column (None where a record has none): a text row with
+    instruction=None is still a text record, read as the same lines in .jsonl are."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"text": "The fox and the grapes."}, {"instruction": "Bake?", "output": "Until golden."},
+               {"messages": [{"role": "user", "content": "Slow?"}, {"role": "assistant", "content": "Steady."}]},
+               {"text": "Wins the race."}]
+    write_jsonl(tmp_path / "m.jsonl", records)
+    (tmp_path / "m.json").write_text(json.dumps(records))
+    pq.write_table(pa.table({k: [r.get(k) for r in records] for k in ("text", "instruction", "output", "messages")}),
+                   tmp_path / "m.parquet")
+    want = None
+    for name in ("m.jsonl", "m.json", "m.parquet"):
+        m = prepare([str(tmp_path / name)], small_tokenizer, str(tmp_path / name.replace(".", "_")), progress=False)
+        _, items, _ = read_binidx(tmp_path / name.replace(".", "_"))
+        assert m["documents"] == 4 and m["skipped"] == {}, (name, m["skipped"])
+        want = want or [i.tolist() for i in items]
+        assert [i.tolist() for i in items] == want, name
+
+
+def test_damaged_parquet_and_datasets_data_are_one_line(tmp_path):
+    """The files open (their headers are whole) and break only when their data is read."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [f"hello world {i}" for i in range(1000)]}), tmp_path / "bad.parquet",
+                   compression="snappy")
+    data = bytearray((tmp_path / "bad.parquet").read_bytes())
+    data[100:600] = b"\xff" * 500
+    (tmp_path / "bad.parquet").write_bytes(bytes(data))
+    datasets.Dataset.from_dict({"text": [f"s{i}" for i in range(50000)]}).save_to_disk(str(tmp_path / "ds"))
+    arrow = next((tmp_path / "ds").glob("*.arrow"))
+    data = bytearray(arrow.read_bytes())
+    data[len(data) // 3: len(data) // 3 + 4000] = b"\xff" * 4000
+    arrow.write_bytes(bytes(data))
+    for src, what in (("bad.parquet", "cannot read parquet"), ("ds", "cannot read this datasets input")):
+        r = run_cli(str(tmp_path / src), "--tokenizer", "world", "--out", str(tmp_path / "o"), "--no-progress")
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"rwkv-lora prepare: error: {tmp_path / src}: {what} ("), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet", "ds"]
+
+
+def test_byte_order_marks_crlf_separators_and_inputs_given_twice(tmp_path, small_tokenizer, monkeypatch):
+    tok = load_tokenizer(small_tokenizer)
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "The fox."}\n{"text": "Slow and steady."}\n')
+    (tmp_path / "bom.txt").write_bytes("\ufeffBake until golden.".encode())
+    (tmp_path / "crlf.txt").write_bytes(b"line one\r\nline two\r\n***\r\ndoc two\r\n")
+    m = prepare([str(tmp_path / "bom.jsonl"), str(tmp_path / "bom.txt")], small_tokenizer, str(tmp_path / "b"),
+                progress=False)
+    _, items, _ = read_binidx(tmp_path / "b")
+    assert [i.tolist() for i in items] == [tok.encode(t) + [0] for t in
+                                           ("The fox.", "Slow and steady.", "Bake until golden.")]
+    assert m["sources"][1]["sha256"] == hashlib.sha256((tmp_path / "bom.txt").read_bytes()).hexdigest()
+    prepare([str(tmp_path / "crlf.txt")], small_tokenizer, str(tmp_path / "c"), doc_separator="\n***\n",
+            progress=False)
+    _, items, _ = read_binidx(tmp_path / "c")
+    assert [i.tolist() for i in items] == [tok.encode(t) + [0] for t in ("line one\r\nline two", "doc two\r\n")]
+    monkeypatch.chdir(tmp_path)
+    m = prepare(["bom.txt", "./bom.txt", "bo?.txt"], small_tokenizer, "twice", progress=False)
+    assert m["documents"] == 1 and len(m["sources"]) == 1
+
+
+def test_input_must_be_text_and_out_may_name_the_manifest(tmp_path, small_tokenizer):
+    write_jsonl(tmp_path / "n.jsonl", [{"instruction": "Even?", "input": 0, "output": "Yes."},
+                                       {"instruction": "Even?", "input": None, "output": "Yes."}])
+    m = prepare([str(tmp_path / "n.jsonl")], small_tokenizer, str(tmp_path / "n.json"), progress=False)
+    assert m["documents"] == 1 and m["skipped"] == {"missing_fields": 1}
+    assert sorted(p.name for p in tmp_path.glob("n.*")) == ["n.bin", "n.idx", "n.json", "n.jsonl", "n.mask.bin",
+                                                             "n.mask.idx"]
