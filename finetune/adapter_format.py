@@ -289,6 +289,19 @@ def validate(a: Adapter) -> Adapter:
         for module, (A, _) in a.lora.items():
             if A.shape[0] != a.meta.r:
                 raise FinetuneError(f"{where}: {module} has rank {A.shape[0]} but the adapter says r={a.meta.r}")
+        # what the metadata lists must all be there: a lost file would otherwise merge half an adapter, silently
+        listed = set(a.meta.trained_tensors)
+        lost, unlisted = sorted(listed - set(a.full)), sorted(set(a.full) - listed)
+        if lost:
+            raise FinetuneError(f"{where}: lists {len(listed)} tensors trained in full but holds no {lost[0]}"
+                                f"{f' (nor {len(lost) - 1} more)' if len(lost) > 1 else ''}; is a file of it lost?")
+        if listed and unlisted:
+            raise FinetuneError(f"{where}: holds {unlisted[0]}, which its metadata does not list as trained")
+        with_lora = {m.split(".")[2] for m in a.lora if m.startswith("blocks.") and m.count(".") >= 3}
+        bare = [p for p in a.meta.parts if p not in with_lora]
+        if bare:
+            raise FinetuneError(f"{where}: records LoRA on {', '.join(a.meta.parts)} but holds no LoRA tensors for "
+                                f"{', '.join(bare)}; is a file of it lost?")
     elif a.state is None:
         raise FinetuneError(f"{where}: a state adapter without its state")
     _check_tokenizer(a.meta, a.tokenizer_json, where)
@@ -301,6 +314,15 @@ def validate(a: Adapter) -> Adapter:
             raise FinetuneError(f"{where}: {name} holds NaN or infinite values; the adapter is damaged (was its "
                                 f"training diverging?)")
     return a
+
+
+def as_float(t: torch.Tensor, name: str, where: Any) -> torch.Tensor:
+    """An adapter's tensor as float32; one line for integer, bool or complex tensors, which no training writes
+    (converting them would truncate or drop values silently)."""
+    if not t.is_floating_point():
+        raise FinetuneError(f"{where}: {name} is {str(t.dtype).replace('torch.', '')}; adapter tensors are floating "
+                            f"point (fp32, fp16, bf16)")
+    return t.float()
 
 
 def check_pairs(lora: dict[str, list], where: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -321,7 +343,7 @@ def _check_state(tensors: Mapping[str, torch.Tensor], where: Any) -> RNNState:
     if missing or set(tensors) - set(RNNState.FIELDS):
         raise FinetuneError(f"{where}: a state adapter holds exactly the tensors {', '.join(RNNState.FIELDS)}; got "
                             f"{', '.join(sorted(tensors)) or 'none'}")
-    state = RNNState(*(tensors[f].float() for f in RNNState.FIELDS))
+    state = RNNState(*(as_float(tensors[f], f, where) for f in RNNState.FIELDS))
     L = state.att_shift.shape[0]
     if state.att_shift.dim() != 2 or state.ffn_shift.shape != state.att_shift.shape or state.wkv.shape[0] != L:
         raise FinetuneError(f"{where}: inconsistent state shapes {[tuple(t.shape) for t in state.tensors().values()]}")
@@ -465,11 +487,11 @@ def _read_dir(path: Path) -> Adapter:
             which = peft_lora_key(key)
             if which is None:
                 raise FinetuneError(f"{weights}: unexpected tensor {key}")
-            lora.setdefault(which[0], [None, None])[which[1]] = t.float()
+            lora.setdefault(which[0], [None, None])[which[1]] = as_float(t, key, weights)
     pairs = check_pairs(lora, weights)
     full = {}
     if (path / TRAINED_TENSORS).exists():
-        full = {k: v.float() for k, v in _load_safetensors(path / TRAINED_TENSORS).items()}
+        full = {k: as_float(v, k, path / TRAINED_TENSORS) for k, v in _load_safetensors(path / TRAINED_TENSORS).items()}
     if not pairs and not full:
         # applying nothing and reporting success would be a silent wrong result
         if (path / "adapter_model.bin").exists():
@@ -528,7 +550,7 @@ def _read_packed(path: Path) -> Adapter:
     try:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                t = f.get_tensor(key).float()
+                t = as_float(f.get_tensor(key), key, path)
                 if key.startswith("state.") and meta.kind == "state":
                     state[key[6:]] = t
                 elif key.startswith("full."):
@@ -683,7 +705,11 @@ def parse_adapter_spec(spec: Any) -> tuple[str | Adapter, float]:
         try:
             weight = float(tail)
         except ValueError:
+            if head and Path(head).exists():  # an adapter, then something that is not a weight
+                raise FinetuneError(f"adapter {spec}: the weight after ':' must be a number, got {tail!r}") from None
             return text, 1.0
+        if not head:
+            raise FinetuneError(f"adapter {spec}: no adapter path before the weight")
         return head, _finite_weight(weight, spec)
     return text, 1.0
 
@@ -709,6 +735,9 @@ def check_adapter(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]], base_
                                 f"{family.title} ({family.name})")
     for module, (A, B) in adapter.lora.items():
         key = f"{module}.weight"
+        if module == "emb":  # the one 2-D weight that is not a linear layer: plugging it in would fail, merging not
+            raise FinetuneError(f"adapter {name}: LoRA on emb, which is an embedding, not a linear layer (train it "
+                                f"in full instead)")
         if key not in shapes:
             raise FinetuneError(f"adapter {name}: unknown target {module} (no {key} in {base_name})")
         want = tuple(shapes[key])

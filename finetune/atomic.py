@@ -74,8 +74,8 @@ def check_output(path: str | Path, *, force: bool = False, inputs: Iterable[str 
                  marker: str | None = None, flag: str = "--force") -> Path:
     """Refuse, before any work, an output that would destroy data: one of the command's own inputs (or a directory
     holding one, or a path inside an input directory), the current directory, an existing file without `force`,
-    or an existing directory that is not this toolkit's output (it lacks `marker`) even with `force`. Returns the
-    path."""
+    or an existing directory that is not this toolkit's output (it lacks `marker`) even with `force`. `marker` is
+    given for directory outputs: a file (or a link) in their place is refused too. Returns the path."""
     path = Path(path)
     if str(path) in ("", ".", "..") or path.name in ("", ".", ".."):
         raise FinetuneError(f"{path}: not a valid output name (give a file or a new directory name)")
@@ -88,6 +88,9 @@ def check_output(path: str | Path, *, force: bool = False, inputs: Iterable[str 
                                 f"output")
     if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
         raise FinetuneError(f"{path}: is the current directory (or holds it); choose a new output name")
+    if marker is not None and (path.is_symlink() or (path.exists() and not path.is_dir())):
+        raise FinetuneError(f"{path}: exists and is not a directory; this command writes a directory there (choose "
+                            f"a new output name)")
     if path.is_symlink() or path.exists():
         if not force:
             raise FinetuneError(f"{path}: exists; pass {flag} to replace it")
@@ -162,7 +165,10 @@ def replace_dir(src: Path, dest: Path) -> None:
         except BaseException:
             os.replace(old, dest)  # put the previous output back
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
     else:
         os.replace(src, dest)
     _fsync_dir(dest.parent)

@@ -58,6 +58,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             sd = sd[wrapper]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise FinetuneError(f"{path}: not a state dict of tensors")
+    for k, v in sd.items():  # what torch.load accepts but no checkpoint of ours can hold
+        if not isinstance(k, str):
+            raise FinetuneError(f"{path}: not a state dict of tensors (a key is {type(k).__name__} {k!r}, not a name)")
+        if v.layout != torch.strided or v.device.type != "cpu":
+            raise FinetuneError(f"{path}: {k} is a {str(v.layout).replace('torch.', '')} tensor on {v.device}; "
+                                f"a checkpoint holds dense tensors with their values")
     return sd
 
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from finetune.adapter_format import (ADAPTER_META, Adapter, AdapterMeta, add_lora_delta_, adapter_files,
+from finetune.adapter_format import (ADAPTER_META, Adapter, AdapterMeta, add_lora_delta_, adapter_files, as_float,
                                      adapter_tokenizer_json, blend_full_, check_adapter, check_pairs, pack_adapter,
                                      parse_adapter_spec, read_adapter, tokenizer_record, write_adapter)
 from finetune.atomic import atomic_dir, atomic_file, check_output
@@ -66,7 +66,8 @@ class LazyBase:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise FinetuneError(f"{self.path}: no such base checkpoint")
+            what = "a directory, not a checkpoint file" if self.path.is_dir() else "no such base checkpoint"
+            raise FinetuneError(f"{self.path}: {what}")
         self._st = None
         if self.path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -168,7 +169,8 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
             else:
                 warnings.warn(note, stacklevel=2)
     out_dtype = parse_dtype(dtype) if dtype is not None else None
-    tokenizer_json = hf_tokenizer_json(tokenizer, loaded, b.config.vocab_size, log) if fmt == "hf" else None
+    tokenizer_json, world = hf_tokenizer_json(tokenizer, loaded, b.config.vocab_size, log) if fmt == "hf" else (
+        None, False)
 
     # what happens to each tensor: a list of (kind, adapter, weight)
     todo: dict[str, list] = collections.defaultdict(list)
@@ -232,7 +234,7 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
 
                 main_dtype = collections.Counter(d for k, _, d in plan if k.endswith(".weight")).most_common(1)[0][0]
                 write_rwkv7_hf_dir(tmp, lambda pth: write_pth_streaming(pth, plan, produce), main_dtype,
-                                   b.config.vocab_size, out, log)
+                                   None if world else tokenizer_json, out, log)
             else:
                 write_hf_dir(tmp, b, plan, produce, tokenizer_json)
             (tmp / HF_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
@@ -247,10 +249,11 @@ def merge_adapters(base: str | Path, adapters: Sequence, out: str | Path, dtype:
 
 
 def hf_tokenizer_json(arg: str | None, adapters: Sequence, vocab_size: int,
-                      log: Callable[[str], None] | None = None) -> str:
-    """The tokenizer.json an HF directory gets: `arg` (world or a tokenizer.json path) if given, else the first
-    adapter's (World, or the tokenizer.json it carries), else World for a World-sized vocabulary. An HF directory
-    is never written without a tokenizer: a one-line FinetuneError when none is known."""
+                      log: Callable[[str], None] | None = None) -> tuple[str, bool]:
+    """The tokenizer.json an HF directory gets, and whether it is World's: `arg` (world or a tokenizer.json path) if
+    given, else the first adapter's (World, or the tokenizer.json it carries), else World for a World-sized
+    vocabulary. An HF directory is never written without a tokenizer: a one-line FinetuneError when none is
+    known."""
     text, world = None, False
     if arg is not None:
         record, data = tokenizer_record(arg)
@@ -282,7 +285,7 @@ def hf_tokenizer_json(arg: str | None, adapters: Sequence, vocab_size: int,
     if n > vocab_size:
         raise FinetuneError(f"the tokenizer has {n} tokens but the model only {vocab_size}; pass the right "
                             f"--tokenizer")
-    return text
+    return text, world
 
 
 def write_hf_dir(tmp: Path, base: LazyBase, plan: Plan, produce: Producer, tokenizer_json: str) -> None:
@@ -323,14 +326,15 @@ def import_rwkv_lm_lora(file: str | Path, alpha: float, base: str | Path, out: s
     for key, t in sd.items():
         lk = _lora_key(key)
         if lk is not None:
-            pairs.setdefault(lk[0], [None, None])[lk[1]] = t.float()
+            pairs.setdefault(lk[0], [None, None])[lk[1]] = as_float(t, key, file)
         elif key in b.shapes:
             ref = b.get(key)
             if tuple(t.shape) != tuple(ref.shape):
                 raise FinetuneError(f"{file}: {key} is {tuple(t.shape)} but {tuple(ref.shape)} in {b.path}; "
                                     f"made for another base")
+            t = as_float(t, key, file)
             if not torch.equal(t.to(ref.dtype), ref):
-                full[key] = t.float()
+                full[key] = t
         else:
             raise FinetuneError(f"{file}: unknown tensor {key} (neither a LoRA factor nor a tensor of {b.path})")
     if not pairs and not full:

@@ -82,8 +82,9 @@ def time_state_to_state(tensors: dict[str, torch.Tensor], family: Family, config
         if tuple(t.shape) != (H, N, N):
             raise FinetuneError(f"{where}: {name} has shape {tuple(t.shape)}, the model needs {(H, N, N)} "
                                 f"(heads x head size x head size); made for another base?")
-        if not t.is_floating_point() or not torch.isfinite(t).all():
-            raise FinetuneError(f"{where}: {name} holds NaN, infinite or non-float values")
+        if not t.is_floating_point() or not torch.isfinite(t.float()).all():
+            raise FinetuneError(f"{where}: {name} holds NaN, infinite or non-float values (or values beyond "
+                                f"float32's range)")
     wkv = torch.stack([tensors[n].float() for n in names])
     if transposed:
         wkv = wkv.transpose(-1, -2)

@@ -66,7 +66,19 @@ def bad_files(tmp_path):
     v7["blocks.0.att.w0"] = torch.ones(1, 1, 32)
     pickled = tmp_path / "pickled.pth"
     torch.save({"emb.weight": torch.zeros(2, 2), "note": argparse.Namespace(a=1)}, pickled)
+    good_sd = random_rwkv4_state_dict(2, 32, 50)
+    odd = {  # what torch.load accepts but a checkpoint cannot be: each used to end in a traceback
+        "intkey": ({**good_sd, 7: torch.zeros(2)}, "a key is int 7"),
+        "sparse": ({**good_sd, "emb.weight": good_sd["emb.weight"].to_sparse()}, "emb.weight is a sparse_coo tensor"),
+        "meta": ({**good_sd, "head.weight": torch.empty(50, 32, device="meta")},
+                 "head.weight is a strided tensor on meta"),
+        "scalar": ({**good_sd, "blocks.0.ffn.key.weight": torch.tensor(1.0)}, "blocks.0.ffn.key.weight has shape ()"),
+        # one stray key used to make expected_shapes list every key of a million layers first (gigabytes)
+        "stray": ({**good_sd, "blocks.1000000.ln1.weight": torch.ones(32)}, "no blocks.2.* keys, yet blocks.1000000"),
+        "word": ({**good_sd, "blocks.x.ln1.weight": torch.ones(32)}, "blocks.x.ln1.weight is not blocks.<number>"),
+    }
     return [
+        *[(write_checkpoint(tmp_path / f"{name}.pth", sd), reason) for name, (sd, reason) in odd.items()],
         (truncated, "truncated"),
         (not_rwkv, "not an RWKV checkpoint"),
         (write_checkpoint(tmp_path / "v5.pth", v5), "RWKV-5"),

@@ -992,3 +992,96 @@ def test_a_pissa_adapter_merges_to_the_model_it_trained(env, tmp_path):
         merged = load_model(tmp_path / "pissa.pth")(torch.tensor([TOKENS]))[0]
     torch.testing.assert_close(merged, trained, rtol=0, atol=1e-4)
     torch.testing.assert_close(plugged_logits(base, [adapter]), trained, rtol=0, atol=1e-4)
+
+
+def repacked(packed: Path, out: Path, edit) -> Path:
+    """A copy of a packed adapter with `edit(tensors)` applied to its tensors, metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(packed), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def test_an_adapter_missing_a_part_or_holding_odd_tensors_is_refused(env, tmp_path, capsys):
+    """A lost file used to merge half an adapter with exit 0; integer tensors were truncated to float; LoRA on emb
+    merged while generate refused it (merged != plugged)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, base, a1, _ = env
+    n_full = len(json.loads((a1 / "rwkv_lora.json").read_text())["trained_tensors"])
+    packed = pack_adapter(a1, tmp_path / "a1.safetensors")
+    lost_full = f"lists {n_full} tensors trained in full but holds no "
+    lost_lora = "but holds no LoRA tensors for att, ffn"
+    cases = []
+    no_full = shutil.copytree(a1, tmp_path / "no_full")
+    (no_full / "trained_tensors.safetensors").unlink()
+    cases.append((no_full, lost_full))
+    cases.append((repacked(packed, tmp_path / "no_full.safetensors",
+                           lambda t: [t.pop(k) for k in list(t) if k.startswith("full.")]), lost_full))
+    no_lora = shutil.copytree(a1, tmp_path / "no_lora")
+    (no_lora / "adapter_model.safetensors").unlink()
+    cases.append((no_lora, lost_lora))
+    cases.append((repacked(packed, tmp_path / "no_lora.safetensors",
+                           lambda t: [t.pop(k) for k in list(t) if k.startswith("lora.")]), lost_lora))
+    unlisted = shutil.copytree(a1, tmp_path / "unlisted")
+    meta = json.loads((unlisted / "rwkv_lora.json").read_text())
+    meta["trained_tensors"] = meta["trained_tensors"][1:]
+    (unlisted / "rwkv_lora.json").write_text(json.dumps(meta))
+    cases.append((unlisted, "which its metadata does not list as trained"))
+    ints = shutil.copytree(a1, tmp_path / "ints")
+    t = load_file(str(ints / "adapter_model.safetensors"))
+    first = sorted(t)[0]
+    t[first] = (t[first] * 10).to(torch.int32)
+    save_file(t, str(ints / "adapter_model.safetensors"))
+    cases.append((ints, f"{first} is int32; adapter tensors are floating point"))
+    cases.append((repacked(packed, tmp_path / "ints.safetensors",
+                           lambda t: t.update({k: v.to(torch.int32) for k, v in t.items() if k.startswith("full.")})),
+                  "is int32; adapter tensors are floating point"))
+    emb = shutil.copytree(a1, tmp_path / "emb")
+    t = load_file(str(emb / "adapter_model.safetensors"))
+    t["base_model.model.emb.lora_A.weight"] = torch.zeros(4, 64)
+    t["base_model.model.emb.lora_B.weight"] = torch.zeros(128, 4)
+    save_file(t, str(emb / "adapter_model.safetensors"))
+    cases.append((emb, "LoRA on emb, which is an embedding, not a linear layer"))
+    for adapter, reason in cases:
+        rc = cli.main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "m.pth")])
+        err = capsys.readouterr().err
+        assert rc == 1 and reason in err and err.count("\n") == 1, (adapter, err)
+    assert not (tmp_path / "m.pth").exists()
+
+
+def test_directory_outputs_never_replace_a_file(env, tmp_path, capsys):
+    """--force onto a regular file used to move it aside and leave it behind as a hidden temporary."""
+    from finetune.merge import export_rwkv_lm_lora
+
+    _, base, a1, _ = env
+    exported = tmp_path / "rwkv_lm_lora.pth"
+    alpha = export_rwkv_lm_lora(a1, exported)["alpha"]
+    target = tmp_path / "target"
+    target.write_text("precious")
+    rc = cli.main(["import-lora", str(exported), "--alpha", str(alpha), "--base", str(base), "--out", str(target),
+                   "--overwrite"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "exists and is not a directory" in err, err
+    assert target.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "rwkv_lm_lora.pth", "target"]
+
+
+def test_adapter_specs_and_bases_say_what_is_wrong(env, tmp_path, capsys, monkeypatch):
+    _, base, a1, _ = env
+    monkeypatch.chdir(tmp_path)
+    for spec, reason in ((f"{a1}:abc", "the weight after ':' must be a number, got 'abc'"),
+                         (f"{a1}:", "the weight after ':' must be a number, got ''"),
+                         (":0.5", "no adapter path before the weight")):
+        assert cli.main(["merge", "--base", str(base), "--adapter", spec, "--out", "m.pth"]) == 1
+        err = capsys.readouterr().err
+        assert reason in err and err.count("\n") == 1, err
+    (tmp_path / "adir").mkdir()
+    assert cli.main(["merge", "--base", "adir", "--adapter", str(a1), "--out", "m.pth"]) == 1
+    assert "adir: a directory, not a checkpoint file" in capsys.readouterr().err

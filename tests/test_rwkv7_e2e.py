@@ -202,6 +202,26 @@ def test_merge_hf_is_rwkv7_hf_conversion_that_transformers_loads(merge_env, monk
     assert tok(text)["input_ids"] == load_tokenizer("world").encode(text)
 
 
+def test_merge_hf_writes_the_tokenizer_it_is_given(merge_env, monkeypatch):
+    """A model trained with its own tokenizer.json: the directory carries that tokenizer (rwkv7-hf's World tokenizer
+    class and its special tokens are replaced), and AutoTokenizer encodes as ours does."""
+    from transformers import AutoTokenizer
+
+    from finetune.tokenizer import load_tokenizer
+
+    d, base, adapter, _ = merge_env
+    monkeypatch.setenv("HF_HOME", str(d / "hf-home"))
+    demo = Path(__file__).resolve().parent.parent / "data" / "demo-tokenizer" / "tokenizer.json"
+    out = d / "merged-hf-demo"
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--format", "hf",
+                     "--tokenizer", str(demo)]) == 0
+    assert json.loads((out / "tokenizer.json").read_text()) == json.loads(demo.read_text())
+    assert not (out / "tokenization_rwkv7.py").exists() and not (out / "special_tokens_map.json").exists()
+    text = "The fox saw the grapes hanging high above."
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok(text)["input_ids"] == load_tokenizer(str(demo)).encode(text) and tok.eos_token_id == 0
+
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # chat

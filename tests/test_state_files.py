@@ -197,6 +197,9 @@ def test_bad_inputs(env, exported, tmp_path, capsys):
                    str(swapped), "shape")
     nan = write_checkpoint(tmp_path / "nan.pth", {k: v * float("nan") for k, v in good.items()})
     one_line_error(capsys, ["import-state", str(nan), "--base", str(base), "--out", str(out)], str(nan), "NaN")
+    huge = write_checkpoint(tmp_path / "f64.pth", {k: v.double() * 1e300 for k, v in good.items()})  # finite in f64
+    one_line_error(capsys, ["import-state", str(huge), "--base", str(base), "--out", str(out)], str(huge),
+                   "beyond float32's range")
     # a pickle holding code is never unpickled
     evil = tmp_path / "evil.pth"
     torch.save({"blocks.0.att.time_state": good["blocks.0.att.time_state"], "x": Path("/")}, evil)

@@ -15,6 +15,40 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from finetune.errors import FinetuneError
+
+
+def dims(sd: dict[str, Any], key: str, ndim: int, path: Any, title: str) -> tuple[int, ...]:
+    """The shape of `sd[key]`, which must have `ndim` non-zero dimensions; a one-line FinetuneError naming the file
+    otherwise (for `config_from_state_dict`: every dimension is read off a tensor's shape)."""
+    if key not in sd:
+        raise FinetuneError(f"{path}: incomplete {title} checkpoint (no {key})")
+    shape = tuple(sd[key].shape)
+    if len(shape) != ndim or 0 in shape:
+        raise FinetuneError(f"{path}: {key} has shape {shape}, expected {ndim} non-zero dimensions")
+    return shape
+
+
+def block_count(sd: dict[str, Any], path: Any, title: str) -> int:
+    """The number of layers: the N of the `blocks.N.*` keys, which must be exactly 0 .. n-1. Checked here, before
+    anything is built per layer: one stray `blocks.1000000.*` key must not make `expected_shapes` list a million
+    layers' keys before the file is refused."""
+    found = set()
+    for k in sd:
+        if k.startswith("blocks."):
+            index = k.split(".")[1]
+            if not (index.isascii() and index.isdigit()):
+                raise FinetuneError(f"{path}: malformed {title} checkpoint ({k} is not blocks.<number>.*)")
+            found.add(int(index))
+    if not found:
+        raise FinetuneError(f"{path}: incomplete {title} checkpoint (no blocks.N.* keys)")
+    n = max(found) + 1
+    if len(found) != n:
+        gap = min(set(range(n)) - found)
+        raise FinetuneError(f"{path}: incomplete {title} checkpoint (no blocks.{gap}.* keys, yet blocks.{n - 1} "
+                            f"exists)")
+    return n
+
 
 @dataclass
 class RNNState:

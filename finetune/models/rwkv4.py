@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from finetune.errors import FinetuneError
-from finetune.models.family import Family, RNNState, RWKVModel, as_dtype
+from finetune.models.family import Family, RNNState, RWKVModel, as_dtype, block_count, dims
 from finetune.ops.wkv4 import P_EMPTY, wkv, wkv_step
 
 # parameters that stay float32 whatever dtype the rest of the model is cast to: the decays feed exp(exp(.))
@@ -211,12 +210,9 @@ def init_rwkv_lm_(model: RWKV, seed: int = 0, emb_scale: float = 1e-4) -> RWKV:
 
 def config_from_state_dict(sd: dict[str, torch.Tensor], path: str | Path = "<memory>") -> RWKVConfig:
     """n_layer, n_embd, vocab and ffn width, read off the tensors (never typed by hand)."""
-    try:
-        vocab, n_embd = sd["emb.weight"].shape
-        n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        dim_ffn = sd["blocks.0.ffn.key.weight"].shape[0]
-    except (KeyError, ValueError) as e:
-        raise FinetuneError(f"{path}: incomplete RWKV-4 checkpoint (missing or malformed {e})") from None
+    vocab, n_embd = dims(sd, "emb.weight", 2, path, "RWKV-4")
+    n_layer = block_count(sd, path, "RWKV-4")
+    dim_ffn = dims(sd, "blocks.0.ffn.key.weight", 2, path, "RWKV-4")[0]
     return RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab, dim_ffn=dim_ffn)
 
 

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
-from finetune.models.family import Family, RWKVModel, as_dtype
+from finetune.models.family import Family, RWKVModel, as_dtype, block_count, dims
 from finetune.ops.wkv6 import wkv6
 
 # Kept float32 whatever dtype the rest of the model is cast to. time_decay enters exp(-exp(.)) and the decay is raised
@@ -254,13 +254,10 @@ def init_matrices_(model: nn.Module, gen: torch.Generator) -> None:
 
 def config_from_state_dict(sd: dict[str, torch.Tensor], path: str | Path = "<memory>") -> RWKV5Config:
     """Layers, width, heads, head size, vocab and ffn width, read off the tensors' shapes (meta tensors work too)."""
-    try:
-        vocab, n_embd = sd["emb.weight"].shape
-        n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        n_head, head_size = sd["blocks.0.att.time_faaaa"].shape
-        dim_ffn = sd["blocks.0.ffn.key.weight"].shape[0]
-    except (KeyError, ValueError) as e:
-        raise FinetuneError(f"{path}: incomplete RWKV-5.2 checkpoint (missing or malformed {e})") from None
+    vocab, n_embd = dims(sd, "emb.weight", 2, path, "RWKV-5.2")
+    n_layer = block_count(sd, path, "RWKV-5.2")
+    n_head, head_size = dims(sd, "blocks.0.att.time_faaaa", 2, path, "RWKV-5.2")
+    dim_ffn = dims(sd, "blocks.0.ffn.key.weight", 2, path, "RWKV-5.2")[0]
     if n_head * head_size != n_embd:
         raise FinetuneError(f"{path}: blocks.0.att.time_faaaa is [{n_head}, {head_size}] but the width is {n_embd} "
                             f"(heads x head size must equal it)")

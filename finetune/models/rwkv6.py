@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
-from finetune.models.family import Family, RWKVModel, as_dtype
+from finetune.models.family import Family, RWKVModel, as_dtype, block_count, dims
 from finetune.models.rwkv5 import LN_X_EPS, default_dim_ffn, init_matrices_, token_shift
 from finetune.ops.wkv6 import wkv6
 
@@ -246,15 +246,12 @@ def init_rwkv_lm_(model: RWKV6, seed: int = 0) -> RWKV6:
 def config_from_state_dict(sd: dict[str, torch.Tensor], path: str | Path = "<memory>") -> RWKV6Config:
     """Layers, width, heads, head size, vocab, ffn width and the low-rank widths, read off the tensors' shapes (meta
     tensors work too)."""
-    try:
-        vocab, n_embd = sd["emb.weight"].shape
-        n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        n_head, head_size = sd["blocks.0.att.time_faaaa"].shape
-        dim_ffn = sd["blocks.0.ffn.key.weight"].shape[0]
-        d_mix5 = sd["blocks.0.att.time_maa_w1"].shape[1]
-        d_decay = sd["blocks.0.att.time_decay_w1"].shape[1]
-    except (KeyError, ValueError) as e:
-        raise FinetuneError(f"{path}: incomplete RWKV-6 checkpoint (missing or malformed {e})") from None
+    vocab, n_embd = dims(sd, "emb.weight", 2, path, "RWKV-6")
+    n_layer = block_count(sd, path, "RWKV-6")
+    n_head, head_size = dims(sd, "blocks.0.att.time_faaaa", 2, path, "RWKV-6")
+    dim_ffn = dims(sd, "blocks.0.ffn.key.weight", 2, path, "RWKV-6")[0]
+    d_mix5 = dims(sd, "blocks.0.att.time_maa_w1", 2, path, "RWKV-6")[1]
+    d_decay = dims(sd, "blocks.0.att.time_decay_w1", 2, path, "RWKV-6")[1]
     if n_head * head_size != n_embd:
         raise FinetuneError(f"{path}: blocks.0.att.time_faaaa is [{n_head}, {head_size}] but the width is {n_embd} "
                             f"(heads x head size must equal it)")

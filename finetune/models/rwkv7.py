@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
-from finetune.models.family import Family, RNNState, RWKVModel, as_dtype
+from finetune.models.family import Family, RNNState, RWKVModel, as_dtype, block_count, dims
 from finetune.ops.rwkv7_step import step_kernel
 from finetune.ops.wkv7 import wkv7
 
@@ -432,40 +432,28 @@ def init_rwkv7_(model: RWKV7, seed: int = 0) -> RWKV7:
 # The checkpoint layout
 
 
-def _shape(sd: dict[str, torch.Tensor], key: str, ndim: int, path: str | Path) -> tuple[int, ...]:
-    if key not in sd:
-        raise FinetuneError(f"{path}: incomplete RWKV-7 checkpoint (no {key})")
-    shape = tuple(sd[key].shape)
-    if len(shape) != ndim or 0 in shape:
-        raise FinetuneError(f"{path}: {key} has shape {shape}, expected {ndim} non-zero dimensions")
-    return shape
-
-
 def config_from_state_dict(sd: dict[str, torch.Tensor], path: str | Path = "<memory>") -> RWKV7Config:
     """Every dimension read off the tensors (never typed by hand): L, C, V, H and N from att.r_k [H, N], the ffn
     width and each low-rank width, and whether block 0 stores v0/v1/v2. One-line FinetuneError if malformed."""
-    V, C = _shape(sd, "emb.weight", 2, path)
-    try:
-        n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    except (ValueError, IndexError):
-        raise FinetuneError(f"{path}: malformed RWKV-7 checkpoint (block keys are not blocks.<number>.*)") from None
-    H, N = _shape(sd, "blocks.0.att.r_k", 2, path)
+    V, C = dims(sd, "emb.weight", 2, path, "RWKV-7")
+    n_layer = block_count(sd, path, "RWKV-7")
+    H, N = dims(sd, "blocks.0.att.r_k", 2, path, "RWKV-7")
     if H * N != C:
         raise FinetuneError(f"{path}: blocks.0.att.r_k has shape {(H, N)} (heads x head size) but emb.weight has "
                             f"width {C} != {H * N}")
     layer0_value_mix = any(f"blocks.0.att.{p}" in sd for p in ("v0", "v1", "v2"))
     if n_layer > 1:
-        d_value = _shape(sd, "blocks.1.att.v1", 2, path)[1]
+        d_value = dims(sd, "blocks.1.att.v1", 2, path, "RWKV-7")[1]
     elif layer0_value_mix:
-        d_value = _shape(sd, "blocks.0.att.v1", 2, path)[1]
+        d_value = dims(sd, "blocks.0.att.v1", 2, path, "RWKV-7")[1]
     else:
         d_value = None  # a one-block model without v1 anywhere: no layer uses the value residual
     return RWKV7Config(n_layer=n_layer, n_embd=C, vocab_size=V, head_size=N,
-                       dim_ffn=_shape(sd, "blocks.0.ffn.key.weight", 2, path)[0],
-                       d_decay=_shape(sd, "blocks.0.att.w1", 2, path)[1],
-                       d_iclr=_shape(sd, "blocks.0.att.a1", 2, path)[1],
+                       dim_ffn=dims(sd, "blocks.0.ffn.key.weight", 2, path, "RWKV-7")[0],
+                       d_decay=dims(sd, "blocks.0.att.w1", 2, path, "RWKV-7")[1],
+                       d_iclr=dims(sd, "blocks.0.att.a1", 2, path, "RWKV-7")[1],
                        d_value=d_value,
-                       d_gate=_shape(sd, "blocks.0.att.g1", 2, path)[1],
+                       d_gate=dims(sd, "blocks.0.att.g1", 2, path, "RWKV-7")[1],
                        layer0_value_mix=layer0_value_mix)
 
 
