@@ -54,20 +54,24 @@ NF4_SCALER_BLOCK = 256
 
 
 class _DropNoise(logging.Filter):
-    """Drops known import-time log lines of torchao on CPU builds of torch (peft and transformers import it whenever
-    it is installed): the CUDA-only extensions it cannot load, its note that Triton (a GPU compiler) is absent, and a
-    torch deprecation note about its enums. They are expected on a CPU and say nothing about the paths used here;
-    every other record passes."""
+    """Drops known import-time log lines of torchao and bitsandbytes on CPU builds of torch (peft and transformers
+    import them whenever they are installed): the CUDA-only extensions torchao cannot load, its note that Triton (a
+    GPU compiler) is absent, a torch deprecation note about its enums, and bitsandbytes' note that the optional
+    `kernels` package (a 4-bit CPU matmul) is missing. They are expected on a CPU and say nothing about the paths
+    used here; every other record passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
         return not (("Could not load this library" in msg and "torchao" in msg)
                     or "Detected no triton" in msg
-                    or "Calling register_constant() on Enum subclasses is deprecated" in msg)
+                    or "Calling register_constant() on Enum subclasses is deprecated" in msg
+                    or ("from kernels-community" in msg and "kernels" in msg))
 
 
-# attached when this module is imported (finetune.adapters imports it before it imports peft)
-for _name in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree"):  # filters do not reach child loggers
+# attached when this module is imported: training, generation and the server import it before peft, torchao
+# or bitsandbytes are
+for _name in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree",
+              "bitsandbytes.backends.cpu.ops"):  # filters do not reach child loggers
     logging.getLogger(_name).addFilter(_DropNoise())
 
 

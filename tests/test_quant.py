@@ -412,3 +412,14 @@ def test_bf16_mode_holds_block_projections_in_bf16_and_computes_in_fp32(base):
         idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(8))
         torch.testing.assert_close(model(idx), ref(idx), atol=1e-5, rtol=1e-5)
     assert quant.load_model(base, dtype="bf16", quant="bf16").base_quant == "none"  # nothing narrower than bf16
+
+
+def test_library_import_noise_is_dropped():
+    """torchao and bitsandbytes log at import on a CPU build of torch (CUDA extensions they cannot load, Triton and
+    the optional `kernels` package absent): a user's training output must not open with those lines."""
+    code = "import finetune.quant, peft, bitsandbytes, torchao.quantization"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr
+    noise = [ln for ln in r.stderr.splitlines() if any(
+        s in ln for s in ("kernels-community", "register_constant", "Could not load this library", "no triton"))]
+    assert not noise, noise
