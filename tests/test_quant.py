@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from conftest import random_rwkv4_state_dict, write_checkpoint
 from finetune import cli, quant
-from finetune.adapter_format import read_adapter
 from finetune.adapters import add_lora, unwrap
 from finetune.plugin import LoRALinear, attach_adapters
 from finetune.checkpoint import load_model as load_plain
