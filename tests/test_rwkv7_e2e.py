@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import write_checkpoint
 from finetune import cli, load_model
-from finetune.adapters import add_lora, save_adapter
+from finetune.adapters import add_lora
 from finetune.checkpoint import fingerprint
 from finetune.infctx import chunked_loss
 from finetune.models.rwkv7 import FAMILY, config_from_state_dict
