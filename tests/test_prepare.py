@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import read_binidx
+from finetune import cli
 from finetune.errors import FinetuneError
 from finetune.prepare import prepare, record_segments, resolve_template
 from finetune.tokenizer import load_tokenizer
@@ -216,18 +217,18 @@ def run_cli(*args):
                           capture_output=True, text=True)
 
 
-def test_cli_success_and_one_line_errors(tmp_path):
+def test_cli_success_and_one_line_errors(tmp_path, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", INSTRUCT, ["{broken"])
-    ok = run_cli(path, "--tokenizer", "world", "--out", str(tmp_path / "out"))
+    ok = run_cli(path, "--tokenizer", "world", "--out", str(tmp_path / "out"))  # the real console entry point
     assert ok.returncode == 0, ok.stderr
     assert "4 documents" in ok.stdout and "malformed_json: 1" in ok.stdout and "tokens/s" in ok.stdout
-    bad = run_cli(path, "--tokenizer", "world", "--out", str(tmp_path / "out2"), "--strict")
-    assert bad.returncode == 1
-    lines = bad.stderr.strip().splitlines()
+    assert cli.main(["prepare", path, "--tokenizer", "world", "--out", str(tmp_path / "out2"), "--strict"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "d.jsonl:5" in lines[0] and lines[0].startswith("rwkv-lora prepare: error:")
-    missing = run_cli(str(tmp_path / "nope.jsonl"), "--tokenizer", "world", "--out", str(tmp_path / "o"))
-    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
-    assert "nope.jsonl" in missing.stderr
+    assert cli.main(["prepare", str(tmp_path / "nope.jsonl"), "--tokenizer", "world", "--out",
+                     str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "nope.jsonl" in err
     # a malformed .json goes through Hugging Face datasets, whose progress bar and log lines stay quiet
     (tmp_path / "b.json").write_text('{"text": "a"')
     broken = run_cli(str(tmp_path / "b.json"), "--tokenizer", "world", "--out", str(tmp_path / "o"), "--no-progress")
@@ -529,7 +530,7 @@ def test_rows_with_every_column_keep_their_own_kind(tmp_path, small_tokenizer):
         assert [i.tolist() for i in items] == want, name
 
 
-def test_damaged_parquet_and_datasets_data_are_one_line(tmp_path):
+def test_damaged_parquet_and_datasets_data_are_one_line(tmp_path, capsys):
     """The files open (their headers are whole) and break only when their data is read."""
     import datasets
     import pyarrow as pa
@@ -540,15 +541,17 @@ def test_damaged_parquet_and_datasets_data_are_one_line(tmp_path):
     data = bytearray((tmp_path / "bad.parquet").read_bytes())
     data[100:600] = b"\xff" * 500
     (tmp_path / "bad.parquet").write_bytes(bytes(data))
-    datasets.Dataset.from_dict({"text": [f"s{i}" for i in range(50000)]}).save_to_disk(str(tmp_path / "ds"))
+    datasets.Dataset.from_dict({"text": [f"s{i}" for i in range(20000)]}).save_to_disk(str(tmp_path / "ds"))
     arrow = next((tmp_path / "ds").glob("*.arrow"))
     data = bytearray(arrow.read_bytes())
     data[len(data) // 3: len(data) // 3 + 4000] = b"\xff" * 4000
     arrow.write_bytes(bytes(data))
+    capsys.readouterr()  # datasets' own progress bar while saving
     for src, what in (("bad.parquet", "cannot read parquet"), ("ds", "cannot read this datasets input")):
-        r = run_cli(str(tmp_path / src), "--tokenizer", "world", "--out", str(tmp_path / "o"), "--no-progress")
-        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
-        assert r.stderr.startswith(f"rwkv-lora prepare: error: {tmp_path / src}: {what} ("), r.stderr
+        assert cli.main(["prepare", str(tmp_path / src), "--tokenizer", "world", "--out", str(tmp_path / "o"),
+                         "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"rwkv-lora prepare: error: {tmp_path / src}: {what} ("), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet", "ds"]
 
 
