@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Merge adapters into a base RWKV-4 checkpoint: the same as `rwkv-lora merge` (see finetune/merge.py).
+"""Merge adapters into a base RWKV checkpoint (4, 5.2, 6 or 7): the same as `rwkv-lora merge` (see finetune/merge.py).
 
     python merge.py --base base.pth --adapter DIR [--adapter DIR2:0.5 ...] --out merged.pth
                     [--dtype fp16|bf16|fp32] [--format pth|safetensors|hf] [--force] [--overwrite]

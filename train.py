@@ -1,4 +1,5 @@
-"""Fine-tune an RWKV-4: `python train.py --config recipes/demo.yaml [--key value ...]` (same as `rwkv-lora train`)."""
+"""Fine-tune an RWKV (4, 5.2, 6 or 7): `python train.py --config recipes/demo.yaml [--key value ...]`, the same as
+`rwkv-lora train`."""
 
 import sys
 

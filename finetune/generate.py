@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.helpformat import DefaultsHelpFormatter
 from finetune.adapter_format import adapter_tokenizer, parse_adapter_spec, read_adapter
 from finetune.models import DTYPE_NAMES, RNNState
 from finetune.plugin import attach_adapters, load_model
@@ -347,15 +348,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="adapter directory or packed .safetensors, with an optional weight (repeatable)")
         p.add_argument("--tokenizer", help="world or PATH/tokenizer.json (default: the adapter's, else world for a "
                                            "65536-token model)")
-        p.add_argument("--max-tokens", type=int, default=max_tokens)
+        p.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
         p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-        p.add_argument("--top-p", type=float, default=top_p)
+        p.add_argument("--top-p", type=float, default=top_p, help="keep the likeliest tokens up to this probability")
         p.add_argument("--top-k", type=int, default=0, help="0 = off")
         p.add_argument("--presence-penalty", type=float, default=0.0, help="ChatRWKV alpha_presence")
         p.add_argument("--frequency-penalty", type=float, default=0.0, help="ChatRWKV alpha_frequency")
         p.add_argument("--penalty-decay", type=float, default=PENALTY_DECAY,
-                       help=f"ChatRWKV alpha_decay: the counts decay by this much per token ({PENALTY_DECAY})")
-        p.add_argument("--seed", type=int)
+                       help="ChatRWKV alpha_decay: the counts decay by this much per token")
+        p.add_argument("--seed", type=int, help="for reproducible sampling (default: a fresh seed each run)")
         p.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto",
                        help="compute dtype; auto: bf16 where the CPU has native bf16 (AVX-512/AMX), else fp32")
         p.add_argument("--quant", choices=QUANT_MODES, default="none",
@@ -363,7 +364,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--force", action="store_true", help="plug in adapters made for another base")
 
     p = sub.add_parser("generate", help="generate text (RNN mode), with adapters plugged in",
-                       description="Generate a continuation of --prompt, streamed to stdout.")
+                       description="Generate a continuation of --prompt, streamed to stdout.",
+                       formatter_class=DefaultsHelpFormatter)
     common(p, 1.0, 0.85, 200)
     p.add_argument("--prompt", required=True, help=f"the text to continue; {ESCAPES_HELP}")
     p.add_argument("--stop", nargs="+", default=[], metavar="STR",
@@ -372,7 +374,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("chat", help="chat on stdin lines, keeping the state across turns",
                        description="Each stdin line is a user turn; the state carries over between turns. Formats: "
-                                   "raven (Bob:/Alice:) and world (User:/Assistant:).")
+                                   "raven (Bob:/Alice:) and world (User:/Assistant:).",
+                       formatter_class=DefaultsHelpFormatter)
     common(p, 1.0, 0.3, 300)
     p.add_argument("--format", choices=sorted(TEMPLATES), help="default: the chat format the adapter was trained "
                                                                "in, else world for the World tokenizer, else raven")

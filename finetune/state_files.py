@@ -154,7 +154,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output FILE.pth")
     p.add_argument("--drop-shifts", action="store_true",
                    help="export even if the adapter learned token shifts (the file format has none)")
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--force", "--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run_export_state)
 
     p = sub.add_parser("import-state", help="turn an RWKV-Runner / RWKV-PEFT time_state .pth into a state adapter",
@@ -164,7 +164,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True, help="the base checkpoint the state was tuned for")
     p.add_argument("--out", required=True, help="output adapter directory")
     p.add_argument("--tokenizer", help="tokenizer to record (world or a tokenizer.json path)")
-    p.add_argument("--force", action="store_true", help="replace an existing adapter directory written by rwkv-lora")
+    p.add_argument("--force", "--overwrite", action="store_true",
+                   help="replace an existing adapter directory written by rwkv-lora")
     p.set_defaults(func=run_import_state)
 
 

@@ -13,7 +13,7 @@ PKG = ROOT / "finetune"
 
 # bottom to top; a module may import modules of its own layer or below. Keep in step with docs/architecture.md.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "atomic", "pages"),                          # foundations: one error type, safe outputs, file pages
+    ("errors", "atomic", "pages", "helpformat"),            # foundations: errors, safe outputs, file pages, --help
     ("ops",),                                               # WKV operators and the kernel loader
     ("models",),                                            # model families and the registry
     ("checkpoint", "tensorfiles", "hf", "tokenizer", "templates", "binidx"),  # files, formats, tokenizers

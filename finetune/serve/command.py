@@ -14,6 +14,7 @@ import ipaddress
 from pathlib import Path
 
 from finetune.errors import FinetuneError
+from finetune.helpformat import DefaultsHelpFormatter
 from finetune.quant import MODES as QUANT_MODES, MODES_HELP as QUANT_HELP
 from finetune.serve.config import DTYPES, ServeConfig
 
@@ -40,7 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve an OpenAI-compatible API, adapters chosen per request",
                        description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models) "
                                    "on one base model; `model` picks the adapter, and requests for different "
-                                   "adapters are decoded together in one batch.")
+                                   "adapters are decoded together in one batch.",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="base checkpoint (.pth or .safetensors)")
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=PATH",
                    help="serve an adapter (directory or packed .safetensors) as model NAME (repeatable)")
@@ -48,20 +50,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs-dir", help="training runs directory (for the web page)")
     p.add_argument("--tokenizer", help="world or PATH/tokenizer.json (default: the adapters', else world for a "
                                        "65536-token model)")
-    p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype)
-    p.add_argument("--device", default=defaults.device)
+    p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="compute dtype")
+    p.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
     p.add_argument("--quant", choices=QUANT_MODES, default=defaults.quant,
                    help=QUANT_HELP)
     p.add_argument("--no-pack", action="store_true",
                    help="no panel-packed second copy of an fp32 base's matrices: half their memory, slower decoding")
-    p.add_argument("--host", default=defaults.host, help="interface (default 127.0.0.1; others need --api-key)")
-    p.add_argument("--port", type=int, default=defaults.port)
+    p.add_argument("--host", default=defaults.host,
+                   help="interface to listen on (any but 127.0.0.1 needs --api-key)")
+    p.add_argument("--port", type=int, default=defaults.port, help="port to listen on")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on every request")
     p.add_argument("--api-key-file", help="read the key from this file (its first line)")
     p.add_argument("--allow-upload", action="store_true", help="accept adapter uploads (POST /v1/adapters)")
     p.add_argument("--allow-train", action="store_true", help="let the web page start training runs")
     p.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="cap on a request's max_tokens")
-    p.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
+    p.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens,
+                   help="cap on a request's prompt")
     p.add_argument("--max-batch", type=int, default=defaults.max_batch, help="streams decoded together")
     p.add_argument("--state-cache-mb", type=float, default=defaults.state_cache_bytes / 2 ** 20,
                    help="prompt-state cache budget in MiB")

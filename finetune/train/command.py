@@ -7,9 +7,12 @@ takes seconds to import, so `finetune.train.main` is imported only when a run st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from finetune.atomic import check_inputs_outside
 from finetune.train.config import LoRASettings, TrainConfig, field_docs, load_config, parse_overrides
@@ -22,21 +25,34 @@ Fine-tune an RWKV (4, 5.2, 6 or 7) with LoRA (or in full). Settings come from a 
 
 examples:
   rwkv-lora train --config recipes/demo.yaml
-  rwkv-lora train --config recipes/novel.yaml --model RWKV-4-Pile-169M.pth --data out/novel.json --max_steps 500
-  rwkv-lora train --config recipes/novel.yaml --resume true          # continue a stopped run from out_dir/last.ckpt
+  rwkv-lora train --config recipes/novel.yaml --model base.pth --data out/novel.json --lora.r 16
+  rwkv-lora train --config recipes/novel.yaml --model base.pth --data out/novel.json --lora.r 16 --resume true
+                 # continue a stopped run from out_dir/last.ckpt: the run's settings again, plus --resume true
 
 SIGTERM or Ctrl+C stops a run at the next step with a resumable last.ckpt (exit status 143 / 130).
 """
 
 
 def keys_help() -> str:
-    lines = ["config keys:"]
+    lines = ["config keys (default):"]
+    defaults = {**field_defaults(TrainConfig), **{f"lora.{k}": v for k, v in field_defaults(LoRASettings).items()}}
     for k, doc in field_docs(TrainConfig).items():
         if k != "lora":
-            lines.append(f"  {k:16s} {doc}")
+            lines.append(f"  {k:16s} {doc} ({defaults[k]})")
     for k, doc in field_docs(LoRASettings).items():
-        lines.append(f"  lora.{k:11s} {doc}")
+        lines.append(f"  lora.{k:11s} {doc} ({defaults['lora.' + k]})")
     return "\n".join(lines)
+
+
+def field_defaults(cls: type) -> dict[str, str]:
+    """Field name -> its default as a recipe would write it (YAML: null, true, [att, ffn])."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(value):  # a section (lora): its keys are listed one by one
+            continue
+        out[f.name] = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return out
 
 
 def run_cli(argv: list[str]) -> int:

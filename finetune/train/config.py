@@ -46,7 +46,8 @@ class LoRASettings:
     dropout: float = 0.0
     """Dropout on the LoRA input (0 disables it)."""
     parts: list[str] = field(default_factory=lambda: ["att", "ffn"])
-    """Which projections get LoRA: `att` (key, value, receptance, output), `ffn` (key, value, receptance)."""
+    """Which projections get LoRA: `att` (receptance, key, value, output; and gate on RWKV-5/6), `ffn` (key, value;
+    and receptance on RWKV-4/5/6)."""
     train: list[str] = field(default_factory=list)
     """Small tensors trained in full next to LoRA: any of `time` (decays, bonus, token-shift mixes), `ln` (layer
     norms), `emb` (embedding), `head` (output matrix). They are saved in the adapter and replace the base's."""
@@ -87,7 +88,8 @@ class TrainConfig:
     micro_bsz: int = 1
     """Windows per forward pass (per device)."""
     grad_accum: int = 1
-    """Forward passes accumulated per optimizer step; the effective batch is micro_bsz * grad_accum * devices."""
+    """Forward passes accumulated per optimizer step; the effective batch is micro_bsz * grad_accum * devices *
+    num_nodes."""
     lr: float = 1e-4
     """Peak learning rate (reached at the end of warmup)."""
     lr_final: float = 1e-5
