@@ -140,14 +140,16 @@ def test_mask_file_reaches_the_batches(tmp_path):
 
 
 def test_resume_gives_the_same_losses(setup_dir):
+    # with LoRA dropout: the resumed run must draw the masks the unbroken run drew (torch's generator is saved)
     tmp, ckpt, data, _ = setup_dir
-    full = main(config(tmp, ckpt, data, out_dir=str(tmp / "full"), save_every=2), quiet=True)["losses"]
-    cfg = config(tmp, ckpt, data, out_dir=str(tmp / "killed"), save_every=2)
+    drop = {"lora.dropout": 0.1}
+    full = main(config(tmp, ckpt, data, out_dir=str(tmp / "full"), save_every=2, **drop), quiet=True)["losses"]
+    cfg = config(tmp, ckpt, data, out_dir=str(tmp / "killed"), save_every=2, **drop)
     with pytest.raises(KilledForTest):
         main(cfg, quiet=True, callbacks=[StopAfter(5)])  # killed after step 5: the last checkpoint is step 4
     assert (tmp / "killed" / "last.ckpt").is_file() and (tmp / "killed" / "step-4").is_dir()
-    resumed = main(config(tmp, ckpt, data, out_dir=str(tmp / "killed"), save_every=2, resume=True),
-                        quiet=True)["losses"]
+    resumed = main(config(tmp, ckpt, data, out_dir=str(tmp / "killed"), save_every=2, resume=True, **drop),
+                   quiet=True)["losses"]
     assert sorted(resumed) == [5, 6]
     for s in (5, 6):
         assert resumed[s] == full[s], (s, resumed[s], full[s])

@@ -338,10 +338,15 @@ def fit(run: Run, quiet: bool = False, callbacks: Sequence[pl.Callback] = ()) ->
                                rank=lambda: trainer.global_rank, world=lambda: trainer.world_size)
     if num_batches * cfg.micro_bsz * trainer.world_size > len(run.train_data):
         run.train_data.epoch_steps = num_batches * cfg.micro_bsz * trainer.world_size
-    train_loader = torch.utils.data.DataLoader(run.train_data, batch_sampler=sampler, num_workers=cfg.num_workers)
+    # each loader draws its iterators' seeds from a generator of its own, never from torch's global one: a resumed
+    # run creates its iterator after restoring the global generator (LitRWKV.on_load_checkpoint), and a draw there
+    # would shift every dropout mask after it away from the unbroken run's
+    train_loader = torch.utils.data.DataLoader(run.train_data, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                               generator=torch.Generator().manual_seed(cfg.seed))
     val_loader = None
     if run.val_data is not None:
-        val_loader = torch.utils.data.DataLoader(run.val_data, batch_size=cfg.micro_bsz, shuffle=False)
+        val_loader = torch.utils.data.DataLoader(run.val_data, batch_size=cfg.micro_bsz, shuffle=False,
+                                                 generator=torch.Generator().manual_seed(cfg.seed))
     if env_rank_zero():
         run.out_dir.mkdir(parents=True, exist_ok=True)
         if cfg.logger == "csv":

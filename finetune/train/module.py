@@ -16,6 +16,8 @@ from finetune.train.optim import build_optimizer
 
 
 RUN_RECORD = "rwkv_lora_run"  # a resumable checkpoint's record: {"base_fingerprint", "lora.init"}
+RNG_STATE = "rwkv_lora_rng"  # torch's generators when it was saved: a resumed run draws the dropout masks the
+# unbroken run would have drawn (Lightning keeps the step, optimizer and schedule, not the generators)
 
 
 def run_record(base_fingerprint: str, cfg: TrainConfig) -> dict[str, Any]:
@@ -114,3 +116,13 @@ class LitRWKV(pl.LightningModule):
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint[RUN_RECORD] = self.record
+        checkpoint[RNG_STATE] = {"cpu": torch.get_rng_state(),
+                                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get(RNG_STATE)
+        if not isinstance(rng, dict):  # a checkpoint from before the generators were saved
+            return
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
