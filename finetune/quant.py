@@ -106,8 +106,8 @@ def quantize(t: torch.Tensor, mode: str, name: str = "tensor") -> torch.Tensor:
     if mode == "nf4":
         if t.numel() % (NF4_BLOCK * NF4_SCALER_BLOCK):
             raise FinetuneError(f"{name} ({' x '.join(map(str, t.shape))}) cannot be held in NF4: torchao's NF4 "
-                                f"needs a multiple of {NF4_BLOCK * NF4_SCALER_BLOCK} weights (any width that is a "
-                                f"multiple of 128); use int8")
+                                f"needs a multiple of {NF4_BLOCK * NF4_SCALER_BLOCK} weights, this matrix has "
+                                f"{t.numel()}; use int8")
         return to_nf4(t.contiguous(), NF4_BLOCK, NF4_SCALER_BLOCK)
     raise FinetuneError(f"unknown quantization {mode!r}; choose from {', '.join(MODES[1:])}")
 
