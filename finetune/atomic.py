@@ -157,6 +157,8 @@ def _finish_dir(tmp: Path) -> None:
 def replace_dir(src: Path, dest: Path) -> None:
     """Move directory `src` onto `dest`. An existing `dest` is moved aside first and removed only once `src` is in
     place (callers have checked with `check_output` that it is an output of ours)."""
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):  # check_output refuses these first
+        raise FinetuneError(f"{dest}: exists and is not a directory; it is never replaced by one")
     if dest.exists():
         old = _tmp_name(dest, "old")
         os.replace(dest, old)
@@ -165,10 +167,7 @@ def replace_dir(src: Path, dest: Path) -> None:
         except BaseException:
             os.replace(old, dest)  # put the previous output back
             raise
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dest)
     _fsync_dir(dest.parent)

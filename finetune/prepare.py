@@ -201,8 +201,10 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
             paths.append(item)
         else:
             raise FinetuneError(f"{item}: input not found")
-    seen: set[str] = set()
-    paths = [p for p in paths if not (os.path.realpath(p) in seen or seen.add(os.path.realpath(p)))]
+    first: dict[str, str] = {}  # real path -> the first name it was given under, in order
+    for p in paths:
+        first.setdefault(os.path.realpath(p), p)
+    paths = list(first.values())
     for p in paths:
         if not os.path.isdir(p) and not p.lower().endswith(TEXT_EXT + JSONL_EXT + (".parquet",) + tuple(DATASETS_EXT)):
             raise FinetuneError(f"{p}: unknown input type (expected .txt, .md, .jsonl, .ndjson, .json, .csv, "
